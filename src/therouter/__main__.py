@@ -1,0 +1,3 @@
+from therouter.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""Annotated dependency aliases: services, the caller's key, the admin check."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from therouter.services import Services
+from therouter.auth import admin_ok
+from therouter.errors import AuthenticationFailed
+from therouter.keys import KeyRecord
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+async def get_key(request: Request) -> KeyRecord:
+    services = get_services(request)
+    return await services.auth.authenticate(request.headers.get("authorization"))
+
+
+def require_admin(request: Request) -> None:
+    services = get_services(request)
+    secret = services.settings.admin_key.get_secret_value() if services.settings.admin_key else None
+    if not admin_ok(secret, request.headers.get("authorization")):
+        raise AuthenticationFailed("Admin endpoints need 'Authorization: Bearer <THEROUTER_ADMIN_KEY>'.",
+                                   code="invalid_admin_key")
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+KeyDep = Annotated[KeyRecord, Depends(get_key)]
+AdminDep = Depends(require_admin)

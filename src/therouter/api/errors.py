@@ -1,0 +1,66 @@
+"""THE place that renders errors: GatewayError -> OpenAI JSON (or an SSE error event mid-stream).
+
+Nothing else writes error bodies. Unexpected exceptions become a generic 500 with no traceback or detail.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from therouter.errors import GatewayError, InternalError
+
+log = logging.getLogger("therouter.api")
+
+
+def error_response(err: GatewayError, request_id: str | None = None,
+                   extra_headers: dict[str, str] | None = None) -> Response:
+    headers = dict(extra_headers or {})
+    headers.update(err.headers)
+    if err.retry_after is not None and "retry-after" not in {k.lower() for k in headers}:
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
+    if err.status in (402, 401, 403, 404, 400, 413) and "x-should-retry" not in headers:
+        headers["x-should-retry"] = "false"
+    if request_id:
+        headers["x-request-id"] = request_id
+    return Response(orjson.dumps(err.body()), status_code=err.status, headers=headers,
+                    media_type="application/json")
+
+
+def sse_error_event(err: GatewayError) -> bytes:
+    return b"data: " + orjson.dumps(err.body()) + b"\n\n"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway(request: Request, exc: GatewayError) -> Response:
+        return error_response(exc, getattr(request.state, "request_id", None),
+                              getattr(request.state, "extra_headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        err = GatewayError(f"Invalid request: {first.get('msg', 'invalid input')}", param=".".join(loc) or None)
+        err.status, err.type, err.code = 400, "invalid_request_error", "invalid_value"
+        return error_response(err, getattr(request.state, "request_id", None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        err = GatewayError(str(exc.detail) if exc.detail else "error", code=None)
+        err.status = exc.status_code
+        err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        err.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(err, getattr(request.state, "request_id", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(InternalError("The server had an error while processing your request."),
+                              getattr(request.state, "request_id", None))

@@ -1,0 +1,104 @@
+"""/v1: the OpenAI-compatible surface. Handlers parse, call the gateway and render; nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from therouter.api.deps import KeyDep, ServicesDep
+from therouter.api.streaming import SSEResponse
+from therouter.errors import ModelNotFound, PayloadTooLarge
+from therouter.gateway import StreamAnswer
+
+router = APIRouter(prefix="/v1")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body is {declared} bytes; the limit is {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _complete(endpoint: str, request: Request, key: Any, services: Any) -> Response | SSEResponse:
+    raw = await read_body(request, services.settings.server.max_body_bytes)
+    rid = request.state.request_id
+
+    async def gone() -> None:
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                return
+
+    answer = await services.gateway.handle(key, endpoint, raw, rid, gone)
+    if isinstance(answer, StreamAnswer):
+        return SSEResponse(answer.events, answer.headers)
+    return Response(answer.body, status_code=answer.status, headers=answer.headers, media_type="application/json")
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, key: KeyDep, services: ServicesDep) -> Any:
+    return await _complete("chat", request, key, services)
+
+
+@router.post("/completions")
+async def completions(request: Request, key: KeyDep, services: ServicesDep) -> Any:
+    return await _complete("completions", request, key, services)
+
+
+def model_entry(model_id: str, card: Any, price: Any = None) -> dict[str, Any]:
+    pricing = {
+        "input": _usd(price.input if price else card.pricing.input),
+        "cached_input": _usd(price.cached_input if price else card.pricing.cached_input),
+        "output": _usd(price.output if price else card.pricing.output),
+        "unit": "USD per 1M tokens",
+    }
+    if price is not None:
+        pricing["version"] = price.version
+    return {
+        "id": model_id, "object": "model", "created": card.created, "owned_by": card.owned_by,
+        "context_length": card.context_length, "max_output_tokens": card.max_output_tokens,
+        "modalities": {"input": list(card.modalities.input), "output": list(card.modalities.output)},
+        "supported_parameters": list(card.supported_parameters), "pricing": pricing,
+    }
+
+
+def _usd(nano_per_m: int) -> str:
+    from decimal import Decimal
+
+    return format((Decimal(nano_per_m) / Decimal(10**9)).normalize(), "f")
+
+
+async def _prices(services: Any) -> dict[str, Any]:
+    try:
+        return {p.model: p for p in await services.meter.list_prices()}
+    except Exception:  # noqa: BLE001 - the store being down must not break the catalogue
+        return {}
+
+
+@router.get("/models")
+async def list_models(key: KeyDep, services: ServicesDep) -> Response:
+    prices = await _prices(services)
+    data = [model_entry(mid, card, prices.get(mid)) for mid, card in services.settings.models.items()
+            if not key.models or mid in key.models]
+    return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, key: KeyDep, services: ServicesDep) -> Response:
+    card = services.settings.models.get(model_id)
+    if card is None or (key.models and model_id not in key.models):
+        raise ModelNotFound(f"The model `{model_id}` does not exist or you do not have access to it.",
+                            param="model")
+    prices = await _prices(services)
+    return Response(orjson.dumps(model_entry(model_id, card, prices.get(model_id))), media_type="application/json")

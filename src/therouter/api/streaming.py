@@ -1,0 +1,62 @@
+"""An SSE response that notices a client disconnect even while the upstream is silent.
+
+The body is pumped in one task while another waits for ``http.disconnect``; whichever ends first cancels the other,
+so a client that goes away closes the upstream within moments (the gateway's generator then meters what was produced
+in a shielded ``finally``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+from starlette.types import Receive, Scope, Send
+
+from therouter.api.errors import sse_error_event
+from therouter.errors import GatewayError, InternalError
+
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
+
+
+class SSEResponse:
+    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+        self.events = events
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.ensure_future(self._pump(send))
+        watch = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (pump, watch):
+                if not t.done():
+                    t.cancel()
+            for t in (pump, watch):
+                try:
+                    await t
+                except (asyncio.CancelledError, OSError):
+                    pass
+            aclose = getattr(self.events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _pump(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + self.headers})
+        try:
+            async for chunk in self.events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except GatewayError as e:
+            await send({"type": "http.response.body", "body": sse_error_event(e), "more_body": True})
+        except Exception:  # noqa: BLE001 - never a traceback on the wire; the gateway logged it
+            await send({"type": "http.response.body", "body": sse_error_event(InternalError(
+                "The server had an error while streaming your response.")), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,50 @@
+"""create_app(settings): builds every service once in the lifespan and hangs one Services object on app.state."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+
+from therouter import __version__
+from therouter.api import admin, errors, ops
+from therouter.api import openai as openai_routes
+from therouter.api.middleware import RequestIdMiddleware
+from therouter.config import Settings
+from therouter.errors import GatewayError
+from therouter.observability import setup_logging
+from therouter.services import build_services
+
+log = logging.getLogger("therouter")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        setup_logging()
+        services = await build_services(settings)
+        app.state.services = services
+        try:
+            await services.meter.start()
+        except GatewayError as e:
+            log.error("the store is unreachable at start (%s); requests needing it will get 503 until it is back",
+                      e.message)
+        await services.health.start()
+        try:
+            yield
+        finally:
+            await services.health.aclose()
+            await services.meter.aclose()
+            for p in services.providers.values():
+                await p.transport.aclose()
+            await services.store.aclose()
+
+    app = FastAPI(title="TheRouter", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(RequestIdMiddleware)
+    errors.install(app)
+    app.include_router(openai_routes.router)
+    app.include_router(admin.router)
+    app.include_router(ops.router)
+    return app

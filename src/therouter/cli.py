@@ -1,0 +1,212 @@
+"""Command line: serve, check-config, keys, prices, usage, fake-upstream, demo. A leaf: nothing imports it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import Any, Callable, Coroutine
+
+from therouter.config import ConfigError, Settings, load_settings
+
+REDIS_HINT = ("start one with `redis-server --port 6379 --save '' --daemonize yes` (or `apt-get install -y "
+              "redis-server`), then set REDIS_URL or store.redis_url")
+
+
+def _settings(path: str | None) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+async def _with_store(settings: Settings, fn: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
+    from therouter.errors import StoreUnavailable
+    from therouter.store import Store
+
+    store = Store(settings.store)
+    try:
+        if not await store.ping():
+            print(f"error: Redis at {_safe_url(settings.store.redis_url)} is unreachable; {REDIS_HINT}",
+                  file=sys.stderr)
+            return 3
+        return await fn(store)
+    except StoreUnavailable as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 3
+    finally:
+        await store.aclose()
+
+
+def _safe_url(url: str) -> str:
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+# ---- serve / check-config -------------------------------------------------------------------------------------
+
+
+def cmd_check_config(a: argparse.Namespace) -> int:
+    s = _settings(a.config_path or a.config)
+    n_dep = sum(len(m.deployments) for m in s.models.values())
+    print(f"ok: {len(s.providers)} providers, {len(s.models)} models, {n_dep} deployments")
+    return 0
+
+
+def app_factory() -> Any:
+    """uvicorn factory for --workers N (each worker reads the config named in THEROUTER_CONFIG)."""
+    from therouter.app import create_app
+
+    return create_app(load_settings(os.environ.get("THEROUTER_CONFIG")))
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import uvicorn
+
+    s = _settings(a.config)
+    code = _run(_with_store(s, _noop))
+    if code:
+        return code
+    host = a.host or s.server.host
+    port = a.port if a.port is not None else s.server.port
+    workers = a.workers or s.server.workers
+    kw: dict[str, Any] = dict(host=host, port=port, log_level=a.log_level, access_log=False,
+                              timeout_graceful_shutdown=30, proxy_headers=False, server_header=False)
+    if workers > 1:
+        os.environ["THEROUTER_CONFIG"] = os.path.abspath(a.config or os.environ.get("THEROUTER_CONFIG")
+                                                         or "config/therouter.yaml")
+        uvicorn.run("therouter.cli:app_factory", factory=True, workers=workers, **kw)
+    else:
+        from therouter.app import create_app
+
+        uvicorn.run(create_app(s), **kw)
+    return 0
+
+
+async def _noop(store: Any) -> int:
+    return 0
+
+
+# ---- keys -----------------------------------------------------------------------------------------------------
+
+
+def cmd_keys(a: argparse.Namespace) -> int:
+    from therouter.config import usd_to_nano
+
+    s = _settings(a.config)
+
+    async def create(store: Any) -> int:
+        try:
+            budget = usd_to_nano(a.budget, "--budget") if a.budget is not None else None
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        models = tuple(m.strip() for m in (a.models or "").split(",") if m.strip())
+        unknown = [m for m in models if m not in s.models]
+        if unknown:
+            print(f"error: unknown model(s): {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        plaintext, rec = await store.create_key(a.name, budget_nano=budget, budget_period=a.budget_period,
+                                                rpm=a.rpm, tpm=a.tpm, models=models)
+        print(f"created key {rec.id} ({rec.name}); it is shown once, store it now:")
+        print(plaintext)
+        return 0
+
+    async def list_(store: Any) -> int:
+        print(f"{'id':<18} {'name':<20} {'key':<16} {'status':<8} {'budget':<14} {'rpm':>6} {'tpm':>9} models")
+        for r in await store.list_keys():
+            budget = "-" if r.budget_nano is None else f"${r.budget_nano / 1e9:.2f}/{r.budget_period}"
+            print(f"{r.id:<18} {r.name[:20]:<20} {r.hint:<16} {'revoked' if r.revoked else 'active':<8} "
+                  f"{budget:<14} {r.rpm or '-':>6} {r.tpm or '-':>9} {','.join(r.models) or '*'}")
+        return 0
+
+    async def revoke(store: Any) -> int:
+        if await store.revoke_key(a.id):
+            print(f"revoked {a.id}")
+            return 0
+        print(f"error: no key with id {a.id}", file=sys.stderr)
+        return 1
+
+    fn = {"create": create, "list": list_, "revoke": revoke}[a.keys_cmd]
+    return _run(_with_store(s, fn))
+
+
+# ---- fake-upstream / demo ---------------------------------------------------------------------------------------
+
+
+def cmd_fake_upstream(rest: list[str]) -> int:
+    from therouter.fakeupstream import main as fake_main
+
+    return fake_main(rest)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from therouter.demo import run_demo
+
+    return run_demo(port=a.port, data_dir=a.data_dir)
+
+
+# ---- parser -----------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="therouter", description="OpenAI-compatible LLM routing gateway")
+    p.add_argument("--config", help="config file (default: $THEROUTER_CONFIG or config/therouter.yaml)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the gateway")
+    s.add_argument("--config", dest="config", default=argparse.SUPPRESS)
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--workers", type=int)
+    s.add_argument("--log-level", default="warning")
+    s.set_defaults(fn=cmd_serve)
+
+    c = sub.add_parser("check-config", help="validate a config file without starting")
+    c.add_argument("config_path", nargs="?")
+    c.set_defaults(fn=cmd_check_config)
+
+    k = sub.add_parser("keys", help="create, list and revoke API keys")
+    k.add_argument("--config", dest="config", default=argparse.SUPPRESS)
+    ks = k.add_subparsers(dest="keys_cmd", required=True)
+    kc = ks.add_parser("create")
+    kc.add_argument("--name", required=True)
+    kc.add_argument("--budget", help="spend limit in USD")
+    kc.add_argument("--budget-period", choices=["total", "day", "month"], default="total")
+    kc.add_argument("--rpm", type=int)
+    kc.add_argument("--tpm", type=int)
+    kc.add_argument("--models", help="comma-separated model ids this key may use (default: all)")
+    ks.add_parser("list")
+    kr = ks.add_parser("revoke")
+    kr.add_argument("id")
+    k.set_defaults(fn=cmd_keys)
+
+    sub.add_parser("fake-upstream", help="run the DeepSeek / vLLM / SGLang simulator (see --help)", add_help=False)
+
+    d = sub.add_parser("demo", help="start redis, a simulated upstream and the gateway, with a demo key")
+    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--data-dir", default=".demo")
+    d.set_defaults(fn=cmd_demo)
+
+    from therouter.metering import cli as metering_cli
+
+    metering_cli.add_commands(sub, _settings, _with_store, _run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fake-upstream":
+        return cmd_fake_upstream(argv[1:])
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "config"):
+        args.config = None
+    return int(args.fn(args) or 0)

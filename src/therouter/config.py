@@ -1,0 +1,237 @@
+"""Typed configuration: YAML with ``${VAR}`` / ``${VAR:-default}`` substitution.
+
+This module is the only reader of ``os.environ``. A bad config raises :class:`ConfigError` naming the file, the key
+path and what is wrong, in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG_PATH = "config/therouter.yaml"
+ProviderKind = Literal["deepseek", "vllm", "sglang", "openai"]
+NANO = 10**9  # money unit: nano-USD; prices are integers of nano-USD per 1M tokens
+
+
+class ConfigError(Exception):
+    """One line: file, key path, problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_json_depth: int = Field(64, ge=4, le=1024)
+    upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
+    request_deadline: float = Field(300.0, gt=0)  # seconds, one overall deadline for a non-stream request
+    model_check_interval: float = Field(600.0, ge=0)  # seconds between GET /models checks of hosted providers; 0 = off
+
+
+class StoreConfig(_Strict):
+    redis_url: str
+    key_prefix: str = "tr:"
+    socket_timeout: float = Field(0.25, gt=0)
+    connect_timeout: float = Field(0.25, gt=0)
+    key_cache_seconds: float = Field(60.0, ge=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v:
+            raise ValueError("is empty (set REDIS_URL or write a redis:// URL)")
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+
+class Timeouts(_Strict):
+    connect: float = Field(3.0, gt=0)
+    first_token: float = Field(30.0, gt=0)  # counts data events only, never keep-alive comments
+    idle: float = Field(60.0, gt=0)  # gap between data events
+    total: float = Field(600.0, gt=0)  # absolute cap for one attempt
+
+
+class ProviderConfig(_Strict):
+    kind: ProviderKind
+    base_url: str
+    api_key_env: str | None = None
+    api_key: SecretStr | None = None  # resolved from api_key_env at load; may be written inline via ${VAR}
+    timeouts: Timeouts = Timeouts()
+    max_connections: int = Field(512, ge=1)
+    on_client_disconnect: Literal["finish", "cancel"] | None = None  # default: finish if hosted, cancel if self-hosted
+    health_path: str | None = None  # default per kind
+    hosted: bool | None = None  # default: deepseek/openai are hosted, vllm/sglang self-hosted
+    fim_base_url: str | None = None  # DeepSeek: defaults to <base_url>/beta
+
+    @field_validator("base_url")
+    @classmethod
+    def _base(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+    @property
+    def is_hosted(self) -> bool:
+        return self.hosted if self.hosted is not None else self.kind in ("deepseek", "openai")
+
+    @property
+    def disconnect_policy(self) -> str:
+        if self.on_client_disconnect:
+            return self.on_client_disconnect
+        return "finish" if self.is_hosted else "cancel"
+
+
+Capability = Literal["tools", "json_object", "json_schema", "fim", "vision", "reasoning"]
+
+
+class Deployment(_Strict):
+    provider: str
+    model: str  # the upstream id, as the host names it
+    priority: int = 0
+    weight: int = Field(1, ge=0)
+    capabilities: tuple[Capability, ...] = ()
+    context_length: int | None = Field(None, ge=1)  # when the host serves a shorter window than the model card
+    fim_tokens: tuple[str, str, str] | None = None  # (begin, hole, end) for self-hosted FIM built in the gateway
+
+
+class Modalities(_Strict):
+    input: tuple[Literal["text", "image", "audio", "file"], ...] = ("text",)
+    output: tuple[Literal["text", "image", "audio"], ...] = ("text",)
+
+
+class Pricing(_Strict):
+    """USD per 1M tokens, kept exactly as integers of nano-USD per 1M tokens."""
+
+    input: int
+    cached_input: int
+    output: int
+
+    @model_validator(mode="before")
+    @classmethod
+    def _to_nano(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            raise ValueError("must be a mapping {input, cached_input, output} in USD per 1M tokens")
+        out = dict(data)
+        if "cached_input" not in out and "input" in out:
+            out["cached_input"] = out["input"]
+        for k in ("input", "cached_input", "output"):
+            if k in out:
+                out[k] = usd_to_nano(out[k], k)
+        return out
+
+
+def usd_to_nano(value: Any, what: str = "price") -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number of USD")
+    try:
+        d = Decimal(str(value))
+    except InvalidOperation:
+        raise ValueError(f"{what} must be a number of USD, got {value!r}") from None
+    if d < 0:
+        raise ValueError(f"{what} must not be negative")
+    nano = d * NANO
+    if nano != nano.to_integral_value():
+        raise ValueError(f"{what} has more than 9 decimal places")
+    return int(nano)
+
+
+class ModelConfig(_Strict):
+    context_length: int = Field(ge=1)
+    max_output_tokens: int = Field(ge=1)
+    modalities: Modalities = Modalities()
+    supported_parameters: tuple[str, ...] = ()
+    pricing: Pricing
+    deployments: tuple[Deployment, ...] = Field(min_length=1)
+    created: int = 1735689600
+    owned_by: str = "therouter"
+    description: str | None = None
+
+
+class Settings(_Strict):
+    server: ServerConfig = ServerConfig()
+    store: StoreConfig
+    providers: dict[str, ProviderConfig] = Field(min_length=1)
+    models: dict[str, ModelConfig] = Field(min_length=1)
+    admin_key: SecretStr | None = None  # from THEROUTER_ADMIN_KEY
+    data_dir: str = ".therouter"  # journal and local state
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        for mid, m in self.models.items():
+            for i, d in enumerate(m.deployments):
+                if d.provider not in self.providers:
+                    known = ", ".join(sorted(self.providers))
+                    raise ValueError(
+                        f"models.{mid}.deployments.{i}.provider: unknown provider {d.provider!r} (known: {known})"
+                    )
+        return self
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _substitute(node: Any, env: Mapping[str, str]) -> Any:
+    if isinstance(node, str):
+        return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), node)
+    if isinstance(node, list):
+        return [_substitute(x, env) for x in node]
+    if isinstance(node, dict):
+        return {k: _substitute(v, env) for k, v in node.items()}
+    return node
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if p not in ("function-before", "function-after"))
+
+
+def parse_settings(raw: Any, source: str, env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    data = _substitute(raw, env)
+    for name, p in (data.get("providers") or {}).items():
+        if isinstance(p, dict) and p.get("api_key_env") and not p.get("api_key"):
+            key = env.get(str(p["api_key_env"]))
+            if key:
+                p["api_key"] = key
+    if "admin_key" not in data and env.get("THEROUTER_ADMIN_KEY"):
+        data["admin_key"] = env["THEROUTER_ADMIN_KEY"]
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        path = _loc(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        where = f"{path}: " if path else ""
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise ConfigError(f"{source}: {where}{msg}{more}") from None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    p = Path(path or env.get("THEROUTER_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}: invalid YAML{line}: {getattr(e, 'problem', e)}") from None
+    return parse_settings(raw, str(p), env)

@@ -1,0 +1,185 @@
+"""The GatewayError tree.
+
+Every failure the gateway can report is one of these. Each carries the HTTP status, OpenAI's error `type` and `code`,
+the offending `param`, and two routing flags:
+
+- ``retryable``: the same deployment may succeed if tried again (after a backoff);
+- ``fallback_ok``: another deployment may succeed (the fault is the provider's, not the request's).
+
+`api/errors.py` is the one place that renders these as OpenAI JSON (or as an SSE error event mid-stream).
+Messages never contain secrets: they are written here or taken from upstream bodies after redaction.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = "internal_error"
+    retryable: bool = False
+    fallback_ok: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.headers: dict[str, str] = dict(headers or {})
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---- the client's fault (never retried, never falls back) -------------------------------------------------------
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class BudgetExceeded(GatewayError):
+    """402: SDKs do not retry it (they would retry a 429)."""
+
+    status = 402
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+# ---- our side ------------------------------------------------------------------------------------------------------
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class StoreUnavailable(ServiceUnavailable):
+    code = "store_unavailable"
+
+
+# ---- upstream faults: mapped in providers/_http.py ------------------------------------------------------------------
+
+
+class UpstreamError(GatewayError):
+    """A failure attributed to an upstream deployment."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+    retryable = True
+    fallback_ok = True
+
+    def __init__(self, message: str, *, sent: bool = False, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        # True once the request body may have reached the provider (it may bill us): recorded as possibly_accepted.
+        self.sent = sent
+
+
+class UpstreamConnectError(UpstreamError):
+    code = "upstream_connect_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamRateLimited(UpstreamError):
+    status = 429
+    type = "requests"
+    code = "upstream_rate_limited"
+
+
+class UpstreamAuthError(UpstreamError):
+    """Our credentials or our balance at the provider (401/403/402): the provider's fault, never the client's."""
+
+    status = 502
+    code = "upstream_auth_error"
+    retryable = False
+
+
+class UpstreamBadResponse(UpstreamError):
+    code = "bad_upstream_response"
+
+
+class UpstreamStreamError(UpstreamError):
+    """The stream broke after it started (cut, stall, malformed event, in-band error)."""
+
+    code = "upstream_stream_error"
+
+
+class UpstreamRequestRejected(GatewayError):
+    """The upstream refused the request itself (4xx): returned to the client as-is, no fallback."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request_error"
+
+
+class NoDeploymentAvailable(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "no_deployment_available"
+
+
+class InternalError(GatewayError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"

@@ -1,0 +1,186 @@
+"""Deterministic generation of fake completions: text pieces, tool calls, token counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import orjson
+
+_CITIES = ("Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Oslo", "Lima")
+
+Piece = tuple[str, int]  # (text, number of tokens in it)
+
+
+@dataclass(slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str
+    fragments: list[str]
+
+    @property
+    def tokens(self) -> int:
+        return len(self.fragments) + 1  # name + one token per argument fragment
+
+
+@dataclass(slots=True)
+class Plan:
+    """Everything needed to render one response, independent of the wire flavor."""
+
+    content: list[Piece]
+    reasoning: list[Piece] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str = "stop"
+    prompt_tokens: int = 1
+    cached_tokens: int = 0
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return sum(n for _, n in self.reasoning)
+
+    @property
+    def completion_tokens(self) -> int:
+        return (
+            sum(n for _, n in self.content)
+            + self.reasoning_tokens
+            + sum(tc.tokens for tc in self.tool_calls)
+        )
+
+    @property
+    def text(self) -> str:
+        return "".join(t for t, _ in self.content)
+
+    @property
+    def reasoning_text(self) -> str:
+        return "".join(t for t, _ in self.reasoning)
+
+
+def _text_chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        n = 0
+        for part in content:
+            if isinstance(part, str):
+                n += len(part)
+            elif isinstance(part, dict):
+                t = part.get("text")
+                if isinstance(t, str):
+                    n += len(t)
+            elif isinstance(part, int):  # token ids: count ~4 chars each
+                n += 4
+            elif isinstance(part, list):
+                n += _text_chars(part)
+        return n
+    return 0
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """max(1, characters of all message contents + prompt + suffix) // 4."""
+    chars = 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for m in messages:
+            if isinstance(m, dict):
+                chars += _text_chars(m.get("content"))
+    chars += _text_chars(body.get("prompt"))
+    chars += _text_chars(body.get("suffix"))
+    return max(1, chars // 4)
+
+
+def max_output_tokens(body: dict[str, Any]) -> int | None:
+    for key in ("max_completion_tokens", "max_tokens"):
+        v = body.get(key)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return max(0, v)
+    return None
+
+
+def _pieces(prefix: str, n_tokens: int, per_chunk: int) -> list[Piece]:
+    out: list[Piece] = []
+    for start in range(0, n_tokens, per_chunk):
+        stop = min(n_tokens, start + per_chunk)
+        words = " ".join(f"{prefix}{i}" for i in range(start, stop))
+        out.append((words if start == 0 else " " + words, stop - start))
+    return out
+
+
+def json_mode(body: dict[str, Any]) -> bool:
+    rf = body.get("response_format")
+    return isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema")
+
+
+def wants_tool_call(body: dict[str, Any], mode: str) -> bool:
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools or mode == "never":
+        return False
+    return mode == "always" or body.get("tool_choice") != "none"
+
+
+def _tool_names(body: dict[str, Any]) -> list[str]:
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            return [fn["name"]]
+    names: list[str] = []
+    for tool in body.get("tools") or ():
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            names.append(fn["name"])
+    return names or ["tool"]
+
+
+def build_tool_calls(body: dict[str, Any], count: int, new_id: Callable[[], str]) -> list[ToolCall]:
+    names = _tool_names(body)
+    calls: list[ToolCall] = []
+    for i in range(count):
+        args = orjson.dumps({"city": _CITIES[i % len(_CITIES)]}).decode()
+        head, _, tail = args.partition(":")
+        calls.append(ToolCall(new_id(), names[i % len(names)], args, [head + ":", tail]))
+    return calls
+
+
+def build_plan(
+    body: dict[str, Any],
+    knobs: dict[str, Any],
+    *,
+    chat: bool,
+    reasoning_chunks: int,
+    empty_json: bool,
+    new_tool_id: Callable[[], str],
+) -> Plan:
+    per = knobs["tokens_per_chunk"]
+    prompt_tokens = estimate_prompt_tokens(body)
+    plan = Plan(content=[], prompt_tokens=prompt_tokens, cached_tokens=min(knobs["cached_tokens"], prompt_tokens))
+    budget = max_output_tokens(body)
+
+    n_reason = reasoning_chunks * per if chat else 0
+    if budget is not None and n_reason > budget:
+        n_reason = budget
+        plan.finish_reason = "length"
+    plan.reasoning = _pieces("think", n_reason, per)
+    if budget is not None:
+        budget -= n_reason
+
+    if chat and wants_tool_call(body, knobs["tool_call"]):
+        plan.tool_calls = build_tool_calls(body, knobs["parallel_tools"], new_tool_id)
+        plan.finish_reason = "tool_calls"
+        return plan
+
+    n_content = knobs["chunks"] * per
+    if budget is not None and n_content > budget:
+        n_content = budget
+        plan.finish_reason = "length"
+    content = _pieces("tok", n_content, per)
+    if chat and json_mode(body) and content:
+        text, n = content[0]
+        content[0] = ('{"answer": "' + text, n)
+        if plan.finish_reason != "length":
+            text, n = content[-1]
+            content[-1] = (text + '"}', n)
+    if empty_json:
+        content = [(" " * len(t), n) for t, n in content]
+    plan.content = content
+    return plan

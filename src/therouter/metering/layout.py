@@ -1,0 +1,106 @@
+"""Redis key names of the metering package (one place, so the layout can be read and checked at a glance).
+
+``P`` is the store's key prefix (``store.k``). Every key touched by one per-key script carries the hash tag
+``{k:KEY_ID}``, so all of them share one Cluster slot; price keys carry ``{MODEL}``. Key ids and model ids are
+internal (``key_...``, the config's catalogue), never raw client strings.
+
+Per API key (slot ``{k:ID}``)                     TTL
+  P{k:ID}:per:total          hash  spend+counts     none (permanent total)
+  P{k:ID}:per:d:YYYYMMDD     hash  spend+counts     day_ttl (40 d)
+  P{k:ID}:per:m:YYYYMM       hash  spend+counts     month_ttl (400 d)
+  P{k:ID}:bymodel:YYYYMMDD   hash  "MODEL|field"    day_ttl
+  P{k:ID}:resv               hash  g:GEN -> reservation, s:PERIOD -> reserved nano   reservation_ttl + 60 s
+  P{k:ID}:resvexp            zset  GEN by expiry (ms, injected clock)               reservation_ttl + 60 s
+  P{k:ID}:rl:r:WINDOW        str   requests admitted in a window                    2 windows
+  P{k:ID}:rl:t:WINDOW        str   tokens admitted in a window                      2 windows
+  P{k:ID}:settled:GEN        str   settle-once marker                               settled_ttl (48 h)
+  P{k:ID}:gen:GEN            str   generation record JSON                           record_ttl (30 d)
+  P{k:ID}:usage              stream the key's records (exactly once; rebuild source)  none, MAXLEN ~ stream_maxlen
+Global
+  P price:{MODEL}            hash  newest price version (+ source)                  none (catalogue)
+  P pricehist:{MODEL}        zset  every version (JSON) by effective_at             none (catalogue)
+  P usage                    stream every record (feed for exporters, at-least-once) none, MAXLEN ~ feed_maxlen
+  P meter:keys               set   key ids that have usage                          none (index)
+  P gen:GEN                  str   GEN -> key id (lets generation(id) find the record) record_ttl
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from therouter.keys import BudgetPeriod
+
+
+def day_id(at: float) -> str:
+    return datetime.fromtimestamp(at, timezone.utc).strftime("%Y%m%d")
+
+
+def month_id(at: float) -> str:
+    return datetime.fromtimestamp(at, timezone.utc).strftime("%Y%m")
+
+
+def period_id(period: BudgetPeriod, at: float) -> str:
+    """The budget period a time falls in: "total", "d:YYYYMMDD" or "m:YYYYMM" (UTC)."""
+    if period == "day":
+        return "d:" + day_id(at)
+    if period == "month":
+        return "m:" + month_id(at)
+    return "total"
+
+
+def period_label(pid: str) -> str:
+    """Human form for messages: "total", "day 2025-01-31 (UTC)", "month 2025-01 (UTC)"."""
+    if pid.startswith("d:"):
+        d = pid[2:]
+        return f"day {d[:4]}-{d[4:6]}-{d[6:]} (UTC)"
+    if pid.startswith("m:"):
+        m = pid[2:]
+        return f"month {m[:4]}-{m[4:]} (UTC)"
+    return "total"
+
+
+class Layout:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def _key(self, key_id: str, *parts: str) -> str:
+        return self.prefix + ":".join(("{k:" + key_id + "}",) + parts)
+
+    def per(self, key_id: str, pid: str) -> str:
+        return self._key(key_id, "per", pid)
+
+    def bymodel(self, key_id: str, day: str) -> str:
+        return self._key(key_id, "bymodel", day)
+
+    def resv(self, key_id: str) -> str:
+        return self._key(key_id, "resv")
+
+    def resvexp(self, key_id: str) -> str:
+        return self._key(key_id, "resvexp")
+
+    def rl(self, key_id: str, dim: str, window: int) -> str:
+        return self._key(key_id, "rl", dim, str(window))
+
+    def settled(self, key_id: str, gen_id: str) -> str:
+        return self._key(key_id, "settled", gen_id)
+
+    def gen(self, key_id: str, gen_id: str) -> str:
+        return self._key(key_id, "gen", gen_id)
+
+    def stream(self, key_id: str) -> str:
+        return self._key(key_id, "usage")
+
+    def price(self, model: str) -> str:
+        return f"{self.prefix}price:{{{model}}}"
+
+    def pricehist(self, model: str) -> str:
+        return f"{self.prefix}pricehist:{{{model}}}"
+
+    def feed(self) -> str:
+        return self.prefix + "usage"
+
+    def keyset(self) -> str:
+        return self.prefix + "meter:keys"
+
+    def gen_index(self, gen_id: str) -> str:
+        return self.prefix + "gen:" + gen_id

@@ -1,0 +1,91 @@
+"""Prices and cost: pure integer arithmetic, no I/O, no floats.
+
+Money is an integer of nano-USD (1 USD = 10**9). A price is an integer of nano-USD **per 1M tokens**, so a cost is
+``sum(tokens x price) / 1_000_000``. That one division is the only place where rounding happens:
+
+* :func:`cost_nano` rounds **half up** (``(n + 500_000) // 1_000_000``; ``n`` is never negative), so a request costs
+  the nearest nano-USD and a tie goes to the provider. Integer arithmetic only, so it is exact for any size.
+* :func:`reservation_nano` rounds **up** (ceiling): a worst-case reservation is never smaller than any cost it covers.
+
+Billing rule (DeepSeek hit/miss, vLLM/SGLang ``cached_tokens``): ``cached_tokens`` are charged at ``cached_input``,
+the rest of ``prompt_tokens`` at ``input``, and ``completion_tokens`` (which include reasoning tokens) at ``output``.
+Prices are versioned: a request is settled at the :class:`PriceVersion` captured when it was admitted, and the
+version in force at a time ``t`` is the one with the newest ``effective_at`` not after ``t`` (ties: higher version).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from decimal import Decimal
+from typing import Any, Iterable
+
+from therouter.config import NANO
+from therouter.protocol.usage import Usage
+
+PER_TOKENS = 1_000_000  # prices are quoted per 1M tokens
+_HALF = PER_TOKENS // 2
+
+
+@dataclass(frozen=True, slots=True)
+class PriceVersion:
+    model: str
+    version: int
+    effective_at: int  # unix seconds
+    input: int  # nano-USD per 1M uncached prompt tokens
+    cached_input: int  # nano-USD per 1M cached prompt tokens
+    output: int  # nano-USD per 1M completion tokens (reasoning included)
+    source: str = "config"  # "config" (loaded from the config file) or "operator" (set_price)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PriceVersion:
+        return cls(
+            model=str(d["model"]), version=int(d["version"]), effective_at=int(d["effective_at"]),
+            input=int(d["input"]), cached_input=int(d["cached_input"]), output=int(d["output"]),
+            source=str(d.get("source") or "config"),
+        )
+
+    def same_numbers(self, other: PriceVersion) -> bool:
+        return (self.input, self.cached_input, self.output) == (other.input, other.cached_input, other.output)
+
+    def public(self) -> dict[str, Any]:
+        """For admin answers: nano integers plus USD strings per 1M tokens."""
+        d = self.to_dict()
+        d.update(input_usd=nano_to_usd(self.input), cached_input_usd=nano_to_usd(self.cached_input),
+                 output_usd=nano_to_usd(self.output))
+        return d
+
+
+def cost_nano(usage: Usage, price: PriceVersion) -> int:
+    """Exact cost in nano-USD, rounded half up (see the module docstring)."""
+    prompt = max(usage.prompt_tokens, 0)
+    cached = min(max(usage.cached_tokens, 0), prompt)
+    completion = max(usage.completion_tokens, 0)
+    scaled = (prompt - cached) * price.input + cached * price.cached_input + completion * price.output
+    return (scaled + _HALF) // PER_TOKENS
+
+
+def reservation_nano(prompt_est: int, max_output: int, price: PriceVersion) -> int:
+    """Worst case: every prompt token at the dearer prompt rate, every allowed output token at the output rate,
+    rounded up."""
+    scaled = max(prompt_est, 0) * max(price.input, price.cached_input) + max(max_output, 0) * price.output
+    return -(-scaled // PER_TOKENS)
+
+
+def price_at(versions: Iterable[PriceVersion], at: float) -> PriceVersion | None:
+    """The version in force at ``at``: newest ``effective_at`` not after ``at``, ties to the higher version."""
+    live = [v for v in versions if v.effective_at <= at]
+    return max(live, key=lambda v: (v.effective_at, v.version)) if live else None
+
+
+def nano_to_usd(nano: int) -> str:
+    """Exact decimal string for display: at least 2 decimals, trailing zeros trimmed ("1.50", "0.000212800" ->
+    "0.0002128")."""
+    text = format(Decimal(nano) / NANO, "f")
+    if "." not in text:
+        return text + ".00"
+    whole, frac = text.split(".")
+    frac = frac.rstrip("0")
+    return f"{whole}.{frac.ljust(2, '0')}"

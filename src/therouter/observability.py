@@ -1,0 +1,46 @@
+"""Metrics and logging. Metric objects live on a per-app registry (no module-level mutable state)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("therouter_requests_total", "Client requests by model, endpoint and status",
+                                ["model", "endpoint", "status"], registry=r)
+        self.latency = Histogram("therouter_request_seconds", "Time to the full answer (non-stream) or to the "
+                                 "response headers (stream)", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.attempts = Counter("therouter_upstream_attempts_total", "Upstream attempts by provider and outcome",
+                                ["provider", "outcome"], registry=r)
+        self.attempt_seconds = Histogram("therouter_upstream_attempt_seconds", "Upstream attempt latency",
+                                         ["provider"], buckets=LATENCY_BUCKETS, registry=r)
+        self.provider_alerts = Counter("therouter_provider_auth_failures_total",
+                                       "Upstream 401/402/403: our credentials or balance at the provider",
+                                       ["provider"], registry=r)
+        self.stream_errors = Counter("therouter_stream_errors_total", "Streams ended by an upstream fault",
+                                     ["provider", "code"], registry=r)
+
+    def observe_attempt(self, provider: str, code: str | None, seconds: float) -> None:
+        self.attempts.labels(provider, code or "ok").inc()
+        self.attempt_seconds.labels(provider).observe(seconds)
+        if code == "upstream_auth_error":
+            self.provider_alerts.labels(provider).inc()
+
+
+def setup_logging(level: str = "INFO") -> None:
+    root = logging.getLogger()
+    if any(getattr(h, "_therouter", False) for h in root.handlers):
+        return
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    h._therouter = True  # type: ignore[attr-defined]
+    root.addHandler(h)
+    root.setLevel(level)

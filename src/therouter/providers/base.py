@@ -1,0 +1,234 @@
+"""The Provider interface and the OpenAI-compatible behaviour every adapter starts from.
+
+An adapter turns our (OpenAI-shaped) request into an upstream request and the upstream's answer back into OpenAI's
+shapes plus :class:`Usage`. It never touches Redis, Prometheus, FastAPI or prices. What differs per upstream lives
+in a subclass as a handful of small hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+import orjson
+
+from therouter import __version__
+from therouter.config import Deployment, ProviderConfig
+from therouter.errors import GatewayError, InvalidRequest, UpstreamBadResponse
+from therouter.protocol.usage import Usage
+from therouter.providers._http import Transport, UpstreamRequest, error_from_upstream, redact
+
+JSON_INSTRUCTION = (
+    "Respond only with a JSON object that conforms to this JSON Schema (no prose, no code fences):\n"
+)
+_USER_AGENT = f"therouter/{__version__}"
+
+
+class Provider:
+    kind: ClassVar[str] = "openai"
+    max_stop: ClassVar[int] = 4
+    reasoning_field: ClassVar[str] = "reasoning_content"  # what the upstream calls reasoning in message/delta
+    default_health_path: ClassVar[str | None] = None  # relative to the server root
+    native_fim: ClassVar[bool] = False  # accepts `suffix` on its completions endpoint
+
+    def __init__(self, name: str, config: ProviderConfig, transport: Transport) -> None:
+        self.name = name
+        self.config = config
+        self.transport = transport
+        self._secret = config.api_key.get_secret_value() if config.api_key else ""
+        self._headers = {
+            "content-type": "application/json",
+            "accept": "application/json, text/event-stream",
+            "user-agent": _USER_AGENT,
+        }
+        if self._secret:
+            self._headers["authorization"] = f"Bearer {self._secret}"
+
+    # ---- configuration facts ----------------------------------------------------------------------------------
+
+    @property
+    def usable(self) -> tuple[bool, str]:
+        """Whether routing may use this provider at all (e.g. a hosted provider needs its API key)."""
+        if self.config.is_hosted and self.config.api_key_env and not self._secret:
+            return False, f"{self.config.api_key_env} is not set"
+        return True, ""
+
+    def secrets(self) -> tuple[str, ...]:
+        return (self._secret,) if self._secret else ()
+
+    def health_url(self) -> str | None:
+        path = self.config.health_path or self.default_health_path
+        if not path:
+            return None
+        root = self.config.base_url.removesuffix("/v1")
+        return root + path
+
+    def models_url(self) -> str:
+        return self.config.base_url + "/models"
+
+    def headers(self, request_id: str | None = None) -> dict[str, str]:
+        h = dict(self._headers)
+        if request_id:
+            h["x-request-id"] = request_id
+        return h
+
+    # ---- requests -----------------------------------------------------------------------------------------------
+
+    def chat_request(
+        self, body: dict[str, Any], dep: Deployment, *, stream: bool, request_id: str | None = None
+    ) -> UpstreamRequest:
+        out = dict(body)
+        out["model"] = dep.model
+        _strip_gateway_fields(out)
+        _max_tokens(out)
+        self._response_format(out, dep)
+        out["messages"] = [self.adapt_message(m) for m in out["messages"]]
+        if stream:
+            out["stream"] = True
+            so = dict(out.get("stream_options") or {})
+            so["include_usage"] = True  # always meter, whatever the client asked
+            out["stream_options"] = so
+        else:
+            out.pop("stream", None)
+            out.pop("stream_options", None)
+        self.adapt_chat(out, dep)
+        return UpstreamRequest(
+            "POST", self.config.base_url + "/chat/completions", self.headers(request_id), orjson.dumps(out)
+        )
+
+    def completion_request(
+        self, body: dict[str, Any], dep: Deployment, *, stream: bool, request_id: str | None = None
+    ) -> UpstreamRequest:
+        out = dict(body)
+        out["model"] = dep.model
+        _strip_gateway_fields(out)
+        url = self.config.base_url + "/completions"
+        if out.get("suffix") is not None:
+            url = self.fim(out, dep)
+        if stream:
+            out["stream"] = True
+            so = dict(out.get("stream_options") or {})
+            so["include_usage"] = True
+            out["stream_options"] = so
+        else:
+            out.pop("stream", None)
+            out.pop("stream_options", None)
+        return UpstreamRequest("POST", url, self.headers(request_id), orjson.dumps(out))
+
+    # hooks ----------------------------------------------------------------------------------------------------
+
+    def adapt_message(self, m: dict[str, Any]) -> dict[str, Any]:
+        return m
+
+    def adapt_chat(self, out: dict[str, Any], dep: Deployment) -> None:
+        """Provider-specific rewrites of an outgoing chat body (in place)."""
+
+    def fim(self, out: dict[str, Any], dep: Deployment) -> str:
+        """Turn a request with `suffix` into what this provider accepts; returns the URL to post to."""
+        if self.native_fim:
+            return self.config.base_url + "/completions"
+        if dep.fim_tokens is None:
+            raise InvalidRequest("this deployment has no fill-in-the-middle support", param="suffix")
+        begin, hole, end = dep.fim_tokens
+        prompt = out.get("prompt")
+        if not isinstance(prompt, str):
+            raise InvalidRequest("fill-in-the-middle needs a string prompt", param="prompt")
+        out["prompt"] = f"{begin}{prompt}{hole}{out.pop('suffix')}{end}"
+        return self.config.base_url + "/completions"
+
+    def _response_format(self, out: dict[str, Any], dep: Deployment) -> None:
+        rf = out.get("response_format")
+        if not isinstance(rf, dict) or rf.get("type") != "json_schema" or "json_schema" in dep.capabilities:
+            return
+        # The host only has JSON mode: ask for json_object and give the model the schema as an instruction.
+        schema = (rf.get("json_schema") or {}).get("schema", {})
+        out["response_format"] = {"type": "json_object"}
+        note = {"role": "system", "content": JSON_INSTRUCTION + orjson.dumps(schema).decode()}
+        out["messages"] = [note, *out["messages"]]
+
+    # ---- responses ----------------------------------------------------------------------------------------------
+
+    def parse_json(self, raw: bytes) -> dict[str, Any]:
+        """A non-stream answer. Leading blank lines (DeepSeek's keep-alive while queued) are tolerated."""
+        try:
+            obj = orjson.loads(raw.strip())
+        except orjson.JSONDecodeError:
+            raise UpstreamBadResponse("upstream sent a body that is not JSON", sent=True) from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+            raise UpstreamBadResponse("upstream answer has no choices", sent=True)
+        for choice in obj["choices"]:
+            if isinstance(choice, dict):
+                msg = choice.get("message")
+                if isinstance(msg, dict):
+                    self._reasoning_out(msg)
+        return obj
+
+    def normalize_chunk(self, obj: dict[str, Any]) -> None:
+        """A stream chunk, in place: provider spellings become OpenAI's."""
+        if self.reasoning_field != "reasoning_content":
+            for choice in obj.get("choices") or ():
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                if isinstance(delta, dict):
+                    self._reasoning_out(delta)
+
+    def _reasoning_out(self, msg: dict[str, Any]) -> None:
+        f = self.reasoning_field
+        if f != "reasoning_content" and f in msg:
+            val = msg.pop(f)
+            if "reasoning_content" not in msg or msg["reasoning_content"] is None:
+                msg["reasoning_content"] = val
+
+    def usage(self, u: Mapping[str, Any]) -> Usage:
+        return Usage.from_openai(dict(u))
+
+    # ---- errors -------------------------------------------------------------------------------------------------
+
+    def error_fields(self, obj: Any) -> tuple[str, str | None, str | None]:
+        """(message, code, param) from an error body in any of the shapes upstreams use."""
+        err = obj.get("error") if isinstance(obj, dict) and isinstance(obj.get("error"), dict) else obj
+        if isinstance(err, dict):
+            msg = err.get("message") or err.get("detail") or ""
+            code = err.get("code")
+            param = err.get("param")
+            return (
+                redact(str(msg), self.secrets()),
+                code if isinstance(code, str) and code else None,  # vLLM / SGLang use an int status as code
+                param if isinstance(param, str) else None,
+            )
+        if isinstance(err, str):
+            return redact(err, self.secrets()), None, None
+        return "", None, None
+
+    def map_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> GatewayError:
+        try:
+            obj = orjson.loads(body) if body.strip() else {}
+        except orjson.JSONDecodeError:
+            obj = {"message": body[:300].decode("utf-8", "replace")}
+        msg, code, param = self.error_fields(obj)
+        return error_from_upstream(status, msg, code, param, headers)
+
+    def in_band_error(self, obj: dict[str, Any]) -> GatewayError | None:
+        """An error object inside a 200 stream (OpenAI shape, or vLLM / SGLang ``{"object":"error"}``)."""
+        if "error" in obj and obj["error"]:
+            err = obj["error"]
+        elif obj.get("object") == "error":
+            err = obj
+        else:
+            return None
+        msg, code, param = self.error_fields({"error": err} if isinstance(err, dict) else err)
+        status = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), int) else 500
+        mapped = error_from_upstream(status if 400 <= status < 600 else 500, msg or "upstream error", code, param, {})
+        return mapped
+
+
+_GATEWAY_FIELDS = ("models", "provider", "route", "transforms", "fake_gateway")
+
+
+def _strip_gateway_fields(out: dict[str, Any]) -> None:
+    for k in _GATEWAY_FIELDS:
+        out.pop(k, None)
+
+
+def _max_tokens(out: dict[str, Any]) -> None:
+    mct = out.pop("max_completion_tokens", None)
+    if mct is not None and out.get("max_tokens") is None:
+        out["max_tokens"] = mct

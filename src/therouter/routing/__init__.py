@@ -1,0 +1,1 @@
+"""Routing: which deployments may serve a request, in what order."""

@@ -1,0 +1,46 @@
+"""Services: every long-lived object of a running gateway, built once (in the app's lifespan)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from therouter.auth import Authenticator
+from therouter.config import Settings
+from therouter.gateway import Gateway
+from therouter.metering.meter import Meter
+from therouter.observability import Metrics
+from therouter.providers import Provider, build_provider, make_transport
+from therouter.routing.attempts import AttemptPolicy
+from therouter.routing.health import HealthMonitor
+from therouter.routing.router import Router
+from therouter.store import Store
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    auth: Authenticator
+    meter: Meter
+    providers: dict[str, Provider]
+    router: Router
+    health: HealthMonitor
+    gateway: Gateway
+    metrics: Metrics
+
+
+async def build_services(settings: Settings) -> Services:
+    store = Store(settings.store)
+    providers = {
+        name: build_provider(name, cfg, make_transport(settings.server.upstream_client, cfg.max_connections))
+        for name, cfg in settings.providers.items()
+    }
+    metrics = Metrics()
+    health = HealthMonitor(settings, providers)
+    router = Router(settings, providers, filters=[health.unfit])
+    policy = AttemptPolicy(observers=[lambda c, e, dt: metrics.observe_attempt(c.name, e.code if e else None, dt)])
+    meter = Meter(store, settings, Path(settings.data_dir) / "journal")
+    gateway = Gateway(settings, router, meter, policy)
+    auth = Authenticator(store, stale_seconds=settings.store.key_cache_seconds)
+    return Services(settings, store, auth, meter, providers, router, health, gateway, metrics)

@@ -1,0 +1,144 @@
+"""Redis: the one module that imports ``redis``.
+
+The client has short socket and connect timeouts and a breaker, so a hung or dead Redis never hangs a request:
+calls fail fast with :class:`StoreUnavailable`. Every key is namespaced by ``key_prefix``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from therouter.config import StoreConfig
+from therouter.errors import StoreUnavailable
+from therouter.keys import KeyRecord, display, hash_key, new_key
+
+T = TypeVar("T")
+
+
+class StoreBreaker:
+    """Opens after `threshold` consecutive failures; while open, calls fail at once; a probe is let through every
+    `cooldown` seconds. Clock injected."""
+
+    def __init__(self, threshold: int = 5, cooldown: float = 2.0, clock: Callable[[], float] = time.monotonic):
+        self.threshold, self.cooldown, self.clock = threshold, cooldown, clock
+        self.failures = 0
+        self.opened_at: float | None = None
+
+    def allow(self) -> bool:
+        if self.opened_at is None:
+            return True
+        if self.clock() - self.opened_at >= self.cooldown:
+            self.opened_at = self.clock()  # one probe per cooldown
+            return True
+        return False
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.opened_at = self.clock()
+
+    @property
+    def open(self) -> bool:
+        return self.opened_at is not None
+
+
+class Store:
+    def __init__(self, cfg: StoreConfig, breaker: StoreBreaker | None = None) -> None:
+        self.cfg = cfg
+        self.prefix = cfg.key_prefix
+        self.redis: aioredis.Redis = aioredis.from_url(
+            cfg.redis_url,
+            socket_timeout=cfg.socket_timeout,
+            socket_connect_timeout=cfg.connect_timeout,
+            retry_on_timeout=False,  # never re-send a non-idempotent command after a timeout
+            retry=None,
+            decode_responses=True,
+            health_check_interval=0,
+            max_connections=256,
+        )
+        self.breaker = breaker or StoreBreaker()
+
+    def k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation under the breaker; any Redis failure becomes StoreUnavailable."""
+        if not self.breaker.allow():
+            raise StoreUnavailable("the store is unavailable; retry shortly", retry_after=2)
+        try:
+            result = await fn()
+        except ResponseError:
+            self.breaker.success()  # the server answered: a script or command error, not an outage
+            raise
+        except (RedisError, OSError, TimeoutError) as e:
+            self.breaker.failure()
+            raise StoreUnavailable(f"the store is unavailable ({type(e).__name__}); retry shortly",
+                                   retry_after=2) from None
+        self.breaker.success()
+        return result
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.call(self.redis.ping))
+        except StoreUnavailable:
+            return False
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    # ---- API keys -----------------------------------------------------------------------------------------------
+
+    async def create_key(self, name: str, **limits: Any) -> tuple[str, KeyRecord]:
+        plaintext = new_key()
+        rec = KeyRecord(id="key_" + secrets.token_hex(6), name=name, hint=display(plaintext), **limits)
+        h = hash_key(plaintext)
+
+        async def write() -> None:
+            async with self.redis.pipeline(transaction=True) as p:
+                p.hset(self.k("key", h), mapping=rec.to_redis())
+                p.set(self.k("keyid", rec.id), h)
+                p.sadd(self.k("keys"), rec.id)
+                await p.execute()
+
+        await self.call(write)
+        return plaintext, rec
+
+    async def key_by_hash(self, h: str) -> KeyRecord | None:
+        data = await self.call(lambda: self.redis.hgetall(self.k("key", h)))
+        return KeyRecord.from_redis(data) if data else None
+
+    async def key_by_id(self, key_id: str) -> KeyRecord | None:
+        h = await self.call(lambda: self.redis.get(self.k("keyid", key_id)))
+        return await self.key_by_hash(h) if h else None
+
+    async def list_keys(self) -> list[KeyRecord]:
+        ids = sorted(await self.call(lambda: self.redis.smembers(self.k("keys"))))
+        out = []
+        for key_id in ids:
+            rec = await self.key_by_id(key_id)
+            if rec:
+                out.append(rec)
+        return out
+
+    async def revoke_key(self, key_id: str) -> bool:
+        h = await self.call(lambda: self.redis.get(self.k("keyid", key_id)))
+        if not h:
+            return False
+        await self.call(lambda: self.redis.hset(self.k("key", h), "revoked", "1"))
+        return True
+
+    async def update_key(self, key_id: str, **fields: str) -> bool:
+        h = await self.call(lambda: self.redis.get(self.k("keyid", key_id)))
+        if not h:
+            return False
+        await self.call(lambda: self.redis.hset(self.k("key", h), mapping=fields))
+        return True

@@ -1,0 +1,166 @@
+"""Reading an upstream SSE stream: clocks that count data events only, and the per-chunk rewrite.
+
+:class:`UpstreamEvents` yields parsed data events from an upstream response under three clocks: first data event
+(``first_token``), gap between data events (``idle``) and an absolute cap (``total``). Comments and blank keep-alives
+never re-arm them (DeepSeek keeps a queued connection alive with ``: keep-alive`` for minutes).
+
+:class:`ChunkRewriter` turns each upstream chunk into what the client receives: our id, the public model, the
+provider name, OpenAI's reasoning spelling, and usage placed the OpenAI way (only in a final ``choices: []`` chunk,
+only when the client asked for it), while keeping the last usage the upstream reported for metering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+
+from therouter.errors import GatewayError, UpstreamStreamError, UpstreamTimeout
+from therouter.protocol.usage import Usage
+from therouter.providers._http import UpstreamResponse
+from therouter.providers.base import Provider
+from therouter.sse import SSEDecoder
+
+class UpstreamEvents:
+    """Async iterator of parsed JSON objects (dicts); ends after ``[DONE]`` or EOF (``saw_done`` tells which)."""
+
+    def __init__(self, resp: UpstreamResponse, *, first_token: float, idle: float, total: float,
+                 clock: Any = time.monotonic) -> None:
+        self.resp = resp
+        self._chunks = resp.chunks().__aiter__()
+        self._decoder = SSEDecoder()
+        self._pending: list[bytes] = []
+        self._clock = clock
+        self._start = clock()
+        self._cap = self._start + total
+        self._deadline = min(self._start + first_token, self._cap)
+        self._idle = idle
+        self.saw_done = False
+        self.events = 0
+        self._eof = False
+
+    def __aiter__(self) -> UpstreamEvents:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        while True:
+            if self._pending:
+                payload = self._pending.pop(0)
+                if payload.strip() == b"[DONE]":
+                    self.saw_done = True
+                    raise StopAsyncIteration
+                try:
+                    obj = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    raise UpstreamStreamError("upstream sent a malformed stream event", sent=True,
+                                              code="malformed_stream_event") from None
+                if not isinstance(obj, dict):
+                    raise UpstreamStreamError("upstream sent a malformed stream event", sent=True,
+                                              code="malformed_stream_event")
+                self.events += 1
+                now = self._clock()
+                self._deadline = min(now + self._idle, self._cap)
+                return obj
+            if self._eof or self.saw_done:
+                raise StopAsyncIteration
+            await self._read()
+
+    async def _read(self) -> None:
+        remaining = self._deadline - self._clock()
+        if remaining <= 0:
+            raise self._timeout()
+        try:
+            async with asyncio.timeout(remaining):
+                chunk = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            self._eof = True
+            self._pending.extend(self._decoder.flush())
+            return
+        except TimeoutError:
+            raise self._timeout() from None
+        self._pending.extend(self._decoder.feed(chunk))
+
+    def _timeout(self) -> GatewayError:
+        if self._clock() >= self._cap - 1e-6:
+            return UpstreamTimeout("upstream stream exceeded its time cap", sent=True, code="stream_time_cap")
+        if self.events == 0:
+            return UpstreamTimeout("upstream sent no data before the first-token timeout", sent=True,
+                                   code="first_token_timeout")
+        return UpstreamTimeout("upstream stream stalled (idle timeout)", sent=True, code="stream_idle_timeout")
+
+    async def aclose(self) -> None:
+        try:
+            await self.resp.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection must never raise
+            pass
+
+
+class ChunkRewriter:
+    """Per-stream state: identity rewrite, usage capture and produced-text accounting."""
+
+    def __init__(self, provider: Provider, *, gen_id: str, model: str, created: int, object_: str,
+                 include_usage: bool) -> None:
+        self.provider = provider
+        self.gen_id = gen_id
+        self.model = model
+        self.created = created
+        self.object = object_
+        self.include_usage = include_usage
+        self.usage_raw: dict[str, Any] | None = None
+        self.finish_reason: str | None = None
+        self.chars = 0  # produced text, for an estimate when usage never arrives
+        self.sent_role = False
+
+    def rewrite(self, obj: dict[str, Any]) -> bytes | None:
+        """One upstream chunk -> the bytes of one client event (or None when nothing is left to send)."""
+        self.provider.normalize_chunk(obj)
+        usage = obj.pop("usage", None)
+        if isinstance(usage, dict):
+            self.usage_raw = usage
+        choices = obj.get("choices")
+        if not choices:
+            return None  # a usage-only chunk: re-emitted at the end, the OpenAI way
+        for ch in choices:
+            if not isinstance(ch, dict):
+                continue
+            self._account(ch)
+            fr = ch.get("finish_reason")
+            if fr:
+                self.finish_reason = fr
+        obj["id"] = self.gen_id
+        obj["object"] = self.object
+        obj["created"] = self.created
+        obj["model"] = self.model
+        obj["provider"] = self.provider.name
+        if self.include_usage:
+            obj["usage"] = None
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    def _account(self, ch: dict[str, Any]) -> None:
+        delta = ch.get("delta")
+        if isinstance(delta, dict):
+            for k in ("content", "reasoning_content"):
+                v = delta.get(k)
+                if isinstance(v, str):
+                    self.chars += len(v)
+            for tc in delta.get("tool_calls") or ():
+                fn = tc.get("function") if isinstance(tc, dict) else None
+                if isinstance(fn, dict):
+                    self.chars += len(fn.get("arguments") or "") + len(fn.get("name") or "")
+        elif isinstance(ch.get("text"), str):
+            self.chars += len(ch["text"])
+
+    def final_usage(self, prompt_estimate: int) -> Usage:
+        if self.usage_raw is not None:
+            return self.provider.usage(self.usage_raw)
+        return Usage(prompt_tokens=prompt_estimate, completion_tokens=(self.chars + 3) // 4, estimated=True)
+
+    def usage_event(self, usage: Usage, cost: dict[str, Any]) -> bytes:
+        body = usage.to_openai(self.usage_raw)
+        body.update(cost)
+        obj = {"id": self.gen_id, "object": self.object, "created": self.created, "model": self.model,
+               "provider": self.provider.name, "choices": [], "usage": body}
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
