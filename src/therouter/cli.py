@@ -139,6 +139,59 @@ def cmd_keys(a: argparse.Namespace) -> int:
     return _run(_with_store(s, fn))
 
 
+# ---- prices / usage ------------------------------------------------------------------------------------------
+
+
+def _meter(settings: Settings, store: Any) -> Any:
+    from pathlib import Path
+
+    from therouter.metering.meter import Meter
+
+    return Meter(store, settings, Path(settings.data_dir) / "journal")
+
+
+def cmd_prices(a: argparse.Namespace) -> int:
+    s = _settings(a.config)
+
+    async def run(store: Any) -> int:
+        meter = _meter(s, store)
+        if a.prices_cmd == "set":
+            if a.model not in s.models:
+                print(f"error: unknown model {a.model!r}", file=sys.stderr)
+                return 2
+            try:
+                pv = await meter.set_price(a.model, a.input, a.cached_input or a.input, a.output)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            print(f"{a.model}: version {pv.version} (USD per 1M tokens: input {pv.public()['input']}, "
+                  f"cached_input {pv.public()['cached_input']}, output {pv.public()['output']})")
+            return 0
+        rows = await meter.list_prices()
+        print(f"{'model':<32} {'version':>7} {'input':>10} {'cached':>10} {'output':>10}  effective")
+        for r in rows:
+            print(f"{r['model']:<32} {r['version']:>7} {r['input']:>10} {r['cached_input']:>10} {r['output']:>10}  "
+                  f"{r.get('effective_at', '')}")
+        return 0
+
+    return _run(_with_store(s, run))
+
+
+def cmd_usage(a: argparse.Namespace) -> int:
+    s = _settings(a.config)
+
+    async def run(store: Any) -> int:
+        rows = await _meter(s, store).usage_rows(a.key, a.days)
+        print(f"{'key':<18} {'model':<32} {'day':<10} {'requests':>8} {'prompt':>10} {'completion':>10} "
+              f"{'cost (USD)':>14}")
+        for r in rows:
+            print(f"{r['key_id']:<18} {r['model']:<32} {r['day']:<10} {r['requests']:>8} {r['prompt_tokens']:>10} "
+                  f"{r['completion_tokens']:>10} {r['cost_usd']:>14}")
+        return 0
+
+    return _run(_with_store(s, run))
+
+
 # ---- fake-upstream / demo ---------------------------------------------------------------------------------------
 
 
@@ -196,9 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", default=".demo")
     d.set_defaults(fn=cmd_demo)
 
-    from therouter.metering import cli as metering_cli
+    pr = sub.add_parser("prices", help="show or set the per-model price table in Redis")
+    pr.add_argument("--config", dest="config", default=argparse.SUPPRESS)
+    prs = pr.add_subparsers(dest="prices_cmd", required=True)
+    prs.add_parser("show")
+    pset = prs.add_parser("set")
+    pset.add_argument("model")
+    pset.add_argument("--input", required=True, help="USD per 1M input tokens")
+    pset.add_argument("--cached-input", help="USD per 1M cached input tokens (default: --input)")
+    pset.add_argument("--output", required=True, help="USD per 1M output tokens")
+    pr.set_defaults(fn=cmd_prices)
 
-    metering_cli.add_commands(sub, _settings, _with_store, _run)
+    u = sub.add_parser("usage", help="spend and tokens per key / model / day")
+    u.add_argument("--config", dest="config", default=argparse.SUPPRESS)
+    u.add_argument("--key", help="a key id (default: all keys)")
+    u.add_argument("--days", type=int, default=7)
+    u.set_defaults(fn=cmd_usage)
     return p
 
 

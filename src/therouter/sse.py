@@ -36,6 +36,8 @@ class SSEDecoder:
         self.comments = 0
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
+        if not chunk:
+            return  # an empty read must not drop a pending CR (the LF of a split CRLF may come next)
         buf = self._buf + chunk if self._buf else chunk
         if self._pending_cr:
             # a CR ended the previous chunk: a following LF belongs to it

@@ -50,6 +50,7 @@ class UpstreamEvents:
                 payload = self._pending.pop(0)
                 if payload.strip() == b"[DONE]":
                     self.saw_done = True
+                    self._pending.clear()  # an exhausted iterator stays exhausted: nothing after [DONE] is an event
                     raise StopAsyncIteration
                 try:
                     obj = orjson.loads(payload)

@@ -503,7 +503,8 @@ async def test_deepseek_rejects_what_real_deepseek_rejects() -> None:
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
     ]
     async with client("deepseek") as c:
-        dev = await post(c, "/chat/completions", chat_body("deepseek", messages=[{"role": "developer", "content": "x"}]))
+        dev = await post(c, "/chat/completions",
+                         chat_body("deepseek", messages=[{"role": "developer", "content": "x"}]))
         schema = await post(c, "/chat/completions", chat_body(
             "deepseek", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}))
         passback = await post(c, "/chat/completions", chat_body(

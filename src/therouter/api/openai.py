@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from therouter.api.deps import KeyDep, ServicesDep
 from therouter.api.streaming import SSEResponse
-from therouter.errors import ModelNotFound, PayloadTooLarge
+from therouter.errors import ModelNotFound, NotFound, PayloadTooLarge
 from therouter.gateway import StreamAnswer
 
 router = APIRouter(prefix="/v1")
@@ -102,3 +102,16 @@ async def get_model(model_id: str, key: KeyDep, services: ServicesDep) -> Respon
                             param="model")
     prices = await _prices(services)
     return Response(orjson.dumps(model_entry(model_id, card, prices.get(model_id))), media_type="application/json")
+
+
+@router.get("/generation")
+async def generation(key: KeyDep, services: ServicesDep, id: str = "") -> Response:
+    rec = await services.meter.generation(id) if id else None
+    if rec is None or rec.get("key_id") != key.id:
+        raise NotFound(f"No generation with id `{id}` for this key.", param="id")
+    return Response(orjson.dumps({"data": rec}), media_type="application/json")
+
+
+@router.get("/key")
+async def key_info(key: KeyDep, services: ServicesDep) -> Response:
+    return Response(orjson.dumps({"data": await services.meter.key_summary(key)}), media_type="application/json")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from therouter.api.errors import sse_error_event
@@ -19,10 +20,12 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-
                (b"x-accel-buffering", b"no")]
 
 
-class SSEResponse:
-    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+class SSEResponse(Response):
+    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str]) -> None:  # noqa: D107
         self.events = events
-        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.status_code = 200
+        self.background = None
+        self.sse_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.ensure_future(self._pump(send))
@@ -43,7 +46,7 @@ class SSEResponse:
                 await aclose()
 
     async def _pump(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + self.headers})
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + self.sse_headers})
         try:
             async for chunk in self.events:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -11,17 +11,19 @@ import socket
 import sys
 from typing import Any
 
-from therouter.fakeupstream.app import FakeConnectionCut, create_app
+from therouter.fakeupstream.app import create_app
+from therouter.fakeupstream.asgi import FakeConnectionCut
 from therouter.fakeupstream.config import FLAVORS, KNOB_DEFAULTS, KNOB_HELP, FakeConfig, KnobError, merge_knobs
 
 LISTENING_PREFIX = "fake-upstream listening on "
 
 
-class _DropCutNoise(logging.Filter):
-    """The ``cut`` fault drops connections on purpose; uvicorn would log each one as an error."""
+class _DropExpectedNoise(logging.Filter):
+    """Connections dropped on purpose (fault ``cut``) or requests cancelled at shutdown are not errors."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], FakeConnectionCut))
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (FakeConnectionCut, asyncio.CancelledError))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,10 +67,6 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _ignore_signal(signum: int, frame: Any) -> None:
-    """Installed before uvicorn runs: uvicorn re-raises the captured signal after a graceful stop."""
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -91,10 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         lifespan="off",
         access_log=args.access_log,
         log_level=args.log_level,
-        timeout_graceful_shutdown=2,
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=1,
         backlog=4096,
     )
-    logging.getLogger("uvicorn.error").addFilter(_DropCutNoise())
+    logging.getLogger("uvicorn.error").addFilter(_DropExpectedNoise())
     server = uvicorn.Server(uv_config)
     host_repr = f"[{args.host}]" if ":" in args.host else args.host
 
@@ -107,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
         await task
 
+    def request_exit(signum: int, frame: Any) -> None:
+        # Active before uvicorn installs its own handlers (and again after it restores ours and
+        # re-raises the captured signal): ask the server to stop instead of dying mid-startup.
+        server.should_exit = True
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _ignore_signal)
+        signal.signal(sig, request_exit)
     try:
         with asyncio.Runner(loop_factory=uv_config.get_loop_factory()) as runner:
             runner.run(serve())

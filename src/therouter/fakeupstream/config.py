@@ -6,8 +6,9 @@ is the typed, user-facing way to build the server-wide defaults.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 FLAVORS: tuple[str, ...] = ("deepseek", "vllm", "sglang")
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from functools import cached_property, lru_cache
+from typing import Any
 
 import orjson
 
@@ -24,7 +26,7 @@ class ToolCall:
         return len(self.fragments) + 1  # name + one token per argument fragment
 
 
-@dataclass(slots=True)
+@dataclass
 class Plan:
     """Everything needed to render one response, independent of the wire flavor."""
 
@@ -35,11 +37,12 @@ class Plan:
     prompt_tokens: int = 1
     cached_tokens: int = 0
 
-    @property
+    # Cached: a plan is complete once build_plan() returns and is never mutated afterwards.
+    @cached_property
     def reasoning_tokens(self) -> int:
         return sum(n for _, n in self.reasoning)
 
-    @property
+    @cached_property
     def completion_tokens(self) -> int:
         return (
             sum(n for _, n in self.content)
@@ -47,11 +50,11 @@ class Plan:
             + sum(tc.tokens for tc in self.tool_calls)
         )
 
-    @property
+    @cached_property
     def text(self) -> str:
         return "".join(t for t, _ in self.content)
 
-    @property
+    @cached_property
     def reasoning_text(self) -> str:
         return "".join(t for t, _ in self.reasoning)
 
@@ -98,12 +101,17 @@ def max_output_tokens(body: dict[str, Any]) -> int | None:
 
 
 def _pieces(prefix: str, n_tokens: int, per_chunk: int) -> list[Piece]:
+    return list(_cached_pieces(prefix, n_tokens, per_chunk))
+
+
+@lru_cache(maxsize=256)
+def _cached_pieces(prefix: str, n_tokens: int, per_chunk: int) -> tuple[Piece, ...]:
     out: list[Piece] = []
     for start in range(0, n_tokens, per_chunk):
         stop = min(n_tokens, start + per_chunk)
         words = " ".join(f"{prefix}{i}" for i in range(start, stop))
         out.append((words if start == 0 else " " + words, stop - start))
-    return out
+    return tuple(out)
 
 
 def json_mode(body: dict[str, Any]) -> bool:

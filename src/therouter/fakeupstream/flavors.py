@@ -40,8 +40,12 @@ STATUS_TYPES: dict[int, str] = {
 }
 
 FAULT_ERRORS: dict[str, ErrorSpec] = {
-    "400": ErrorSpec(400, "Invalid request (injected by fake upstream)", "invalid_request_error", "invalid_request_error"),
-    "401": ErrorSpec(401, "Authentication Fails, Your api key is invalid", "authentication_error", "invalid_request_error"),
+    "400": ErrorSpec(
+        400, "Invalid request (injected by fake upstream)", "invalid_request_error", "invalid_request_error"
+    ),
+    "401": ErrorSpec(
+        401, "Authentication Fails, Your api key is invalid", "authentication_error", "invalid_request_error"
+    ),
     "402": ErrorSpec(402, "Insufficient Balance", "unknown_error", "invalid_request_error"),
     "408": ErrorSpec(408, "Request Timeout", "timeout_error", "request_timeout"),
     "429": ErrorSpec(429, "Rate Limit Reached", "rate_limit_error", "rate_limit_exceeded"),
@@ -61,8 +65,20 @@ def context_length_error(prompt_tokens: int, completion_tokens: int, max_model_l
     return ErrorSpec(400, msg, "invalid_request_error", "context_length_exceeded", "messages")
 
 
-def _bad(message: str, param: str | None = None) -> ErrorSpec:
+def bad_request(message: str, param: str | None = None) -> ErrorSpec:
     return ErrorSpec(400, message, "invalid_request_error", "invalid_request_error", param)
+
+
+def missing_field(name: str) -> ErrorSpec:
+    return bad_request(f"Failed to deserialize the JSON body into the target type: missing field `{name}`", name)
+
+
+def _metrics(prefix: str, names: tuple[str, str, str], labels: list[str], values: tuple[float, ...]) -> str:
+    lines = []
+    for name, value in zip(names, values, strict=True):
+        lines.append(f"# TYPE {prefix}:{name} gauge")
+        lines.extend(f"{prefix}:{name}{{{lbl}}} {float(value)}" for lbl in labels)
+    return "\n".join(lines) + "\n"
 
 
 class Flavor:
@@ -106,7 +122,8 @@ class Flavor:
         return []
 
     def model_not_found(self, model: str) -> ErrorSpec:
-        return ErrorSpec(404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found", "model")
+        msg = f"The model `{model}` does not exist."
+        return ErrorSpec(404, msg, "invalid_request_error", "model_not_found", "model")
 
     def unauthorized(self) -> ErrorSpec:
         return ErrorSpec(401, "Unauthorized", "authentication_error", "invalid_api_key")
@@ -170,6 +187,10 @@ class Flavor:
             "max_model_len": max_model_len,
         }
 
+    def metrics_text(self, models: list[str], running: int, waiting: int, kv_usage: float) -> str | None:
+        """Prometheus text for ``GET /metrics`` (``None``: the endpoint does not exist)."""
+        return None
+
 
 def _tool_call_json(tc: Any) -> dict[str, Any]:
     return {"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
@@ -232,26 +253,26 @@ class DeepSeekFlavor(Flavor):
 
     def validate(self, route: str, body: dict[str, Any], reasoning_on: bool) -> ErrorSpec | None:
         if route == ROUTE_COMPLETIONS and body.get("suffix") is not None:
-            return _bad("suffix (FIM) is only supported on the beta endpoint /beta/completions", "suffix")
+            return bad_request("suffix (FIM) is only supported on the beta endpoint /beta/completions", "suffix")
         if body.get("reasoning_effort") == "none":
-            return _bad(
+            return bad_request(
                 "Failed to deserialize the JSON body into the target type: reasoning_effort: unknown variant "
                 "`none`, expected one of `low`, `medium`, `high`, `max`"
             )
         rf = body.get("response_format")
         if isinstance(rf, dict) and rf.get("type") == "json_schema":
-            return _bad("This response_format type is unavailable now", "response_format")
+            return bad_request("This response_format type is unavailable now", "response_format")
         for i, m in enumerate(body.get("messages") or ()):
             if not isinstance(m, dict):
                 continue
             role = m.get("role")
             if role == "developer":
-                return _bad(
+                return bad_request(
                     f"Failed to deserialize the JSON body into the target type: messages[{i}]: unknown variant "
                     "`developer`, expected one of `system`, `user`, `assistant`, `tool`"
                 )
             if reasoning_on and role == "assistant" and m.get("tool_calls") and m.get("reasoning_content") is None:
-                return _bad("The `reasoning_content` in the thinking mode must be passed back to the API.")
+                return bad_request("The `reasoning_content` in the thinking mode must be passed back to the API.")
         return None
 
     def role_delta(self, plan: Plan) -> dict[str, Any]:
@@ -281,7 +302,9 @@ class VLLMFlavor(Flavor):
     reasoning_field = "reasoning"
     owned_by = "vllm"
     finish_mode = "attach"
-    response_extra = {"service_tier": None, "system_fingerprint": None, "prompt_logprobs": None, "kv_transfer_params": None}
+    response_extra = {
+        "service_tier": None, "system_fingerprint": None, "prompt_logprobs": None, "kv_transfer_params": None,
+    }
     choice_extra = {"stop_reason": None}
 
     def tool_id(self) -> str:
@@ -297,8 +320,14 @@ class VLLMFlavor(Flavor):
 
     def validate(self, route: str, body: dict[str, Any], reasoning_on: bool) -> ErrorSpec | None:
         if route == ROUTE_COMPLETIONS and body.get("suffix") is not None:
-            return _bad("suffix is not currently supported", "suffix")
+            return bad_request("suffix is not currently supported", "suffix")
         return None
+
+    def metrics_text(self, models: list[str], running: int, waiting: int, kv_usage: float) -> str | None:
+        return _metrics(
+            "vllm", ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"),
+            [f'engine="0",model_name="{m}"' for m in models], (running, waiting, kv_usage),
+        )
 
     def message(self, plan: Plan) -> dict[str, Any]:
         return {
@@ -370,6 +399,12 @@ class SGLangFlavor(Flavor):
 
     def usage_null_on_chunks(self, include_usage: bool) -> bool:
         return True
+
+    def metrics_text(self, models: list[str], running: int, waiting: int, kv_usage: float) -> str | None:
+        return _metrics(
+            "sglang", ("num_running_reqs", "num_queue_reqs", "token_usage"),
+            [f'model_name="{m}"' for m in models], (running, waiting, kv_usage),
+        )
 
 
 FLAVOR_CLASSES: dict[str, type[Flavor]] = {

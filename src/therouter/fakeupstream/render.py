@@ -94,7 +94,8 @@ def stream_events(
             head = {"index": i, "id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": ""}}
             events.append((chunk({"delta": {"tool_calls": [head]}}), 1, True))
             for frag in tc.fragments:
-                events.append((chunk({"delta": {"tool_calls": [{"index": i, "function": {"arguments": frag}}]}}), 1, True))
+                part = {"index": i, "function": {"arguments": frag}}
+                events.append((chunk({"delta": {"tool_calls": [part]}}), 1, True))
         for text, n in plan.content:
             events.append((chunk({"delta": {"content": text}}), n, True))
     else:

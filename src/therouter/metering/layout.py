@@ -49,14 +49,14 @@ def period_id(period: BudgetPeriod, at: float) -> str:
 
 
 def period_label(pid: str) -> str:
-    """Human form for messages: "total", "day 2025-01-31 (UTC)", "month 2025-01 (UTC)"."""
+    """Human form for messages: "total budget", "day 2025-01-31 (UTC)", "month 2025-01 (UTC)"."""
     if pid.startswith("d:"):
         d = pid[2:]
         return f"day {d[:4]}-{d[4:6]}-{d[6:]} (UTC)"
     if pid.startswith("m:"):
         m = pid[2:]
         return f"month {m[:4]}-{m[4:]} (UTC)"
-    return "total"
+    return "total budget"
 
 
 class Layout:
@@ -65,6 +65,10 @@ class Layout:
 
     def _key(self, key_id: str, *parts: str) -> str:
         return self.prefix + ":".join(("{k:" + key_id + "}",) + parts)
+
+    def named(self, key_id: str, name: str) -> str:
+        """A per-key key by its short name ("per:total", "bymodel:20250131", ...)."""
+        return self._key(key_id, name)
 
     def per(self, key_id: str, pid: str) -> str:
         return self._key(key_id, "per", pid)

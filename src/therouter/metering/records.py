@@ -15,6 +15,8 @@ from therouter.protocol.usage import Usage
 
 Outcome = Literal["completed", "client_cancelled", "upstream_cut", "rejected", "failed"]
 OUTCOMES: tuple[str, ...] = ("completed", "client_cancelled", "upstream_cut", "rejected", "failed")
+# the fields of every counter hash (per:total, per:d:*, per:m:*; "MODEL|field" in bymodel:*), in settle.lua's order
+COUNTER_FIELDS = ("cost", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
 
 
 @dataclass(slots=True)
@@ -34,6 +36,16 @@ class GenerationRecord:
     price_version: int = 0  # filled by Meter.settle
     attempts: list[dict[str, Any]] = field(default_factory=list)  # {provider, outcome, latency_ms, status?, error?,
     skipped: list[dict[str, Any]] = field(default_factory=list)  # possibly_accepted?} / {provider, reason}
+
+    def counters(self) -> dict[str, int]:
+        """What this record adds to each counter hash (settle and rebuild both use it)."""
+        u = self.usage
+        prompt = max(u.prompt_tokens, 0)
+        return {
+            "cost": self.cost_nano, "requests": 1, "prompt_tokens": prompt,
+            "completion_tokens": max(u.completion_tokens, 0), "cached_tokens": min(max(u.cached_tokens, 0), prompt),
+            "reasoning_tokens": max(u.reasoning_tokens, 0),
+        }
 
     def to_dict(self) -> dict[str, Any]:
         usage = self.usage.to_openai()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -121,10 +122,11 @@ class AiohttpTransport(Transport):
                     req.method, req.url, data=req.body or None, headers=req.headers,
                     allow_redirects=False, timeout=timeout,
                 )
+        except aiohttp.ServerTimeoutError:
+            # before TimeoutError: aiohttp's connect timeout subclasses it, but nothing was sent (no sock_read is set)
+            raise UpstreamConnectError("upstream connect timed out") from None
         except TimeoutError:
             raise UpstreamTimeout("upstream did not answer in time", sent=True) from None
-        except aiohttp.ServerTimeoutError:
-            raise UpstreamConnectError("upstream connect timed out") from None
         except aiohttp.ClientConnectorError as e:
             raise UpstreamConnectError(f"cannot connect to upstream: {_oserror(e.os_error)}") from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as e:
@@ -227,13 +229,16 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     ms = headers.get("retry-after-ms")
     if ms:
         try:
-            return max(float(ms) / 1000.0, 0.0)
+            v = float(ms)
+            if math.isfinite(v):  # "nan" / "inf" parse as floats but are no delay (and crash math.ceil later)
+                return max(v / 1000.0, 0.0)
         except ValueError:
             pass
     ra = headers.get("retry-after")
     if ra:
         try:
-            return max(float(ra), 0.0)
+            v = float(ra)
+            return max(v, 0.0) if math.isfinite(v) else None
         except ValueError:
             try:
                 when = email.utils.parsedate_to_datetime(ra)

@@ -184,7 +184,7 @@ class Provider:
 
     def error_fields(self, obj: Any) -> tuple[str, str | None, str | None]:
         """(message, code, param) from an error body in any of the shapes upstreams use."""
-        err = obj.get("error") if isinstance(obj, dict) and isinstance(obj.get("error"), dict) else obj
+        err = obj.get("error") if isinstance(obj, dict) and isinstance(obj.get("error"), (dict, str)) else obj
         if isinstance(err, dict):
             msg = err.get("message") or err.get("detail") or ""
             code = err.get("code")

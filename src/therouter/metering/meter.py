@@ -1,0 +1,350 @@
+"""The meter: admit (rate limits + budget reservation), settle (exactly once), release, and the journal.
+
+Policies (reliability.md section 2/3):
+
+* **Admission is one script, all or nothing** (``admit.lua``): it frees reservations past their expiry, checks the
+  budget (``spend + reserved + this reservation <= budget`` for the key's period: total, UTC day or UTC month),
+  then RPM and TPM (sliding-window counter, :mod:`ratelimit`), and only when everything passes counts the request,
+  the tokens and the reservation. The clock is the meter's (injected), passed to the script in ms.
+* **Worst-case reservation** (M2): every prompt token at the dearer prompt rate and ``max_output_tokens`` (clamped
+  to the model's ``max_output_tokens``; 0 or less means "not given" and reserves that maximum) at the output rate.
+  The caller multiplies ``max_output_tokens`` by ``n`` when it asks for several choices. With worst-case
+  reservations spend stays within the budget unless a prompt estimate was too low (M9): settle always records the
+  true cost. Budget arithmetic inside the script is exact up to 2**53 nano-USD (about 9 million USD).
+* **Fast path**: a key with no budget and no limits costs no Redis call at admission.
+* **Redis down at admission**: a key with a budget fails CLOSED (``StoreUnavailable``, 503, ``Retry-After``); a
+  key with only rate limits fails OPEN to the in-process :class:`LocalLimiter` and ``fail_open_total`` counts it.
+  A reservation the script may have made before the failure is released later by the background task.
+* **Settlement** (``settle.lua``) is idempotent by generation id (a settled marker ``SET NX``, 48 h, plus the record
+  itself, 30 d): totals, period and per-model counters, the reservation released (TPM reconciled to actual), the
+  record, and the key's own usage stream -- all in the key's hash slot, atomically, so counters equal the sum of
+  the stream's records. Then a second, plain call adds the cross-slot extras (global ``usage`` feed, key index,
+  ``gen:ID`` lookup); it runs only after a first settlement, so the feed is at-least-once, never the counters.
+  No additive command is ever re-sent after a timeout: an unknown outcome goes to the journal, whose replay runs
+  the same idempotent script. ``settle`` never raises and runs shielded from the caller's cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+
+from therouter.config import Settings
+from therouter.errors import BudgetExceeded, GatewayError, RateLimited, StoreUnavailable
+from therouter.keys import KeyRecord
+from therouter.metering.admission import Admission, MeterOptions
+from therouter.metering.journal import Journal
+from therouter.metering.layout import Layout, day_id, month_id, period_id, period_label
+from therouter.metering.pricebook import PriceBook
+from therouter.metering.prices import PriceVersion, cost_nano, nano_to_usd, reservation_nano
+from therouter.metering.ratelimit import Decision, LocalLimiter, headers, retry_after_seconds
+from therouter.metering.records import COUNTER_FIELDS, GenerationRecord
+from therouter.metering.reports import Reports
+from therouter.metering.scripts import Scripts
+from therouter.store import Store
+
+log = logging.getLogger("therouter.metering")
+_MAX_ORPHANS = 10_000
+
+
+class Meter:
+    def __init__(self, store: Store, settings: Settings, journal_dir: Path,
+                 clock: Callable[[], float] = time.time, options: MeterOptions | None = None) -> None:
+        self.store, self.settings, self.clock = store, settings, clock
+        self.options = options or MeterOptions()
+        self.reservation_ttl = self.options.reservation_ttl_for(settings)
+        self.layout = Layout(store.prefix)
+        self.scripts = Scripts(store)
+        self.prices = PriceBook(store, settings, self.layout, self.scripts, clock)
+        self.journal = Journal(journal_dir)
+        self.reports = Reports(store, self.layout, self.scripts, clock, self.options)
+        self.local = LocalLimiter(self.options.local_limit_divisor, window_ms=self.options.window_ms)
+        # metric hooks, read by the observability layer
+        self.fail_open_total = 0
+        self.journal_writes_total = 0
+        self.journal_errors_total = 0
+        self._orphans: dict[str, tuple[str, int]] = {}  # gen id -> (key id, window): releases owed to Redis
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background: asyncio.Task[None] | None = None
+        self._replay_lock = asyncio.Lock()
+        self._prices_loaded = False
+        self._prices_at = 0.0
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._load_prices()
+        try:
+            await self.replay_journal()
+        except StoreUnavailable:
+            log.warning("metering journal not replayed: the store is unavailable; retrying in the background")
+        self._background = asyncio.create_task(self._run_background(), name="meter-background")
+
+    async def aclose(self) -> None:
+        if self._background is not None:
+            self._background.cancel()
+            await asyncio.gather(self._background, return_exceptions=True)
+            self._background = None
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=10)
+
+    # ---- admission ------------------------------------------------------------------------------------------------
+
+    async def admit(self, key: KeyRecord, model: str, prompt_tokens_est: int, max_output_tokens: int,
+                    gen_id: str) -> Admission:
+        now = self.clock()
+        price = self.prices.current(model, now)
+        max_out = self._clamp_output(model, max_output_tokens)
+        tokens = max(prompt_tokens_est, 0) + max_out
+        reserve = reservation_nano(prompt_tokens_est, max_out, price) if key.budget_nano is not None else 0
+        now_ms = int(now * 1000)
+        adm = Admission(gen_id, key.id, model, price, reserve, tokens, now, now_ms // self.options.window_ms)
+        if key.budget_nano is None and key.rpm is None and key.tpm is None:
+            return adm
+        pid = period_id(key.budget_period, now)
+        try:
+            res = await self.scripts.run("admit", self._admit_keys(key.id, pid, adm.window),
+                                         self._admit_args(key, adm, pid, now_ms))
+        except GatewayError:
+            return self._admit_degraded(key, adm, now_ms)
+        except Exception:
+            log.exception("metering: admission script failed; treating the store as unavailable")
+            return self._admit_degraded(key, adm, now_ms)
+        status, spent, reserved = str(res[0]), int(res[1]), int(res[2])
+        rdec = _decision(key.rpm, res[3:7])
+        tdec = _decision(key.tpm, res[7:11])
+        if status == "budget":
+            raise self._budget_error(key, pid, spent, reserved, reserve)
+        if status == "rate":
+            raise self._rate_error(rdec, tdec, tokens)
+        return replace(adm, tracked=True, headers=headers(rdec, tdec))
+
+    def _admit_keys(self, key_id: str, pid: str, window: int) -> list[str]:
+        lay = self.layout
+        return [lay.resv(key_id), lay.resvexp(key_id), lay.per(key_id, pid),
+                lay.rl(key_id, "r", window), lay.rl(key_id, "r", window - 1),
+                lay.rl(key_id, "t", window), lay.rl(key_id, "t", window - 1)]
+
+    def _admit_args(self, key: KeyRecord, adm: Admission, pid: str, now_ms: int) -> list[str | int]:
+        ttl_ms = self.reservation_ttl * 1000
+        return [adm.gen_id, now_ms, -1 if key.budget_nano is None else key.budget_nano, adm.reserved_nano, pid,
+                ttl_ms, -1 if key.rpm is None else key.rpm, -1 if key.tpm is None else key.tpm,
+                adm.reserved_tokens, self.options.window_ms, now_ms % self.options.window_ms,
+                f"{adm.model}|{adm.price.version}", ttl_ms + 60_000]
+
+    def _admit_degraded(self, key: KeyRecord, adm: Admission, now_ms: int) -> Admission:
+        """Redis unreachable: budgets fail closed, rate limits fail open to the local limiter."""
+        self._owe_release(adm.gen_id, key.id, adm.window)  # the script may have run before the failure
+        if key.budget_nano is not None:
+            raise StoreUnavailable("Spend can't be checked right now (the store is unavailable); retry shortly.",
+                                   retry_after=2, headers={"Retry-After": "2"})
+        self.fail_open_total += 1
+        rdec, tdec = self.local.check(key.id, now_ms, key.rpm, key.tpm, adm.reserved_tokens)
+        if (rdec and not rdec.allowed) or (tdec and not tdec.allowed):
+            raise self._rate_error(rdec, tdec, adm.reserved_tokens)
+        return replace(adm, local=True, headers=headers(rdec, tdec))
+
+    def _clamp_output(self, model: str, max_output: int) -> int:
+        cfg = self.settings.models.get(model)
+        if cfg is None:
+            return max(max_output, 0)
+        return cfg.max_output_tokens if max_output <= 0 else min(max_output, cfg.max_output_tokens)
+
+    def _budget_error(self, key: KeyRecord, pid: str, spent: int, reserved: int, need: int) -> BudgetExceeded:
+        budget = key.budget_nano or 0
+        left = max(budget - spent - reserved, 0)
+        return BudgetExceeded(
+            f"Budget exceeded for this key: ${nano_to_usd(left)} left of ${nano_to_usd(budget)} for the "
+            f"{period_label(pid)}; this request may cost up to ${nano_to_usd(need)}.",
+            headers={"x-should-retry": "false"},
+        )
+
+    def _rate_error(self, rdec: Decision | None, tdec: Decision | None, tokens: int) -> RateLimited:
+        per = "minute" if self.options.window_ms == 60_000 else f"{self.options.window_ms // 1000}s"
+        parts, retry = [], 1
+        for what, d in (("requests", rdec), ("tokens", tdec)):
+            if d is None or d.allowed:
+                continue
+            retry = max(retry, retry_after_seconds(d.retry_ms, self.options.window_ms))
+            if d.retry_ms < 0:
+                parts.append(f"this request needs up to {tokens} {what}, more than the limit of {d.limit} {what} "
+                             f"per {per}; lower max_tokens")
+            else:
+                parts.append(f"{what} per {per}: limit {d.limit}, remaining {d.remaining}")
+        h = headers(rdec, tdec)
+        h["Retry-After"] = str(retry)
+        return RateLimited(f"Rate limit reached ({'; '.join(parts)}). Retry after {retry}s.",
+                           headers=h, retry_after=retry)
+
+    # ---- settlement -----------------------------------------------------------------------------------------------
+
+    async def settle(self, adm: Admission, record: GenerationRecord) -> int:
+        """Record the true cost once; returns it in nano-USD. Never raises; survives the caller's cancellation."""
+        record.id, record.key_id, record.model = adm.gen_id, adm.key_id, adm.model
+        record.cost_nano = cost_nano(record.usage, adm.price)
+        record.price_version = adm.price.version
+        task = asyncio.ensure_future(self._settle(adm, record))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(task)
+        return record.cost_nano
+
+    async def _settle(self, adm: Admission, record: GenerationRecord) -> None:
+        try:
+            await self._apply(adm, record, post_owed=False)
+        except Exception as e:  # the outcome is unknown: the journal's replay settles it exactly once
+            if not isinstance(e, GatewayError):
+                log.exception("metering: settle failed unexpectedly; journalling %s", adm.gen_id)
+            await self._journal(adm, record, post=False)
+
+    async def _apply(self, adm: Admission, record: GenerationRecord, post_owed: bool) -> None:
+        """The settle script, then (after a first settlement, or when owed) the cross-slot extras."""
+        rec_json = _json(record.to_dict())
+        res = await self.scripts.run("settle", self._settle_keys(adm), self._settle_args(adm, record, rec_json))
+        if int(res[0]) == 1 or post_owed:
+            try:
+                await self.store.call(lambda: self._post(adm, rec_json))
+            except Exception:
+                await self._journal(adm, record, post=True)
+
+    def _settle_keys(self, adm: Admission) -> list[str]:
+        lay, kid, gen, day = self.layout, adm.key_id, adm.gen_id, day_id(adm.admitted_at)
+        return [lay.settled(kid, gen), lay.gen(kid, gen), lay.per(kid, "total"), lay.per(kid, "d:" + day),
+                lay.per(kid, "m:" + month_id(adm.admitted_at)), lay.bymodel(kid, day), lay.resv(kid),
+                lay.resvexp(kid), lay.stream(kid), lay.rl(kid, "t", adm.window)]
+
+    def _settle_args(self, adm: Admission, record: GenerationRecord, rec_json: str) -> list[str | int]:
+        c, o = record.counters(), self.options
+        return [adm.gen_id, c["cost"], adm.model, *(c[f] for f in COUNTER_FIELDS[2:]), rec_json, o.settled_ttl,
+                o.record_ttl, o.day_ttl, o.month_ttl, o.stream_maxlen,
+                c["prompt_tokens"] + c["completion_tokens"], day_id(adm.admitted_at), month_id(adm.admitted_at)]
+
+    async def _post(self, adm: Admission, rec_json: str) -> None:
+        lay = self.layout
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(lay.feed(), {"gen": adm.gen_id, "key": adm.key_id, "rec": rec_json},
+                      maxlen=self.options.feed_maxlen, approximate=True)
+            pipe.sadd(lay.keyset(), adm.key_id)
+            pipe.set(lay.gen_index(adm.gen_id), adm.key_id, ex=self.options.record_ttl)
+            await pipe.execute()
+
+    async def _journal(self, adm: Admission, record: GenerationRecord, post: bool) -> None:
+        entry = {"v": 1, "adm": adm.to_dict(), "record": record.to_dict(), "post": post}
+        try:
+            await self.journal.append(entry)
+            self.journal_writes_total += 1
+        except Exception:
+            self.journal_errors_total += 1
+            log.critical("metering: usage record %s could not be journalled: %s", adm.gen_id, _json(entry))
+
+    async def replay_journal(self) -> int:
+        """Settle every journalled record (idempotently); returns how many entries were applied. Raises
+        StoreUnavailable if Redis is still away (the journal then stays as it is)."""
+        async with self._replay_lock:
+            applied = 0
+            for path in await self.journal.take():
+                for entry in await asyncio.to_thread(self.journal.read, path):
+                    try:
+                        adm = Admission.from_dict(entry["adm"])
+                        record = GenerationRecord.from_dict(entry["record"])
+                    except (KeyError, TypeError, ValueError):
+                        await asyncio.to_thread(self.journal.reject, entry)
+                        continue
+                    await self._apply(adm, record, post_owed=bool(entry.get("post")))
+                    applied += 1
+                await asyncio.to_thread(self.journal.done, path)
+            return applied
+
+    # ---- release --------------------------------------------------------------------------------------------------
+
+    async def release(self, adm: Admission) -> None:
+        """Give back a failed or rejected request's whole reservation (idempotent; never raises)."""
+        if not adm.tracked:
+            return
+        try:
+            await self._release(adm.key_id, adm.gen_id, adm.window)
+        except Exception:
+            self._owe_release(adm.gen_id, adm.key_id, adm.window)
+
+    async def _release(self, key_id: str, gen_id: str, window: int) -> None:
+        lay = self.layout
+        await self.scripts.run("release", [lay.resv(key_id), lay.resvexp(key_id), lay.rl(key_id, "t", window)],
+                               [gen_id])
+
+    def _owe_release(self, gen_id: str, key_id: str, window: int) -> None:
+        if len(self._orphans) < _MAX_ORPHANS:  # beyond that, reservation expiry frees them
+            self._orphans[gen_id] = (key_id, window)
+
+    # ---- background -----------------------------------------------------------------------------------------------
+
+    async def _run_background(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.tick)
+            try:
+                await self.maintain()
+            except StoreUnavailable:
+                pass
+            except Exception:
+                log.exception("metering: background pass failed")
+
+    async def maintain(self) -> None:
+        """One background pass: (re)load prices, pay owed releases, replay the journal."""
+        if not self._prices_loaded or time.monotonic() - self._prices_at >= self.options.price_refresh:
+            await self._load_prices()
+        for gen_id, (key_id, window) in list(self._orphans.items()):
+            await self._release(key_id, gen_id, window)
+            self._orphans.pop(gen_id, None)
+        if await asyncio.to_thread(self.journal.pending):
+            await self.replay_journal()
+
+    async def _load_prices(self) -> None:
+        try:
+            if self._prices_loaded:
+                await self.prices.refresh()
+            else:
+                await self.prices.load_config()
+                self._prices_loaded = True
+            self._prices_at = time.monotonic()
+        except StoreUnavailable:
+            log.warning("metering: prices not loaded from the store (unavailable); using the local copy")
+
+    # ---- prices and reports (delegated) ---------------------------------------------------------------------------
+
+    async def set_price(self, model: str, input_usd: Any, cached_input_usd: Any, output_usd: Any,
+                        effective_at: int | None = None) -> PriceVersion:
+        return await self.prices.set(model, input_usd, cached_input_usd, output_usd, effective_at)
+
+    async def get_price(self, model: str) -> PriceVersion | None:
+        return await self.prices.get(model)
+
+    async def list_prices(self) -> list[dict[str, Any]]:
+        return await self.prices.all()
+
+    async def generation(self, gen_id: str) -> dict[str, Any] | None:
+        return await self.reports.generation(gen_id)
+
+    async def key_summary(self, key: KeyRecord) -> dict[str, Any]:
+        return await self.reports.key_summary(key)
+
+    async def usage_rows(self, key_id: str | None = None, days: int = 7) -> list[dict[str, Any]]:
+        return await self.reports.usage_rows(key_id, days)
+
+    async def rebuild_totals(self, key_id: str) -> dict[str, Any]:
+        return await self.reports.rebuild_totals(key_id)
+
+
+def _decision(limit: int | None, raw: list[Any]) -> Decision | None:
+    if limit is None:
+        return None
+    ok, remaining, reset, retry = (int(x) for x in raw)
+    return Decision(ok == 1, limit, remaining, reset, retry)
+
+
+def _json(d: dict[str, Any]) -> str:
+    return orjson.dumps(d).decode()

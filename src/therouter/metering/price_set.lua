@@ -1,0 +1,29 @@
+-- price_set.lua: write a new price version, atomically numbered.
+-- KEYS: 1 price:{MODEL} hash (newest version), 2 pricehist:{MODEL} zset (every version JSON by effective_at)
+-- ARGV: 1 source (config | operator), 2 model, 3 input, 4 cached_input, 5 output (nano-USD per 1M tokens),
+--       6 effective_at (unix s; a config write of a model's first price uses 0)
+-- A "config" write happens only when the model has no price yet, or its newest version also came from config and
+-- has different numbers: an operator's price is never clobbered by the config file.
+-- Returns {written (1|0), version}.
+local cur = redis.call('HMGET', KEYS[1], 'version', 'source', 'input', 'cached_input', 'output')
+local version = tonumber(cur[1] or '0')
+if ARGV[1] == 'config' and version > 0 then
+  if cur[2] ~= 'config' then
+    return {0, version}
+  end
+  if cur[3] == ARGV[3] and cur[4] == ARGV[4] and cur[5] == ARGV[5] then
+    return {0, version}
+  end
+end
+local effective_at = ARGV[6]
+if ARGV[1] == 'config' and version == 0 then
+  effective_at = '0' -- a model's first price has always applied
+end
+version = version + 1
+local v = string.format('%d', version)
+redis.call('HSET', KEYS[1], 'model', ARGV[2], 'version', v, 'effective_at', effective_at, 'input', ARGV[3],
+           'cached_input', ARGV[4], 'output', ARGV[5], 'source', ARGV[1])
+local doc = cjson.encode({model = ARGV[2], version = v, effective_at = effective_at, input = ARGV[3],
+                          cached_input = ARGV[4], output = ARGV[5], source = ARGV[1]})
+redis.call('ZADD', KEYS[2], effective_at, doc)
+return {1, version}

@@ -1,0 +1,112 @@
+"""The price table: versions in Redis, a local copy for the request path.
+
+Rules:
+
+* **Config vs operator.** At start every configured model's price is offered to Redis as a ``config`` version. It is
+  written only when the model has no price yet (as version 1, ``effective_at`` 0: it has always applied) or when the
+  newest version also came from config and the numbers differ (a new version, effective now). A price set by an
+  operator (``set_price``, source ``operator``) is never clobbered by the config file; to go back to config numbers
+  an operator sets them explicitly. The compare-and-write is one script, so gateways starting together agree.
+* **Versions.** ``price:{MODEL}`` holds the newest version written (possibly scheduled for later);
+  ``pricehist:{MODEL}`` holds every version by ``effective_at``. The price in force at ``t`` is the newest
+  ``effective_at`` not after ``t`` (:func:`prices.price_at`).
+* **Request path.** Admission reads the local copy only (no extra round trip); the background task refreshes it
+  every ``refresh`` seconds and ``set_price`` updates it at once, so another process sees an operator's change
+  within ``refresh`` seconds. Before Redis was ever reached, the copy holds the config prices as version 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import orjson
+
+from therouter.config import Settings, usd_to_nano
+from therouter.errors import InvalidRequest, ModelNotFound
+from therouter.metering.layout import Layout
+from therouter.metering.prices import PriceVersion, price_at
+from therouter.metering.scripts import Scripts
+from therouter.store import Store
+
+
+class PriceBook:
+    def __init__(self, store: Store, settings: Settings, layout: Layout, scripts: Scripts,
+                 clock: Callable[[], float]) -> None:
+        self._store, self._layout, self._scripts, self._clock = store, layout, scripts, clock
+        self._config = {
+            name: PriceVersion(name, 0, 0, m.pricing.input, m.pricing.cached_input, m.pricing.output, "config")
+            for name, m in settings.models.items()
+        }
+        self._versions: dict[str, list[PriceVersion]] = {name: [p] for name, p in self._config.items()}
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(self._config)
+
+    def current(self, model: str, at: float | None = None) -> PriceVersion:
+        """The version in force at ``at`` (default now) from the local copy; raises ModelNotFound."""
+        found = price_at(self._versions.get(model, ()), self._clock() if at is None else at)
+        if found is None:
+            raise ModelNotFound(f"The model `{model}` has no price", param="model")
+        return found
+
+    async def load_config(self) -> None:
+        """Offer every configured price to Redis (see the module rule), then refresh the local copy."""
+        for p in self._config.values():
+            await self._write(p, "config", int(self._clock()))
+        await self.refresh()
+
+    async def refresh(self, models: list[str] | None = None) -> None:
+        names = models or self.models
+
+        async def read() -> list[Any]:
+            async with self._store.redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.zrange(self._layout.pricehist(name), 0, -1)
+                return list(await pipe.execute())
+
+        for name, members in zip(names, await self._store.call(read)):
+            versions = [PriceVersion.from_dict(orjson.loads(m)) for m in members]
+            if versions:
+                self._versions[name] = versions
+
+    async def set(self, model: str, input_usd: Any, cached_input_usd: Any, output_usd: Any,
+                  effective_at: int | None = None) -> PriceVersion:
+        if model not in self._config:
+            raise ModelNotFound(f"The model `{model}` is not in the catalogue", param="model")
+        try:
+            nano = [usd_to_nano(v, what) for v, what in
+                    ((input_usd, "input"), (cached_input_usd, "cached_input"), (output_usd, "output"))]
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        when = int(self._clock()) if effective_at is None else int(effective_at)
+        p = PriceVersion(model, 0, when, nano[0], nano[1], nano[2], "operator")
+        version = await self._write(p, "operator", when)
+        await self.refresh([model])
+        return next(v for v in self._versions[model] if v.version == version)
+
+    async def get(self, model: str) -> PriceVersion | None:
+        if model not in self._config:
+            return None
+        await self.refresh([model])
+        try:
+            return self.current(model)
+        except ModelNotFound:
+            return None
+
+    async def all(self) -> list[dict[str, Any]]:
+        """Per model: the price in force now and every version known."""
+        await self.refresh()
+        out = []
+        for name in self.models:
+            versions = sorted(self._versions[name], key=lambda v: (v.effective_at, v.version))
+            now = price_at(versions, self._clock())
+            out.append({"model": name, "current": now.public() if now else None,
+                        "versions": [v.public() for v in versions]})
+        return out
+
+    async def _write(self, p: PriceVersion, source: str, effective_at: int) -> int:
+        keys = [self._layout.price(p.model), self._layout.pricehist(p.model)]
+        args = [source, p.model, p.input, p.cached_input, p.output, effective_at]
+        _, version = await self._scripts.run("price_set", keys, args)
+        return int(version)

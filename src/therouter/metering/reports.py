@@ -1,0 +1,173 @@
+"""Read side of metering: generation records, key summaries, usage rows, and rebuilding counters from records.
+
+Counters are caches of the records (M4). ``rebuild_totals`` re-reads a key's usage stream, recomputes every counter
+the stream covers and compares it with what is stored; when the stream is complete (nothing trimmed:
+``entries-added == length``) it overwrites the counters in one script that first checks no record was added
+meanwhile (otherwise it recomputes, up to a few times). A period counter that already expired is not revived.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable
+
+import orjson
+
+from therouter.keys import KeyRecord
+from therouter.metering.admission import DAY, MeterOptions
+from therouter.metering.layout import Layout, day_id, period_id, period_label
+from therouter.metering.prices import nano_to_usd
+from therouter.metering.records import COUNTER_FIELDS, GenerationRecord
+from therouter.metering.scripts import Scripts
+from therouter.store import Store
+
+Counts = dict[str, int]
+_PAGE = 1000
+
+
+def counts(h: dict[str, str], prefix: str = "") -> Counts:
+    return {f: int(h.get(prefix + f) or 0) for f in COUNTER_FIELDS}
+
+
+class Reports:
+    def __init__(self, store: Store, layout: Layout, scripts: Scripts, clock: Callable[[], float],
+                 options: MeterOptions) -> None:
+        self._store, self._layout, self._scripts, self._clock, self._options = store, layout, scripts, clock, options
+
+    async def generation(self, gen_id: str, key_id: str | None = None) -> dict[str, Any] | None:
+        r, lay = self._store.redis, self._layout
+        kid = key_id or await self._store.call(lambda: r.get(lay.gen_index(gen_id)))
+        if not kid:
+            return None
+        raw = await self._store.call(lambda: r.get(lay.gen(kid, gen_id)))
+        return orjson.loads(raw) if raw else None
+
+    async def key_summary(self, key: KeyRecord) -> dict[str, Any]:
+        lay, pid = self._layout, period_id(key.budget_period, self._clock())
+
+        async def read() -> list[Any]:
+            async with self._store.redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(lay.per(key.id, "total"))
+                pipe.hgetall(lay.per(key.id, pid))
+                pipe.hget(lay.resv(key.id), "s:" + pid)
+                return list(await pipe.execute())
+
+        total_h, period_h, reserved_raw = await self._store.call(read)
+        total, period, reserved = counts(total_h), counts(period_h), int(reserved_raw or 0)
+        budget = key.budget_nano
+        left = None if budget is None else max(budget - period["cost"] - reserved, 0)
+        return {
+            "key_id": key.id, "budget_period": key.budget_period, "period": pid, "period_label": period_label(pid),
+            "budget_nano": budget, "budget_usd": None if budget is None else nano_to_usd(budget),
+            "spend_nano": period["cost"], "spend_usd": nano_to_usd(period["cost"]),
+            "reserved_nano": reserved, "budget_left_nano": left,
+            "budget_left_usd": None if left is None else nano_to_usd(left),
+            "total_spend_nano": total["cost"], "total_spend_usd": nano_to_usd(total["cost"]),
+            "limits": {"rpm": key.rpm, "tpm": key.tpm},
+            "requests": total["requests"], "tokens": _tokens(total),
+            "period_requests": period["requests"], "period_tokens": _tokens(period),
+        }
+
+    async def usage_rows(self, key_id: str | None = None, days: int = 7) -> list[dict[str, Any]]:
+        """One row per key, model and UTC day, newest day first, for the last ``days`` days (today included)."""
+        r, lay = self._store.redis, self._layout
+        ids = [key_id] if key_id else sorted(await self._store.call(lambda: r.smembers(lay.keyset())))
+        now = self._clock()
+        day_list = [day_id(now - i * DAY) for i in range(max(days, 1))]
+        pairs = [(kid, d) for d in day_list for kid in ids]
+
+        async def read() -> list[Any]:
+            async with r.pipeline(transaction=False) as pipe:
+                for kid, d in pairs:
+                    pipe.hgetall(lay.bymodel(kid, d))
+                return list(await pipe.execute())
+
+        rows = []
+        for (kid, d), h in zip(pairs, await self._store.call(read) if pairs else []):
+            models = sorted({f.rsplit("|", 1)[0] for f in h})
+            for model in models:
+                c = counts(h, model + "|")
+                rows.append({"key_id": kid, "model": model, "day": f"{d[:4]}-{d[4:6]}-{d[6:]}",
+                             **{k: v for k, v in c.items() if k != "cost"},
+                             "cost_nano": c["cost"], "cost_usd": nano_to_usd(c["cost"])})
+        return rows
+
+    async def rebuild_totals(self, key_id: str, attempts: int = 5) -> dict[str, Any]:
+        report: dict[str, Any] = {}
+        for _ in range(attempts):
+            report = await self._rebuild_once(key_id)
+            if report["written"] or not report["complete"]:
+                return report
+        return report
+
+    async def _rebuild_once(self, key_id: str) -> dict[str, Any]:
+        lay, stream = self._layout, self._layout.stream(key_id)
+        complete = await self._stream_complete(stream)
+        records, last_id, after = await self._recompute(key_id, stream)
+        names = list(after)
+        before = await self._read_counters(key_id, names)
+        report = {"key_id": key_id, "records": records, "complete": complete, "written": False,
+                  "match": all(before.get(n) == after[n] for n in names if before.get(n) is not None),
+                  "before": before, "after": after}
+        if complete:
+            spec = [{"fields": {f: str(v) for f, v in after[n].items()}, "always": n == "per:total"}
+                    for n in names]
+            keys = [stream] + [lay.named(key_id, n) for n in names]
+            written = await self._scripts.run("rebuild", keys, [last_id, orjson.dumps(spec).decode()])
+            report["written"] = int(written) == 1
+        return report
+
+    async def _stream_complete(self, stream: str) -> bool:
+        r = self._store.redis
+        if not await self._store.call(lambda: r.exists(stream)):
+            return True
+        info = await self._store.call(lambda: r.xinfo_stream(stream))
+        return int(info.get("entries-added", info["length"])) == int(info["length"])
+
+    async def _recompute(self, key_id: str, stream: str) -> tuple[int, str, dict[str, Counts]]:
+        """Sum the stream's records into every counter hash they touch, named like the layout (per:..., bymodel:...)."""
+        r = self._store.redis
+        acc: dict[str, Counts] = defaultdict(lambda: defaultdict(int))
+        acc["per:total"] = defaultdict(int)
+        n, last_id, start = 0, "0-0", "-"
+        while True:
+            page = await self._store.call(lambda: r.xrange(stream, min=start, max="+", count=_PAGE))
+            for entry_id, fields in page:
+                rec = GenerationRecord.from_dict(orjson.loads(fields["rec"]))
+                c = rec.counters()
+                for name in ("per:total", "per:d:" + fields["d"], "per:m:" + fields["m"]):
+                    for f, v in c.items():
+                        acc[name][f] += v
+                for f, v in c.items():
+                    acc["bymodel:" + fields["d"]][f"{rec.model}|{f}"] += v
+                n, last_id = n + 1, entry_id
+            if len(page) < _PAGE:
+                break
+            start = "(" + last_id
+        out = {name: dict(v) for name, v in acc.items()}
+        if not n:
+            out["per:total"] = {f: 0 for f in COUNTER_FIELDS}
+        return n, last_id, out
+
+    async def _read_counters(self, key_id: str, names: list[str]) -> dict[str, Counts | None]:
+        r, lay = self._store.redis, self._layout
+
+        async def read() -> list[Any]:
+            async with r.pipeline(transaction=False) as pipe:
+                for n in names:
+                    pipe.hgetall(lay.named(key_id, n))
+                return list(await pipe.execute())
+
+        out: dict[str, Counts | None] = {}
+        for n, h in zip(names, await self._store.call(read)):
+            if not h:
+                out[n] = None if n != "per:total" else {f: 0 for f in COUNTER_FIELDS}
+            else:
+                out[n] = {k: int(v) for k, v in h.items()}
+        return out
+
+
+def _tokens(c: Counts) -> dict[str, int]:
+    return {"prompt": c["prompt_tokens"], "completion": c["completion_tokens"], "cached": c["cached_tokens"],
+            "reasoning": c["reasoning_tokens"]}
+

@@ -1,0 +1,38 @@
+-- settle.lua: apply one generation record exactly once (idempotent by gen id).
+-- KEYS: 1 settled marker, 2 record, 3 per:total, 4 per:d:DAY, 5 per:m:MONTH, 6 bymodel:DAY, 7 resv, 8 resvexp,
+--       9 the key's usage stream, 10 the TPM window counter charged at admission   (all in the key's slot {k:ID})
+-- ARGV: 1 gen, 2 cost nano, 3 model, 4 prompt, 5 completion, 6 cached, 7 reasoning, 8 record JSON,
+--       9 marker ttl s, 10 record ttl s, 11 day ttl s, 12 month ttl s, 13 stream maxlen, 14 actual tokens,
+--       15 day id, 16 month id
+-- Returns {1, stream id} the first time, {0} for a repeat.
+local gen = ARGV[1]
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return {0}
+end
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[9]) then
+  return {0}
+end
+
+local reserved_tokens = drop_resv(KEYS[7], KEYS[8], gen)
+if reserved_tokens then
+  adjust_tokens(KEYS[10], tonumber(ARGV[14]) - reserved_tokens)
+end
+
+local fields = {'cost', 'requests', 'prompt_tokens', 'completion_tokens', 'cached_tokens', 'reasoning_tokens'}
+local values = {ARGV[2], '1', ARGV[4], ARGV[5], ARGV[6], ARGV[7]}
+local function add(key, prefix)
+  for i, f in ipairs(fields) do
+    redis.call('HINCRBY', key, prefix .. f, values[i])
+  end
+end
+add(KEYS[3], '')
+add(KEYS[4], '')
+add(KEYS[5], '')
+add(KEYS[6], ARGV[3] .. '|')
+redis.call('EXPIRE', KEYS[4], ARGV[11])
+redis.call('EXPIRE', KEYS[5], ARGV[12])
+redis.call('EXPIRE', KEYS[6], ARGV[11])
+redis.call('SET', KEYS[2], ARGV[8], 'EX', ARGV[10])
+local id = redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[13], '*',
+                      'gen', gen, 'd', ARGV[15], 'm', ARGV[16], 'rec', ARGV[8])
+return {1, id}

@@ -1,0 +1,145 @@
+"""Upstream faults as real processes: fallback before the first byte, clean error events after it, cancellation."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import CANARY, Fake, Gateway
+
+MODEL = "deepseek/deepseek-v3.2"
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.mark.parametrize("kind", ["500", "503", "402", "401", "429"])
+def test_primary_fault_falls_back_to_vllm(client: openai.OpenAI, fakes: dict[str, Fake], kind: str) -> None:
+    fakes["deepseek"].configure(error_rate=1, error_kind=kind, retry_after=1)
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO)
+    r = raw.parse()
+    assert r.choices[0].message.content
+    assert raw.headers["x-therouter-provider"] == "vllm-local"
+    assert raw.headers["x-therouter-attempts"] == "2"
+
+
+def test_primary_fault_falls_back_for_streams(client: openai.OpenAI, fakes: dict[str, Fake]) -> None:
+    fakes["deepseek"].configure(error_rate=1, error_kind="503")
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert {c.model_extra["provider"] for c in chunks} == {"vllm-local"}
+
+
+def test_in_band_error_as_first_event_falls_back(client: openai.OpenAI, fakes: dict[str, Fake]) -> None:
+    fakes["deepseek"].configure(error_rate=1, error_kind="in_band")
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, stream=True))
+    assert chunks and {c.model_extra["provider"] for c in chunks} == {"vllm-local"}
+
+
+def test_client_error_from_upstream_is_not_retried(client: openai.OpenAI, fakes: dict[str, Fake]) -> None:
+    fakes["deepseek"].configure(error_rate=1, error_kind="400")
+    before = fakes["vllm"].stats()["requests"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=HELLO)
+    assert fakes["vllm"].stats()["requests"] == before
+
+
+def test_all_deployments_down_gives_clean_5xx(client: openai.OpenAI, fakes: dict[str, Fake],
+                                               gateway: Gateway) -> None:
+    for f in fakes.values():
+        f.configure(error_rate=1, error_kind="503")
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model=MODEL, messages=HELLO)
+    assert e.value.status_code in (502, 503, 504)
+    body = e.value.body
+    assert isinstance(body, dict) and "deepseek" in body["message"] and "vllm-local" in body["message"]
+    assert CANARY not in json.dumps(body)
+
+
+def test_stream_cut_after_first_chunk_ends_with_error_event(gateway: Gateway, api_key: str,
+                                                            fakes: dict[str, Fake]) -> None:
+    fakes["deepseek"].configure(error_rate=1, error_kind="cut", cut_after=3)
+    with httpx.stream("POST", gateway.v1 + "/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
+                      json={"model": MODEL, "messages": HELLO, "stream": True}, timeout=15) as r:
+        assert r.status_code == 200
+        body = r.read().decode()
+    events = [e[6:] for e in body.split("\n\n") if e.startswith("data: ")]
+    assert "[DONE]" not in events  # a truncated answer never looks complete
+    last = json.loads(events[-1])
+    assert last["error"]["type"] == "server_error" and last["error"]["message"]
+    content = [json.loads(e) for e in events[:-1]]
+    assert content and all("choices" in c for c in content)
+
+
+def test_stream_cut_raises_in_sdk(client: openai.OpenAI, fakes: dict[str, Fake]) -> None:
+    fakes["deepseek"].configure(error_rate=1, error_kind="cut", cut_after=2)
+    with pytest.raises(openai.APIError):
+        for _ in client.chat.completions.create(model=MODEL, messages=HELLO, stream=True):
+            pass
+
+
+def test_stream_stall_hits_idle_timeout(gateway: Gateway, api_key: str, fakes: dict[str, Fake]) -> None:
+    fakes["deepseek"].configure(error_rate=1, error_kind="stall", stall_after=2, stall_ms=30000)
+    t0 = time.monotonic()
+    with httpx.stream("POST", gateway.v1 + "/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
+                      json={"model": MODEL, "messages": HELLO, "stream": True}, timeout=15) as r:
+        body = r.read().decode()
+    assert time.monotonic() - t0 < 10  # idle timeout in the test config is 2 s
+    last = json.loads([e for e in body.split("\n\n") if e.startswith("data: ")][-1][6:])
+    assert last["error"]["code"] == "stream_idle_timeout"
+
+
+def test_malformed_event_mid_stream_ends_with_error(gateway: Gateway, api_key: str, fakes: dict[str, Fake]) -> None:
+    fakes["deepseek"].configure(error_rate=1, error_kind="bad_json", bad_json_at=3)
+    with httpx.stream("POST", gateway.v1 + "/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
+                      json={"model": MODEL, "messages": HELLO, "stream": True}, timeout=15) as r:
+        body = r.read().decode()
+    events = [e[6:] for e in body.split("\n\n") if e.startswith("data: ")]
+    assert "[DONE]" not in events
+    assert json.loads(events[-1])["error"]
+    for e in events:
+        json.loads(e)  # no garbage forwarded
+
+
+def test_keepalive_comments_do_not_break_stream(client: openai.OpenAI, fakes: dict[str, Fake]) -> None:
+    fakes["deepseek"].configure(keepalive_comments=3, keepalive_ms=50)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    r = client.chat.completions.create(model=MODEL, messages=HELLO)  # blank lines before the JSON body
+    assert r.choices[0].message.content
+
+
+def test_keepalives_alone_trip_first_token_timeout_then_fall_back(client: openai.OpenAI,
+                                                                   fakes: dict[str, Fake]) -> None:
+    # 40 comments 100 ms apart = 4 s of keep-alives, first_token is 2 s: the clock must not be re-armed by comments
+    fakes["deepseek"].configure(keepalive_comments=40, keepalive_ms=100)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, stream=True))
+    assert {c.model_extra["provider"] for c in chunks} == {"vllm-local"}
+
+
+def test_client_disconnect_cancels_upstream_stream(gateway: Gateway, api_key: str, fakes: dict[str, Fake]) -> None:
+    fakes["deepseek"].configure(chunks=200, chunk_delay_ms=50)
+    fakes["deepseek"].reset()
+    body = json.dumps({"model": MODEL, "messages": HELLO, "stream": True}).encode()
+    port = int(gateway.url.rsplit(":", 1)[1])
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + api_key.encode()
+              + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+              + body)
+    got = b""
+    while got.count(b"data: ") < 3:
+        got += s.recv(65536)
+    s.close()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        st = fakes["deepseek"].stats()
+        if st["in_flight"] == 0 and st["log"] and st["log"][-1].get("closed_by") == "client":
+            break
+        time.sleep(0.05)
+    st = fakes["deepseek"].stats()
+    assert st["in_flight"] == 0
+    assert st["log"][-1]["closed_by"] == "client"
+    assert st["log"][-1]["tokens_sent"] < 200

@@ -1,0 +1,198 @@
+"""Admission against the real Redis: the reserve/settle/release contract, budget races, periods, RPM and TPM."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+import pytest
+
+from tests.metering._helpers import FakeClock, gen, record
+from therouter.errors import BudgetExceeded, RateLimited
+from therouter.keys import KeyRecord
+from therouter.metering import Meter
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")  # the shared redis fixtures live in the session loop
+
+MakeKey = Callable[..., KeyRecord]
+RESERVE = 1000 * 280 + 1000 * 420  # deepseek-chat, 1000 prompt tokens + 1000 max output, in nano-USD
+
+
+async def test_admit_reserve_release_contract(meter: Meter, make_key: MakeKey) -> None:
+    key = make_key(budget_nano=10**9)
+    g = gen()
+    adm = await meter.admit(key, "deepseek-chat", 1000, 1000, g)
+    assert (adm.gen_id, adm.key_id, adm.model, adm.price_version) == (g, key.id, "deepseek-chat", 1)
+    assert (adm.reserved_nano, adm.reserved_tokens, adm.tracked, adm.headers) == (RESERVE, 2000, True, {})
+    assert (await meter.key_summary(key))["reserved_nano"] == RESERVE
+    await meter.release(adm)
+    await meter.release(adm)  # idempotent
+    s = await meter.key_summary(key)
+    assert (s["reserved_nano"], s["budget_left_nano"], s["spend_nano"]) == (0, 10**9, 0)
+
+
+async def test_max_output_is_clamped_to_the_model_and_defaults_to_it(meter: Meter, make_key: MakeKey) -> None:
+    key = make_key(budget_nano=10**12)
+    huge = await meter.admit(key, "qwen", 10, 999_999_999, gen())
+    missing = await meter.admit(key, "qwen", 10, 0, gen())
+    assert huge.reserved_tokens == missing.reserved_tokens == 10 + 4096
+
+
+async def test_key_without_budget_or_limits_takes_the_fast_path(meter: Meter, make_key: MakeKey) -> None:
+    key = make_key()
+    g = gen()
+    adm = await meter.admit(key, "qwen", 100, 100, g)
+    assert not adm.tracked and adm.headers == {}
+    assert await meter.store.redis.keys(meter.layout.resv(key.id)) == []
+    assert await meter.settle(adm, record(g, prompt=1000, completion=100)) == 1000 * 100 + 100 * 200
+    assert (await meter.key_summary(key))["requests"] == 1
+
+
+async def test_fifty_parallel_admits_fit_exactly_ten(meter: Meter, make_key: MakeKey) -> None:
+    key = make_key(budget_nano=10 * RESERVE)  # a brand-new key: no counter exists yet
+    results = await asyncio.gather(*(meter.admit(key, "deepseek-chat", 1000, 1000, gen()) for _ in range(50)),
+                                   return_exceptions=True)
+    admitted = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, BudgetExceeded)]
+    assert (len(admitted), len(refused)) == (10, 40)
+    s = await meter.key_summary(key)
+    assert (s["reserved_nano"], s["budget_left_nano"]) == (10 * RESERVE, 0)
+    assert refused[0].status == 402 and refused[0].headers["x-should-retry"] == "false"
+    assert "$0.00 left of $0.007 for the total budget" in refused[0].message
+
+
+async def test_actual_below_reserved_gives_headroom_back(meter: Meter, make_key: MakeKey) -> None:
+    budget = 2 * RESERVE
+    key = make_key(budget_nano=budget)
+    a = await meter.admit(key, "deepseek-chat", 1000, 1000, ga := gen())
+    await meter.admit(key, "deepseek-chat", 1000, 1000, gen())
+    with pytest.raises(BudgetExceeded):
+        await meter.admit(key, "deepseek-chat", 1000, 1000, gen())
+    actual = await meter.settle(a, record(ga, prompt=100, completion=10))
+    assert actual == 100 * 280 + 10 * 420
+    s = await meter.key_summary(key)
+    assert s["budget_left_nano"] == budget - actual - RESERVE
+    fits = await meter.admit(key, "deepseek-chat", 1000, 900, gen())  # 658_000 <= 667_800 left
+    assert fits.reserved_nano == 1000 * 280 + 900 * 420
+    with pytest.raises(BudgetExceeded) as e:
+        await meter.admit(key, "deepseek-chat", 100, 100, gen())
+    assert "$0.0000098 left" in e.value.message
+
+
+async def test_day_budget_rolls_over_and_in_flight_settles_in_its_own_day(
+    meter: Meter, make_key: MakeKey, clock: FakeClock
+) -> None:
+    key = make_key(budget_nano=RESERVE, budget_period="day")
+    a = await meter.admit(key, "deepseek-chat", 1000, 1000, ga := gen())  # 2025-01-31 23:59
+    with pytest.raises(BudgetExceeded) as e:
+        await meter.admit(key, "deepseek-chat", 1000, 1000, gen())
+    assert "day 2025-01-31 (UTC)" in e.value.message
+    clock.advance(120)  # 2025-02-01 00:01: a new day, nothing spent or reserved in it
+    b = await meter.admit(key, "deepseek-chat", 1000, 1000, gen())
+    cost = await meter.settle(a, record(ga, prompt=1000, completion=1000))
+    s = await meter.key_summary(key)
+    assert (s["period"], s["spend_nano"], s["reserved_nano"], s["total_spend_nano"]) == (
+        "d:20250201", 0, b.reserved_nano, cost)
+    rows = await meter.usage_rows(key.id, days=2)
+    assert [(r["day"], r["cost_nano"]) for r in rows] == [("2025-01-31", cost)]
+
+
+async def test_month_budget_rolls_over(meter: Meter, make_key: MakeKey, clock: FakeClock) -> None:
+    key = make_key(budget_nano=RESERVE, budget_period="month")
+    a = await meter.admit(key, "deepseek-chat", 1000, 1000, ga := gen())
+    await meter.settle(a, record(ga, prompt=1000, completion=1000))
+    clock.advance(86_400)  # 2025-02-01 23:59: a new month
+    s = await meter.key_summary(key)
+    assert (s["period"], s["spend_nano"]) == ("m:202502", 0)
+    b = await meter.admit(key, "deepseek-chat", 1000, 1000, gb := gen())
+    await meter.settle(b, record(gb, prompt=1000, completion=1000))
+    clock.advance(86_400)  # the next day of the same month
+    with pytest.raises(BudgetExceeded) as e:
+        await meter.admit(key, "deepseek-chat", 1000, 1000, gen())
+    assert "month 2025-02 (UTC)" in e.value.message
+
+
+async def test_rpm_limit_headers_and_retry_after(meter: Meter, make_key: MakeKey, clock: FakeClock) -> None:
+    key = make_key(rpm=3)  # clock at 23:59:00.000, the start of a window
+    seen = [(await meter.admit(key, "qwen", 10, 10, gen())).headers for _ in range(3)]
+    assert [h["x-ratelimit-remaining-requests"] for h in seen] == ["2", "1", "0"]
+    assert seen[0] == {"x-ratelimit-limit-requests": "3", "x-ratelimit-remaining-requests": "2",
+                       "x-ratelimit-reset-requests": "2m0s"}
+    with pytest.raises(RateLimited) as e:
+        await meter.admit(key, "qwen", 10, 10, gen())
+    # next window starts in 60 s; then 1/3 of this window's 3 requests must slide out: 20 s more
+    assert (e.value.status, e.value.retry_after, e.value.headers["Retry-After"]) == (429, 80, "80")
+    assert e.value.headers["x-ratelimit-remaining-requests"] == "0"
+    assert e.value.headers["x-ratelimit-limit-requests"] == "3"
+    clock.advance(79)
+    with pytest.raises(RateLimited):
+        await meter.admit(key, "qwen", 10, 10, gen())
+    clock.advance(1)
+    assert (await meter.admit(key, "qwen", 10, 10, gen())).headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_two_hundred_parallel_requests_pass_exactly_rpm(meter: Meter, make_key: MakeKey) -> None:
+    key = make_key(rpm=60)
+    results = await asyncio.gather(*(meter.admit(key, "qwen", 1, 1, gen()) for _ in range(200)),
+                                   return_exceptions=True)
+    assert sum(not isinstance(r, BaseException) for r in results) == 60
+    assert all(isinstance(r, RateLimited) for r in results if isinstance(r, BaseException))
+
+
+async def test_tpm_reserves_prompt_plus_max_and_reconciles_to_actual(meter: Meter, make_key: MakeKey) -> None:
+    key = make_key(tpm=2000)
+    a = await meter.admit(key, "qwen", 500, 500, ga := gen())
+    b = await meter.admit(key, "qwen", 500, 500, gen())
+    assert b.headers["x-ratelimit-remaining-tokens"] == "0"
+    with pytest.raises(RateLimited) as e:
+        await meter.admit(key, "qwen", 400, 400, gen())
+    assert e.value.headers["x-ratelimit-limit-tokens"] == "2000" and int(e.value.headers["Retry-After"]) >= 1
+    await meter.settle(a, record(ga, prompt=100, completion=10))  # 890 tokens come back
+    c = await meter.admit(key, "qwen", 400, 400, gen())
+    assert c.headers["x-ratelimit-remaining-tokens"] == str(2000 - 110 - 1000 - 800)
+    await meter.release(b)  # a failed request gives all its tokens back
+    d = await meter.admit(key, "qwen", 500, 500, gen())
+    assert d.headers["x-ratelimit-remaining-tokens"] == str(2000 - 110 - 800 - 1000)
+
+
+async def test_request_bigger_than_tpm_is_refused_with_a_clear_message(meter: Meter, make_key: MakeKey) -> None:
+    key = make_key(tpm=1000)
+    with pytest.raises(RateLimited) as e:
+        await meter.admit(key, "qwen", 900, 200, gen())
+    assert "needs up to 1100 tokens" in e.value.message and e.value.retry_after == 60
+
+
+async def test_refusals_consume_nothing(meter: Meter, make_key: MakeKey) -> None:
+    key = make_key(budget_nano=RESERVE, rpm=5)
+    a = await meter.admit(key, "deepseek-chat", 1000, 1000, gen())
+    for _ in range(3):
+        with pytest.raises(BudgetExceeded):  # the budget is checked before the rate counters move
+            await meter.admit(key, "deepseek-chat", 1000, 1000, gen())
+    await meter.release(a)
+    b = await meter.admit(key, "deepseek-chat", 1000, 1000, gen())
+    assert b.headers["x-ratelimit-remaining-requests"] == "3"
+
+    limited = make_key(budget_nano=10**12, rpm=1)
+    await meter.admit(limited, "deepseek-chat", 1000, 1000, gen())
+    with pytest.raises(RateLimited):
+        await meter.admit(limited, "deepseek-chat", 1000, 1000, gen())
+    assert (await meter.key_summary(limited))["reserved_nano"] == RESERVE  # the refused one reserved nothing
+
+
+async def test_same_generation_admitted_twice_reserves_once(meter: Meter, make_key: MakeKey) -> None:
+    key = make_key(budget_nano=10**9, rpm=10)
+    g = gen()
+    await meter.admit(key, "deepseek-chat", 1000, 1000, g)
+    again = await meter.admit(key, "deepseek-chat", 1000, 1000, g)
+    assert again.headers["x-ratelimit-remaining-requests"] == "9"
+    assert (await meter.key_summary(key))["reserved_nano"] == RESERVE
+
+
+async def test_expired_reservation_frees_its_budget(meter: Meter, make_key: MakeKey, clock: FakeClock) -> None:
+    key = make_key(budget_nano=RESERVE)
+    await meter.admit(key, "deepseek-chat", 1000, 1000, gen())  # never settled: the process died
+    clock.advance(meter.reservation_ttl - 1)
+    with pytest.raises(BudgetExceeded):
+        await meter.admit(key, "deepseek-chat", 1000, 1000, gen())
+    clock.advance(2)
+    await meter.admit(key, "deepseek-chat", 1000, 1000, gen())

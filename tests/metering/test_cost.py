@@ -1,0 +1,75 @@
+"""Cost and price arithmetic: exact integers, no I/O."""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from therouter.metering import PriceVersion, cost_nano, nano_to_usd, reservation_nano
+from therouter.metering.prices import price_at
+from therouter.protocol.usage import Usage
+
+DEEPSEEK = PriceVersion("deepseek-chat", 1, 0, 280_000_000, 28_000_000, 420_000_000)
+QWEN = PriceVersion("qwen", 1, 0, 100_000_000, 50_000_000, 200_000_000)
+
+
+def test_deepseek_hit_and_miss_are_priced_separately() -> None:
+    usage = Usage.from_openai({
+        "prompt_tokens": 1200, "completion_tokens": 300, "prompt_cache_hit_tokens": 1024,
+        "prompt_cache_miss_tokens": 176, "completion_tokens_details": {"reasoning_tokens": 250},
+    })
+    # 176 x 0.28 + 1024 x 0.028 + 300 x 0.42 (reasoning is inside completion) = 203.952 USD per 1M = 203_952 nano
+    assert cost_nano(usage, DEEPSEEK) == 203_952
+    assert isinstance(cost_nano(usage, DEEPSEEK), int)
+
+
+def test_vllm_cached_tokens_at_hit_price_and_absent_means_all_miss() -> None:
+    cached = Usage.from_openai({"prompt_tokens": 1000, "completion_tokens": 50,
+                                "prompt_tokens_details": {"cached_tokens": 600}})
+    plain = Usage.from_openai({"prompt_tokens": 1000, "completion_tokens": 50})
+    assert cost_nano(cached, QWEN) == 400 * 100 + 600 * 50 + 50 * 200  # nano: price/1M x tokens
+    assert cost_nano(plain, QWEN) == 1000 * 100 + 50 * 200
+
+
+def test_rounding_is_half_up_in_integers() -> None:
+    one = PriceVersion("m", 1, 0, 1, 1, 1)  # 1 nano-USD per 1M tokens
+    assert cost_nano(Usage(prompt_tokens=499_999), one) == 0
+    assert cost_nano(Usage(prompt_tokens=500_000), one) == 1  # a tie goes up
+    assert cost_nano(Usage(prompt_tokens=2_500_000), one) == 3  # not banker's rounding (which gives 2)
+    assert cost_nano(Usage(prompt_tokens=1_499_999), one) == 1
+
+
+@given(prompt=st.integers(0, 10**9), cached=st.integers(0, 10**9), completion=st.integers(0, 10**9),
+       p_in=st.integers(0, 10**12), p_cached=st.integers(0, 10**12), p_out=st.integers(0, 10**12))
+def test_cost_matches_decimal_half_up_and_reservation_covers_it(
+    prompt: int, cached: int, completion: int, p_in: int, p_cached: int, p_out: int
+) -> None:
+    price = PriceVersion("m", 1, 0, p_in, p_cached, p_out)
+    usage = Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=min(cached, prompt))
+    c = min(cached, prompt)
+    exact = (Decimal(prompt - c) * p_in + Decimal(c) * p_cached + Decimal(completion) * p_out) / Decimal(10**6)
+    assert cost_nano(usage, price) == int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    assert reservation_nano(prompt, completion, price) >= cost_nano(usage, price)
+
+
+def test_reservation_rounds_up_and_uses_the_dearer_prompt_rate() -> None:
+    odd = PriceVersion("m", 1, 0, 1, 3, 1)
+    assert reservation_nano(1, 0, odd) == 1  # 3 / 1M rounded up
+    assert reservation_nano(1000, 100, DEEPSEEK) == 1000 * 280 + 100 * 420
+
+
+def test_price_at_picks_newest_effective_not_after() -> None:
+    v1, v2, v3 = (PriceVersion("m", i, e, i, i, i) for i, e in ((1, 0), (2, 100), (3, 200)))
+    assert price_at([v1, v2, v3], 99) == v1
+    assert price_at([v3, v2, v1], 100) == v2
+    assert price_at([v1, v2, v3], 10**10) == v3
+    assert price_at([v2], 50) is None
+
+
+def test_nano_to_usd_is_an_exact_string() -> None:
+    assert nano_to_usd(0) == "0.00"
+    assert nano_to_usd(1_500_000_000) == "1.50"
+    assert nano_to_usd(203_952) == "0.000203952"
+    assert nano_to_usd(123 * 10**18 + 1) == "123000000000.000000001"

@@ -1,0 +1,84 @@
+"""The versioned price table in Redis: config load, no clobbering of operator prices, versions, capture at admission."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.metering._helpers import FakeClock, gen, make_settings, record
+from therouter.errors import InvalidRequest, ModelNotFound
+from therouter.keys import KeyRecord
+from therouter.metering import Meter, PriceVersion
+from therouter.store import Store
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")  # the shared redis fixtures live in the session loop
+
+
+async def test_config_prices_load_as_version_one(meter: Meter) -> None:
+    p = await meter.get_price("deepseek-chat")
+    assert p == PriceVersion("deepseek-chat", 1, 0, 280_000_000, 28_000_000, 420_000_000, "config")
+    listed = {row["model"]: row for row in await meter.list_prices()}
+    assert set(listed) == {"deepseek-chat", "qwen"}
+    assert listed["qwen"]["current"]["input_usd"] == "0.10"
+
+
+async def test_operator_price_is_not_clobbered_by_config(meter: Meter, store: Store, clock: FakeClock,
+                                                         tmp_path: Path) -> None:
+    set_v = await meter.set_price("deepseek-chat", "0.5", Decimal("0.05"), 1.25)
+    assert (set_v.version, set_v.source, set_v.input, set_v.output) == (2, "operator", 500_000_000, 1_250_000_000)
+    again = Meter(store, make_settings(), tmp_path / "j2", clock=clock)
+    await again.start()
+    try:
+        assert await again.get_price("deepseek-chat") == set_v
+    finally:
+        await again.aclose()
+
+
+async def test_changed_config_writes_a_new_version_unchanged_does_not(meter: Meter, store: Store,
+                                                                      clock: FakeClock, tmp_path: Path) -> None:
+    same = Meter(store, make_settings(), tmp_path / "j2", clock=clock)
+    await same.start()
+    await same.aclose()
+    assert (await meter.get_price("qwen")).version == 1  # type: ignore[union-attr]
+
+    new = make_settings(qwen={"input": "0.12", "cached_input": "0.06", "output": "0.24"})
+    changed = Meter(store, new, tmp_path / "j3", clock=clock)
+    await changed.start()
+    await changed.aclose()
+    p = await meter.get_price("qwen")
+    assert p is not None and (p.version, p.source, p.input, p.effective_at) == (2, "config", 120_000_000, int(clock()))
+    assert (await meter.get_price("deepseek-chat")).version == 1  # type: ignore[union-attr]
+
+
+async def test_scheduled_price_applies_from_its_effective_time(meter: Meter, clock: FakeClock) -> None:
+    await meter.set_price("qwen", "1", "1", "1", effective_at=int(clock()) + 3600)
+    assert (await meter.get_price("qwen")).version == 1  # type: ignore[union-attr]
+    clock.advance(3600)
+    assert (await meter.get_price("qwen")).version == 2  # type: ignore[union-attr]
+
+
+async def test_set_price_rejects_bad_input(meter: Meter) -> None:
+    with pytest.raises(InvalidRequest):
+        await meter.set_price("qwen", "abc", "1", "1")
+    with pytest.raises(InvalidRequest):
+        await meter.set_price("qwen", "0.0000000001", "1", "1")  # finer than a nano-USD
+    with pytest.raises(ModelNotFound):
+        await meter.set_price("no-such-model", "1", "1", "1")
+    assert await meter.get_price("no-such-model") is None
+
+
+async def test_request_settles_at_the_price_captured_at_admission(meter: Meter,
+                                                                  make_key: Callable[..., KeyRecord]) -> None:
+    key = make_key()
+    g = gen()
+    adm = await meter.admit(key, "deepseek-chat", 100, 10, g)
+    await meter.set_price("deepseek-chat", "10", "10", "10")
+    cost = await meter.settle(adm, record(g, prompt=1000, completion=0))
+    assert cost == 1000 * 280 and adm.price_version == 1
+    rec = await meter.generation(g)
+    assert rec is not None and rec["price_version"] == 1 and rec["cost_nano"] == 280_000
+    later = await meter.admit(key, "deepseek-chat", 100, 10, gen())
+    assert later.price_version == 2

@@ -1,0 +1,167 @@
+"""Settlement against the real Redis: exactly once, records, reports, rebuild from records, TTLs."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Callable
+
+import pytest
+
+from tests.metering._helpers import FakeClock, gen, record
+from therouter.errors import BudgetExceeded, RateLimited
+from therouter.keys import KeyRecord
+from therouter.metering import Meter
+from therouter.protocol.usage import Usage
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")  # the shared redis fixtures live in the session loop
+
+MakeKey = Callable[..., KeyRecord]
+
+
+async def test_settle_three_times_concurrently_and_again_counts_once(meter: Meter, make_key: MakeKey) -> None:
+    key = make_key(budget_nano=10**9, tpm=100_000)
+    g = gen()
+    adm = await meter.admit(key, "deepseek-chat", 1000, 1000, g)
+    rec = record(g, prompt=1200, completion=300, cached=1024, reasoning=250)
+    costs = await asyncio.gather(*(meter.settle(adm, rec) for _ in range(3)))
+    costs.append(await meter.settle(adm, rec))  # e.g. a retry after a timeout
+    assert costs == [203_952] * 4
+    s = await meter.key_summary(key)
+    assert (s["requests"], s["total_spend_nano"], s["reserved_nano"]) == (1, 203_952, 0)
+    assert s["tokens"] == {"prompt": 1200, "completion": 300, "cached": 1024, "reasoning": 250}
+    r = meter.store.redis
+    assert await r.xlen(meter.layout.stream(key.id)) == 1
+    assert await r.xlen(meter.layout.feed()) == 1
+
+
+async def test_generation_record_is_readable_by_id(meter: Meter, make_key: MakeKey) -> None:
+    key = make_key()
+    g = gen()
+    adm = await meter.admit(key, "deepseek-chat", 100, 100, g)
+    rec = record(g, prompt=1200, completion=300, cached=1024, reasoning=250, stream=True)
+    rec.usage.estimated = True
+    rec.outcome = "upstream_cut"
+    rec.skipped = [{"provider": "local", "reason": "breaker_open"}]
+    await meter.settle(adm, rec)
+    got = await meter.generation(g)
+    assert got is not None
+    assert (got["id"], got["key_id"], got["model"], got["outcome"], got["stream"], got["ttft_ms"]) == (
+        g, key.id, "deepseek-chat", "upstream_cut", True, 40)
+    assert (got["cost_nano"], got["cost_usd"], got["price_version"]) == (203_952, "0.000203952", 1)
+    assert got["usage"] == {
+        "prompt_tokens": 1200, "completion_tokens": 300, "total_tokens": 1500,
+        "prompt_tokens_details": {"cached_tokens": 1024}, "completion_tokens_details": {"reasoning_tokens": 250},
+        "estimated": True,
+    }
+    assert got["attempts"][0]["provider"] == "deepseek" and got["skipped"] == rec.skipped
+    assert await meter.generation("gen-unknown") is None
+
+
+async def test_settle_survives_the_callers_cancellation(meter: Meter, make_key: MakeKey) -> None:
+    key = make_key()
+    g = gen()
+    adm = await meter.admit(key, "qwen", 100, 100, g)
+    task = asyncio.ensure_future(meter.settle(adm, record(g)))
+    await asyncio.sleep(0)  # the settle task has started
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await meter.aclose()  # waits for in-flight settlements
+    assert (await meter.key_summary(key))["requests"] == 1
+
+
+async def test_usage_rows_per_key_model_and_day(meter: Meter, make_key: MakeKey, clock: FakeClock) -> None:
+    k1, k2 = make_key(), make_key()
+    for key, model, p, c in ((k1, "qwen", 1000, 100), (k1, "qwen", 10, 1), (k1, "deepseek-chat", 100, 10),
+                             (k2, "qwen", 5, 5)):
+        g = gen()
+        await meter.settle(await meter.admit(key, model, 1, 1, g), record(g, prompt=p, completion=c))
+    clock.advance(120)  # the next UTC day
+    g = gen()
+    await meter.settle(await meter.admit(k1, "qwen", 1, 1, g), record(g, prompt=7, completion=3))
+    rows = await meter.usage_rows(days=2)
+    got = [(r["key_id"], r["model"], r["day"], r["requests"], r["prompt_tokens"], r["cost_nano"]) for r in rows]
+    assert sorted(got) == sorted([
+        (k1.id, "qwen", "2025-02-01", 1, 7, 7 * 100 + 3 * 200),
+        (k1.id, "deepseek-chat", "2025-01-31", 1, 100, 100 * 280 + 10 * 420),
+        (k1.id, "qwen", "2025-01-31", 2, 1010, 1010 * 100 + 101 * 200),
+        (k2.id, "qwen", "2025-01-31", 1, 5, 5 * 100 + 5 * 200),
+    ])
+    assert [r["day"] for r in await meter.usage_rows(k1.id, days=1)] == ["2025-02-01"]
+    assert rows[0]["cost_usd"] == "0.0000013" or rows[0]["cost_usd"].startswith("0.")
+
+
+async def test_key_summary(meter: Meter, make_key: MakeKey) -> None:
+    key = make_key(budget_nano=5 * 10**9, budget_period="day", rpm=100, tpm=10_000)
+    g = gen()
+    await meter.settle(await meter.admit(key, "qwen", 10, 10, g), record(g, prompt=1000, completion=1000))
+    await meter.admit(key, "qwen", 10, 10, gen())
+    s = await meter.key_summary(key)
+    assert s["limits"] == {"rpm": 100, "tpm": 10_000}
+    assert (s["period"], s["period_label"], s["spend_nano"], s["spend_usd"]) == (
+        "d:20250131", "day 2025-01-31 (UTC)", 300_000, "0.0003")
+    assert s["reserved_nano"] == 10 * 100 + 10 * 200
+    assert s["budget_left_nano"] == 5 * 10**9 - 300_000 - 3000 and s["budget_usd"] == "5.00"
+    assert (s["requests"], s["period_requests"]) == (1, 1)
+
+
+async def test_counters_equal_the_sum_of_records_and_rebuild(meter: Meter, make_key: MakeKey,
+                                                             clock: FakeClock) -> None:
+    rnd = random.Random(7)
+    key = make_key(budget_nano=10**12)
+    expected = 0
+    for i in range(40):
+        g = gen()
+        adm = await meter.admit(key, rnd.choice(["qwen", "deepseek-chat"]), 100, 100, g)
+        p = rnd.randint(0, 5000)
+        usage = Usage(prompt_tokens=p, completion_tokens=rnd.randint(0, 2000), cached_tokens=rnd.randint(0, p),
+                      reasoning_tokens=0)
+        rec = record(g)
+        rec.usage = usage
+        expected += await meter.settle(adm, rec)
+        if i == 20:
+            clock.advance(3600)  # spread over two days and two months
+    report = await meter.rebuild_totals(key.id)
+    assert (report["records"], report["complete"], report["match"], report["written"]) == (40, True, True, True)
+    assert report["after"]["per:total"]["cost"] == expected == (await meter.key_summary(key))["total_spend_nano"]
+    assert {"per:d:20250131", "per:d:20250201", "per:m:202501", "per:m:202502"} <= set(report["after"])
+
+    # a damaged counter is found and repaired from the records
+    await meter.store.redis.hincrby(meter.layout.per(key.id, "total"), "cost", 5)
+    await meter.store.redis.hincrby(meter.layout.bymodel(key.id, "20250131"), "qwen|requests", -1)
+    fixed = await meter.rebuild_totals(key.id)
+    assert (fixed["match"], fixed["written"]) == (False, True)
+    assert (await meter.rebuild_totals(key.id))["match"] is True
+    assert (await meter.key_summary(key))["total_spend_nano"] == expected
+
+
+async def test_every_counter_and_reservation_key_has_a_ttl(meter: Meter, make_key: MakeKey,
+                                                           clock: FakeClock) -> None:
+    keys = [make_key(budget_nano=3 * 10**6, budget_period=p, rpm=5, tpm=5000) for p in ("total", "day", "month")]
+    keys.append(make_key())
+    rnd = random.Random(3)
+    for i in range(120):
+        key = rnd.choice(keys)
+        g = gen()
+        try:
+            adm = await meter.admit(key, "deepseek-chat", rnd.randint(1, 900), rnd.randint(1, 900), g)
+        except (BudgetExceeded, RateLimited):
+            continue
+        action = rnd.random()
+        if action < 0.5:
+            await meter.settle(adm, record(g, prompt=rnd.randint(0, 900), completion=rnd.randint(0, 900)))
+        elif action < 0.8:
+            await meter.release(adm)
+        # else: left in flight (the client vanished)
+        clock.advance(rnd.randint(0, 30))
+    permanent = (":per:total", ":usage")  # per-key totals and record streams
+    global_permanent = {meter.layout.feed(), meter.layout.keyset()}
+    no_ttl = []
+    async for k in meter.store.redis.scan_iter(match=meter.store.prefix + "*", count=500):
+        if await meter.store.redis.ttl(k) == -1:
+            if k.endswith(permanent) or k in global_permanent or ":price:" in k or ":pricehist:" in k \
+                    or k.startswith((meter.store.prefix + "price:", meter.store.prefix + "pricehist:")):
+                continue
+            no_ttl.append(k)
+    assert no_ttl == []

@@ -1,0 +1,171 @@
+"""SSEDecoder from raw bytes: line endings, arbitrary network splits, comments, multi-line data, EOF flush."""
+
+from __future__ import annotations
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from therouter.sse import DONE, KEEPALIVE, SSEDecoder, encode, encode_raw
+
+ENDINGS = (b"\n", b"\r\n", b"\r")
+
+
+def decode(pieces: list[bytes]) -> list[bytes]:
+    d = SSEDecoder()
+    out: list[bytes] = []
+    for p in pieces:
+        out.extend(d.feed(p))
+    out.extend(d.flush())
+    return out
+
+
+def split_at(raw: bytes, points: list[int]) -> list[bytes]:
+    cuts = sorted(min(max(p, 0), len(raw)) for p in points)
+    pieces, prev = [], 0
+    for c in cuts:
+        pieces.append(raw[prev:c])  # duplicate cut points give empty pieces on purpose
+        prev = c
+    pieces.append(raw[prev:])
+    return pieces
+
+
+# ---- one event per generated item: data lines, interleaved comments / other fields, extra blank lines ----------------
+
+_value = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), max_size=12)
+_line = st.one_of(
+    st.tuples(st.just("data"), _value, st.booleans()),  # (kind, value, space after colon)
+    st.tuples(st.just("comment"), _value, st.just(True)),
+    st.tuples(st.sampled_from(["event", "id", "retry"]), _value, st.just(True)),
+)
+_event = st.tuples(st.lists(_line, min_size=1, max_size=5), st.integers(0, 2))  # lines, extra blank lines after
+
+
+def serialize(events: list[tuple[list[tuple[str, str, bool]], int]], eol: bytes, terminate_last: bool) -> bytes:
+    out = b""
+    for i, (lines, extra_blank) in enumerate(events):
+        for kind, value, space in lines:
+            v = value.encode()
+            if kind == "data":
+                if not space and v.startswith(b" "):
+                    v = b"x" + v  # without the space separator a leading space would be part of the value
+                out += b"data:" + (b" " if space else b"") + v + eol
+            elif kind == "comment":
+                out += b":" + v + eol
+            else:
+                out += kind.encode() + b": " + v + eol
+        last = i == len(events) - 1
+        if not last or terminate_last:
+            out += eol * (1 + extra_blank)
+    return out
+
+
+def expected(events: list[tuple[list[tuple[str, str, bool]], int]]) -> list[bytes]:
+    res = []
+    for lines, _ in events:
+        data = []
+        for kind, value, space in lines:
+            if kind == "data":
+                v = value.encode()
+                if not space and v.startswith(b" "):
+                    v = b"x" + v
+                data.append(v)
+        if data:
+            res.append(b"\n".join(data))
+    return res
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    events=st.lists(_event, max_size=6),
+    eol=st.sampled_from(ENDINGS),
+    terminate_last=st.booleans(),
+    data=st.data(),
+)
+def test_any_split_and_line_ending_gives_the_same_events(events, eol, terminate_last, data) -> None:
+    raw = serialize(events, eol, terminate_last)
+    want = expected(events)
+    # cut anywhere, with extra weight right after a CR (the awkward spot for CRLF) and repeated cuts (empty reads)
+    after_cr = [i + 1 for i, b in enumerate(raw) if b == 0x0D] or [0]
+    point = st.one_of(st.integers(0, len(raw)), st.sampled_from(after_cr))
+    points = data.draw(st.lists(point, max_size=12).flatmap(lambda ps: st.just(ps + ps[:1])), label="cuts")
+    assert decode([raw]) == want
+    assert decode(split_at(raw, points)) == want
+
+
+@settings(max_examples=50, deadline=None, database=None)
+@given(events=st.lists(_event, min_size=1, max_size=4), eol=st.sampled_from(ENDINGS))
+def test_byte_by_byte_feed(events, eol) -> None:
+    raw = serialize(events, eol, True)
+    assert decode([raw[i:i + 1] for i in range(len(raw))]) == expected(events)
+
+
+def test_every_split_position_of_a_realistic_deepseek_stream() -> None:
+    chunk1 = {"id": "a", "choices": [{"index": 0, "delta": {"content": "Hel"}}]}
+    chunk2 = {"id": "a", "choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}]}
+    for eol in ENDINGS:
+        raw = (b": keep-alive" + eol + eol + b"data: " + orjson.dumps(chunk1) + eol + eol + eol
+               + b": keep-alive" + eol + eol + b"data: " + orjson.dumps(chunk2) + eol + eol
+               + b"data: [DONE]" + eol + eol)
+        want = [orjson.dumps(chunk1), orjson.dumps(chunk2), b"[DONE]"]
+        for i in range(len(raw) + 1):
+            for j in range(i, len(raw) + 1, 7):
+                assert decode([raw[:i], raw[i:j], raw[j:]]) == want, (eol, i, j)
+
+
+def test_crlf_split_between_cr_and_lf_does_not_end_the_event() -> None:
+    # "data: x\r" | "\n" is ONE line ending; a blank line only follows later
+    assert decode([b"data: x\r", b"\n", b"data: y\r\n\r\n"]) == [b"x\ny"]
+    assert decode([b"data: x\r", b"", b"\n", b"data: y\r\n\r\n"]) == [b"x\ny"]  # an empty read in between
+
+
+def test_comments_and_blank_keepalives_are_skipped_and_counted() -> None:
+    d = SSEDecoder()
+    out = list(d.feed(b": keep-alive\n\n\n\n:\n: another\n\n"))
+    assert out == []
+    assert d.comments == 3
+    assert list(d.flush()) == []
+    assert decode([KEEPALIVE * 5]) == []
+
+
+def test_comment_inside_an_event_does_not_split_it() -> None:
+    assert decode([b"data: a\n: keep-alive\ndata: b\n\n"]) == [b"a\nb"]
+
+
+def test_multi_line_data_is_joined_with_lf() -> None:
+    assert decode([b"data: {\"a\":\ndata:  1}\n\n"]) == [b"{\"a\":\n 1}"]
+    assert decode([b"data: line1\r\ndata: line2\r\ndata: line3\r\n\r\n"]) == [b"line1\nline2\nline3"]
+
+
+def test_data_with_and_without_the_space() -> None:
+    assert decode([b"data:{\"x\":1}\n\n", b"data: {\"x\":2}\n\n"]) == [b'{"x":1}', b'{"x":2}']
+    # only ONE space is stripped
+    assert decode([b"data:  two\n\n"]) == [b" two"]
+
+
+def test_other_fields_are_ignored() -> None:
+    assert decode([b"event: message\nid: 7\nretry: 100\ndata: x\n\n"]) == [b"x"]
+    assert decode([b"event: ping\n\n"]) == []  # no data: no event
+
+
+def test_flush_at_eof_without_trailing_blank_line() -> None:
+    assert decode([b"data: a\n\ndata: last"]) == [b"a", b"last"]
+    assert decode([b"data: a\n\ndata: last\n"]) == [b"a", b"last"]
+    assert decode([b"data: a\r\n\r\ndata: last\r"]) == [b"a", b"last"]
+    d = SSEDecoder()
+    assert list(d.feed(b"data: pending")) == []
+    assert list(d.flush()) == [b"pending"]
+    assert list(d.flush()) == []  # flushing twice does not repeat it
+
+
+def test_done_marker_is_a_plain_payload() -> None:
+    assert decode([b"data: {}\n\ndata: [DONE]\n\n"]) == [b"{}", b"[DONE]"]
+    assert decode([DONE]) == [b"[DONE]"]
+
+
+def test_encode_round_trips_through_the_decoder() -> None:
+    obj = {"choices": [{"delta": {"content": "a\nb\r\nc"}}], "usage": None}
+    raw = encode(obj)
+    assert raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.count(b"\n") == 2  # one line: \n is escaped
+    assert [orjson.loads(x) for x in decode([raw])] == [obj]
+    assert encode_raw(b"[DONE]") == DONE
