@@ -207,6 +207,7 @@ class Gateway:
         build = p.chat_request if call.endpoint == "chat" else p.completion_request
         req = build(call.checked.body, c.dep, stream=True, request_id=call.request_id)
         first_token = min(t.first_token, max(self._deadline(call) - self.clock(), 0.001))
+        sent_at = self.clock()
         resp = await p.transport.send(req, connect=t.connect, headers_timeout=first_token)
         if resp.status != 200:
             try:
@@ -217,7 +218,8 @@ class Gateway:
             finally:
                 await resp.close()
             raise p.map_error(resp.status, raw, resp.headers)
-        events = UpstreamEvents(resp, first_token=first_token, idle=t.idle, total=t.total, clock=self.clock)
+        events = UpstreamEvents(resp, first_token=first_token, idle=t.idle, total=t.total, clock=self.clock,
+                                started=sent_at)
         rw = ChunkRewriter(p, gen_id=call.gen_id, model=call.checked.model, created=call.created,
                            object_=call.object, include_usage=call.checked.include_usage)
         first: list[bytes] = []

@@ -27,13 +27,13 @@ class UpstreamEvents:
     """Async iterator of parsed JSON objects (dicts); ends after ``[DONE]`` or EOF (``saw_done`` tells which)."""
 
     def __init__(self, resp: UpstreamResponse, *, first_token: float, idle: float, total: float,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Any = time.monotonic, started: float | None = None) -> None:
         self.resp = resp
         self._chunks = resp.chunks().__aiter__()
         self._decoder = SSEDecoder()
         self._pending: list[bytes] = []
         self._clock = clock
-        self._start = clock()
+        self._start = clock() if started is None else started  # the attempt's send time
         self._cap = self._start + total
         self._deadline = min(self._start + first_token, self._cap)
         self._idle = idle
@@ -132,6 +132,8 @@ class ChunkRewriter:
                 self.finish_reason = fr
         obj["id"] = self.gen_id
         obj["object"] = self.object
+        if "system_fingerprint" in obj and obj["system_fingerprint"] is None:
+            del obj["system_fingerprint"]
         obj["created"] = self.created
         obj["model"] = self.model
         obj["provider"] = self.provider.name

@@ -67,6 +67,6 @@ class Admission:
         return cls(
             gen_id=str(d["gen_id"]), key_id=str(d["key_id"]), model=str(d["model"]),
             price=PriceVersion.from_dict(d["price"]), reserved_nano=int(d["reserved_nano"]),
-            reserved_tokens=int(d["reserved_tokens"]), admitted_at=d["admitted_at"], window=int(d["window"]),
+            reserved_tokens=int(d["reserved_tokens"]), admitted_at=float(d["admitted_at"]), window=int(d["window"]),
             tracked=bool(d.get("tracked")), local=bool(d.get("local")),
         )

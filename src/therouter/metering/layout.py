@@ -64,7 +64,7 @@ class Layout:
         self.prefix = prefix
 
     def _key(self, key_id: str, *parts: str) -> str:
-        return self.prefix + ":".join(("{k:" + key_id + "}",) + parts)
+        return self.prefix + ":".join(("{k:" + key_id + "}", *parts))
 
     def named(self, key_id: str, name: str) -> str:
         """A per-key key by its short name ("per:total", "bymodel:20250131", ...)."""

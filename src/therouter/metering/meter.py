@@ -111,7 +111,7 @@ class Meter:
         try:
             res = await self.scripts.run("admit", self._admit_keys(key.id, pid, adm.window),
                                          self._admit_args(key, adm, pid, now_ms))
-        except GatewayError:
+        except StoreUnavailable:
             return self._admit_degraded(key, adm, now_ms)
         except Exception:
             log.exception("metering: admission script failed; treating the store as unavailable")

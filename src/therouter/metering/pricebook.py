@@ -65,7 +65,7 @@ class PriceBook:
                     pipe.zrange(self._layout.pricehist(name), 0, -1)
                 return list(await pipe.execute())
 
-        for name, members in zip(names, await self._store.call(read)):
+        for name, members in zip(names, await self._store.call(read), strict=True):
             versions = [PriceVersion.from_dict(orjson.loads(m)) for m in members]
             if versions:
                 self._versions[name] = versions
@@ -107,6 +107,6 @@ class PriceBook:
 
     async def _write(self, p: PriceVersion, source: str, effective_at: int) -> int:
         keys = [self._layout.price(p.model), self._layout.pricehist(p.model)]
-        args = [source, p.model, p.input, p.cached_input, p.output, effective_at]
+        args: list[str | int] = [source, p.model, p.input, p.cached_input, p.output, effective_at]
         _, version = await self._scripts.run("price_set", keys, args)
         return int(version)

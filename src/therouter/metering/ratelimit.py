@@ -124,7 +124,8 @@ class LocalLimiter:
                 continue
             c = self._counters.setdefault((key_id, dim), _Counter())
             c.roll(window)
-            out.append(decide(c.prev, c.curr, elapsed, max(limit // self.divisor, 1), cost, self.window_ms))
+            share = max(limit // self.divisor, 1) if limit > 0 else 0
+            out.append(decide(c.prev, c.curr, elapsed, share, cost, self.window_ms))
             pending.append((c, cost))
         if all(d is None or d.allowed for d in out):
             for c, cost in pending:

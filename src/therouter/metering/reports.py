@@ -9,6 +9,7 @@ meanwhile (otherwise it recomputes, up to a few times). A period counter that al
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 from typing import Any, Callable
 
 import orjson
@@ -33,9 +34,11 @@ class Reports:
     def __init__(self, store: Store, layout: Layout, scripts: Scripts, clock: Callable[[], float],
                  options: MeterOptions) -> None:
         self._store, self._layout, self._scripts, self._clock, self._options = store, layout, scripts, clock, options
+        # the client decodes replies to str (decode_responses=True); redis-py's stubs can't express that
+        self._r: Any = store.redis
 
     async def generation(self, gen_id: str, key_id: str | None = None) -> dict[str, Any] | None:
-        r, lay = self._store.redis, self._layout
+        r, lay = self._r, self._layout
         kid = key_id or await self._store.call(lambda: r.get(lay.gen_index(gen_id)))
         if not kid:
             return None
@@ -46,7 +49,7 @@ class Reports:
         lay, pid = self._layout, period_id(key.budget_period, self._clock())
 
         async def read() -> list[Any]:
-            async with self._store.redis.pipeline(transaction=False) as pipe:
+            async with self._r.pipeline(transaction=False) as pipe:
                 pipe.hgetall(lay.per(key.id, "total"))
                 pipe.hgetall(lay.per(key.id, pid))
                 pipe.hget(lay.resv(key.id), "s:" + pid)
@@ -70,7 +73,7 @@ class Reports:
 
     async def usage_rows(self, key_id: str | None = None, days: int = 7) -> list[dict[str, Any]]:
         """One row per key, model and UTC day, newest day first, for the last ``days`` days (today included)."""
-        r, lay = self._store.redis, self._layout
+        r, lay = self._r, self._layout
         ids = [key_id] if key_id else sorted(await self._store.call(lambda: r.smembers(lay.keyset())))
         now = self._clock()
         day_list = [day_id(now - i * DAY) for i in range(max(days, 1))]
@@ -83,7 +86,7 @@ class Reports:
                 return list(await pipe.execute())
 
         rows = []
-        for (kid, d), h in zip(pairs, await self._store.call(read) if pairs else []):
+        for (kid, d), h in zip(pairs, await self._store.call(read) if pairs else [], strict=True):
             models = sorted({f.rsplit("|", 1)[0] for f in h})
             for model in models:
                 c = counts(h, model + "|")
@@ -118,7 +121,7 @@ class Reports:
         return report
 
     async def _stream_complete(self, stream: str) -> bool:
-        r = self._store.redis
+        r = self._r
         if not await self._store.call(lambda: r.exists(stream)):
             return True
         info = await self._store.call(lambda: r.xinfo_stream(stream))
@@ -126,12 +129,12 @@ class Reports:
 
     async def _recompute(self, key_id: str, stream: str) -> tuple[int, str, dict[str, Counts]]:
         """Sum the stream's records into every counter hash they touch, named like the layout (per:..., bymodel:...)."""
-        r = self._store.redis
+        r = self._r
         acc: dict[str, Counts] = defaultdict(lambda: defaultdict(int))
         acc["per:total"] = defaultdict(int)
         n, last_id, start = 0, "0-0", "-"
         while True:
-            page = await self._store.call(lambda: r.xrange(stream, min=start, max="+", count=_PAGE))
+            page = await self._store.call(partial(r.xrange, stream, min=start, max="+", count=_PAGE))
             for entry_id, fields in page:
                 rec = GenerationRecord.from_dict(orjson.loads(fields["rec"]))
                 c = rec.counters()
@@ -150,7 +153,7 @@ class Reports:
         return n, last_id, out
 
     async def _read_counters(self, key_id: str, names: list[str]) -> dict[str, Counts | None]:
-        r, lay = self._store.redis, self._layout
+        r, lay = self._r, self._layout
 
         async def read() -> list[Any]:
             async with r.pipeline(transaction=False) as pipe:
@@ -159,7 +162,7 @@ class Reports:
                 return list(await pipe.execute())
 
         out: dict[str, Counts | None] = {}
-        for n, h in zip(names, await self._store.call(read)):
+        for n, h in zip(names, await self._store.call(read), strict=True):
             if not h:
                 out[n] = None if n != "per:total" else {f: 0 for f in COUNTER_FIELDS}
             else:

@@ -160,6 +160,10 @@ class Provider:
                 msg = choice.get("message")
                 if isinstance(msg, dict):
                     self._reasoning_out(msg)
+                    _openai_message(msg)
+                choice.setdefault("logprobs", None)
+        if obj.get("system_fingerprint", "") is None:
+            del obj["system_fingerprint"]
         return obj
 
     def normalize_chunk(self, obj: dict[str, Any]) -> None:
@@ -218,6 +222,17 @@ class Provider:
         status = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), int) else 500
         mapped = error_from_upstream(status if 400 <= status < 600 else 500, msg or "upstream error", code, param, {})
         return mapped
+
+
+_NOT_NULLABLE = ("annotations", "function_call", "audio", "tool_calls")
+
+
+def _openai_message(msg: dict[str, Any]) -> None:
+    """OpenAI's message shape: `refusal` is always present; list/object fields are absent rather than null."""
+    msg.setdefault("refusal", None)
+    for k in _NOT_NULLABLE:
+        if k in msg and msg[k] is None:
+            del msg[k]
 
 
 _GATEWAY_FIELDS = ("models", "provider", "route", "transforms", "fake_gateway")

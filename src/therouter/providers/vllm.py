@@ -49,5 +49,7 @@ def _guided(out: dict[str, Any]) -> None:
         if old in out:
             so = so if so is not None else dict(out.get("structured_outputs") or {})
             so[new] = out.pop(old)
+    for k in [k for k in out if k.startswith("guided_")]:  # guided_decoding_backend, guided_whitespace_pattern...
+        out.pop(k)  # silently ignored by vLLM >= 0.12: never sent, so nothing pretends to be constrained
     if so is not None:
         out["structured_outputs"] = so
