@@ -164,14 +164,16 @@ def cmd_prices(a: argparse.Namespace) -> int:
             except ValueError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
-            print(f"{a.model}: version {pv.version} (USD per 1M tokens: input {pv.public()['input']}, "
-                  f"cached_input {pv.public()['cached_input']}, output {pv.public()['output']})")
+            pub = pv.public()
+            print(f"{a.model}: version {pv.version} (USD per 1M tokens: input {pub['input_usd']}, "
+                  f"cached_input {pub['cached_input_usd']}, output {pub['output_usd']})")
             return 0
         rows = await meter.list_prices()
-        print(f"{'model':<32} {'version':>7} {'input':>10} {'cached':>10} {'output':>10}  effective")
+        print(f"{'model':<32} {'version':>7} {'input':>10} {'cached':>10} {'output':>10}  source  (USD per 1M tokens)")
         for r in rows:
-            print(f"{r['model']:<32} {r['version']:>7} {r['input']:>10} {r['cached_input']:>10} {r['output']:>10}  "
-                  f"{r.get('effective_at', '')}")
+            c = r["current"] or {}
+            print(f"{r['model']:<32} {c.get('version', '-'):>7} {c.get('input_usd', '-'):>10} "
+                  f"{c.get('cached_input_usd', '-'):>10} {c.get('output_usd', '-'):>10}  {c.get('source', '-')}")
         return 0
 
     return _run(_with_store(s, run))

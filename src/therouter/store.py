@@ -18,6 +18,7 @@ from therouter.errors import StoreUnavailable
 from therouter.keys import KeyRecord, display, hash_key, new_key
 
 T = TypeVar("T")
+_OUTAGE_REPLIES = frozenset({"OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS"})
 
 
 class StoreBreaker:
@@ -76,7 +77,11 @@ class Store:
             raise StoreUnavailable("the store is unavailable; retry shortly", retry_after=2)
         try:
             result = await fn()
-        except ResponseError:
+        except ResponseError as e:
+            if str(e).split(" ", 1)[0] in _OUTAGE_REPLIES:  # OOM, READONLY, LOADING...: the store cannot serve us
+                self.breaker.failure()
+                raise StoreUnavailable(f"the store refused the operation ({str(e).split(' ', 1)[0]}); retry shortly",
+                                       retry_after=2) from None
             self.breaker.success()  # the server answered: a script or command error, not an outage
             raise
         except (RedisError, OSError, TimeoutError) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -10,7 +11,7 @@ from starlette.responses import Response
 
 from therouter.api.deps import KeyDep, ServicesDep
 from therouter.api.streaming import SSEResponse
-from therouter.errors import ModelNotFound, NotFound, PayloadTooLarge
+from therouter.errors import GatewayError, ModelNotFound, NotFound, PayloadTooLarge
 from therouter.gateway import StreamAnswer
 
 router = APIRouter(prefix="/v1")
@@ -74,16 +75,20 @@ def model_entry(model_id: str, card: Any, price: Any = None) -> dict[str, Any]:
 
 
 def _usd(nano_per_m: int) -> str:
-    from decimal import Decimal
-
     return format((Decimal(nano_per_m) / Decimal(10**9)).normalize(), "f")
 
 
 async def _prices(services: Any) -> dict[str, Any]:
-    try:
-        return {p.model: p for p in await services.meter.list_prices()}
-    except Exception:  # noqa: BLE001 - the store being down must not break the catalogue
-        return {}
+    """The price in force per model, from the Redis price table (the config's prices if the store is down)."""
+    out = {}
+    for mid in services.settings.models:
+        try:
+            pv = await services.meter.get_price(mid)
+        except GatewayError:
+            pv = None
+        if pv is not None:
+            out[mid] = pv
+    return out
 
 
 @router.get("/models")

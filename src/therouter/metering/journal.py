@@ -10,12 +10,15 @@
 * A line that is not valid JSON (a write torn by a crash) is copied to ``rejected.jsonl`` for an operator, never
   silently dropped.
 
-One journal folder per gateway process is the intended use (appends from several processes are still whole lines).
+Several worker processes may share one folder: an append takes an exclusive ``flock`` on the file and re-opens it if
+a replay renamed it meanwhile, and a replay takes the same lock before renaming, so no line can land in a file that a
+replay has already read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import time
 from pathlib import Path
@@ -74,7 +77,16 @@ class Journal:
     def _append_sync(self, path: Path, data: bytes) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         is_new = not path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        while True:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # a replay renamed the file between our open and our lock: append to the new one
         try:
             view = memoryview(data)
             while view:
@@ -87,7 +99,12 @@ class Journal:
 
     def _take_sync(self) -> list[Path]:
         if self.path.exists() and self.path.stat().st_size > 0:
-            self.path.rename(self.dir / f"replay-{time.time_ns()}.jsonl")
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # waits for an append in progress in another process
+                self.path.rename(self.dir / f"replay-{time.time_ns()}-{os.getpid()}.jsonl")
+            finally:
+                os.close(fd)
             self._sync_dir()
         return sorted(self.dir.glob("replay-*.jsonl"))
 

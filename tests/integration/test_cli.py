@@ -1,0 +1,128 @@
+"""The `therouter` command line, run as real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from therouter.redisproc import free_port
+from tests.integration.conftest import Gateway
+
+MODEL = "deepseek/deepseek-v3.2"
+
+
+def therouter(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "therouter", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+def test_check_config_shipped_files(repo_root: Path) -> None:
+    r = therouter("check-config", str(repo_root / "config" / "therouter.yaml"))
+    assert r.returncode == 0, r.stderr
+    assert "3 models" in r.stdout
+    r = therouter("check-config", str(repo_root / "config" / "demo.yaml"), env={"REDIS_URL": "redis://127.0.0.1:1"})
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("mutate,expect", [
+    (lambda c: c["providers"]["deepseek"].update(kindd="x"), "providers.deepseek.kindd: unknown key"),
+    (lambda c: c["models"]["deepseek/deepseek-v3.2"].update(context_length=-5),
+     "models.deepseek/deepseek-v3.2.context_length"),
+    (lambda c: c["models"]["deepseek/deepseek-v3.2"]["deployments"][1].update(provider="ghost"),
+     "unknown provider 'ghost'"),
+    (lambda c: c["providers"]["vllm-local"].update(kind="bedrock"), "providers.vllm-local.kind"),
+    (lambda c: c["models"]["deepseek/deepseek-v3.2"]["pricing"].update(input="cheap"), "pricing"),
+])
+def test_check_config_names_file_and_key_path(repo_root: Path, tmp_path: Path, mutate: Any, expect: str) -> None:
+    cfg = yaml.safe_load((repo_root / "config" / "therouter.yaml").read_text())
+    mutate(cfg)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = therouter("check-config", str(path))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert str(path) in lines[0] and expect in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_check_config_bad_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("server: {host: [unclosed\n")
+    r = therouter("check-config", str(path))
+    assert r.returncode == 2 and str(path) in r.stderr and "invalid YAML" in r.stderr
+    r = therouter("check-config", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_serve_without_redis_says_so_in_one_line(repo_root: Path) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    r = therouter("serve", "--config", str(repo_root / "config" / "therouter.yaml"), "--port", str(free_port()),
+                  env={"REDIS_URL": dead}, timeout=20)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unreachable" in lines[0] and "redis-server" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def _cfg_env(gateway: Gateway) -> dict[str, str]:
+    return gateway.env
+
+
+def test_keys_create_list_revoke(gateway: Gateway) -> None:
+    cfg = str(gateway.config_path)
+    r = therouter("keys", "--config", cfg, "create", "--name", "cli-user", "--budget", "5", "--budget-period",
+                  "month", "--rpm", "100", "--tpm", "100000", "--models", MODEL, env=gateway.env)
+    assert r.returncode == 0, r.stderr
+    key = r.stdout.strip().splitlines()[-1]
+    assert key.startswith("tr-") and len(key) > 30
+    client = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+    assert client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}]).id
+    with pytest.raises(openai.PermissionDeniedError):  # restricted to one model
+        client.chat.completions.create(model="selfhost/only-vllm", messages=[{"role": "user", "content": "hi"}])
+
+    listing = therouter("keys", "--config", cfg, "list", env=gateway.env)
+    assert listing.returncode == 0
+    assert "cli-user" in listing.stdout and key not in listing.stdout and key[-4:] in listing.stdout
+    key_id = next(line.split()[0] for line in listing.stdout.splitlines() if "cli-user" in line)
+
+    r = therouter("keys", "--config", cfg, "revoke", key_id, env=gateway.env)
+    assert r.returncode == 0
+    import time
+
+    time.sleep(2.1)  # the gateway's positive key cache is fresh for 2 s
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert therouter("keys", "--config", cfg, "revoke", "key_nope", env=gateway.env).returncode == 1
+
+
+def test_keys_create_bad_budget_and_model(gateway: Gateway) -> None:
+    cfg = str(gateway.config_path)
+    r = therouter("keys", "--config", cfg, "create", "--name", "x", "--budget", "lots", env=gateway.env)
+    assert r.returncode == 2 and "budget" in r.stderr and "Traceback" not in r.stderr
+    r = therouter("keys", "--config", cfg, "create", "--name", "x", "--models", "no/such", env=gateway.env)
+    assert r.returncode == 2 and "no/such" in r.stderr
+
+
+def test_health_and_ready(gateway: Gateway) -> None:
+    assert httpx.get(gateway.url + "/health").json() == {"status": "ok"}
+    r = httpx.get(gateway.url + "/ready")
+    body = r.json()
+    assert r.status_code == 200 and body["store"] == "ok"
+    assert f"{MODEL}@deepseek" in body["usable_deployments"]
+    # the provider whose server is not running is reported and skipped
+    assert body["providers"]["nowhere"]["ok"] is False
+
+
+def test_metrics_endpoint(gateway: Gateway, client: openai.OpenAI) -> None:
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    text = httpx.get(gateway.url + "/metrics").text
+    assert 'therouter_upstream_attempts_total{outcome="ok",provider="deepseek"}' in text

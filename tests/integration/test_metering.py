@@ -1,0 +1,275 @@
+"""Metering through the real gateway: exact costs, generation records, budgets under concurrency, rate limits,
+cut and cancelled streams, and a Redis restart with the journal replayed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from therouter.redisproc import RedisProcess
+from tests.integration.conftest import ADMIN_KEY, Fake, Gateway, gateway_config, make_key, start_gateway, stop
+
+MODEL = "deepseek/deepseek-v3.2"
+HELLO = [{"role": "user", "content": "hello there, how are you"}]
+# test card prices, nano-USD per 1M tokens
+P_IN, P_CACHED, P_OUT = 960_000_000, 240_000_000, 2_880_000_000
+
+
+def expected_cost(prompt: int, cached: int, completion: int) -> int:
+    raw = (prompt - cached) * P_IN + cached * P_CACHED + completion * P_OUT
+    return (raw + 500_000) // 1_000_000
+
+
+def generation(gw: Gateway, key: str, gen_id: str) -> dict[str, Any]:
+    r = httpx.get(gw.v1 + "/generation", params={"id": gen_id}, headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    return r.json()["data"]  # type: ignore[no-any-return]
+
+
+def key_info(gw: Gateway, key: str) -> dict[str, Any]:
+    r = httpx.get(gw.v1 + "/key", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    return r.json()["data"]  # type: ignore[no-any-return]
+
+
+def wait_for(pred: Any, timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v or time.monotonic() > deadline:
+            return v
+        time.sleep(0.05)
+
+
+def test_generation_record_and_exact_cost(client: openai.OpenAI, gateway: Gateway, api_key: str,
+                                          fakes: dict[str, Fake]) -> None:
+    fakes["deepseek"].configure(cached_tokens=3, reasoning=2)
+    r = client.chat.completions.create(model=MODEL, messages=HELLO)
+    assert r.usage is not None
+    u = r.usage
+    cached = u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details else 0
+    assert cached == 3
+    cost = expected_cost(u.prompt_tokens, cached, u.completion_tokens)
+    assert Decimal(str(u.model_extra["cost"])) == Decimal(cost) / Decimal(10**9)
+    rec = generation(gateway, api_key, r.id)
+    assert rec["cost_nano"] == cost and rec["outcome"] == "completed" and rec["price_version"] >= 1
+    assert rec["usage"]["prompt_tokens"] == u.prompt_tokens
+    assert rec["usage"]["completion_tokens_details"]["reasoning_tokens"] == \
+        u.completion_tokens_details.reasoning_tokens  # type: ignore[union-attr]
+    assert rec["provider"] == "deepseek" and rec["model"] == MODEL
+    assert rec["attempts"][0]["provider"] == "deepseek"
+    # the DeepSeek originals are kept in the response
+    assert u.model_extra.get("prompt_cache_hit_tokens") == 3
+
+
+def test_stream_metered_even_without_include_usage(client: openai.OpenAI, gateway: Gateway, api_key: str,
+                                                   fakes: dict[str, Fake]) -> None:
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, stream=True))
+    assert all(c.usage is None for c in chunks)
+    sent = fakes["deepseek"].last()["body"]
+    assert sent["stream_options"]["include_usage"] is True  # we always ask upstream
+    rec = generation(gateway, api_key, chunks[0].id)
+    assert rec["outcome"] == "completed" and rec["stream"] is True
+    assert rec["usage"]["completion_tokens"] == 8 and rec["usage"]["estimated"] is False
+    assert rec["cost_nano"] == expected_cost(rec["usage"]["prompt_tokens"], 0, 8)
+
+
+def test_stream_usage_chunk_carries_cost(client: openai.OpenAI, gateway: Gateway, api_key: str) -> None:
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, stream=True,
+                                                 stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert usage is not None
+    rec = generation(gateway, api_key, chunks[-1].id)
+    assert Decimal(str(usage.model_extra["cost"])) * 10**9 == rec["cost_nano"]
+
+
+def test_cut_stream_metered_as_upstream_cut(gateway: Gateway, api_key: str, fakes: dict[str, Fake]) -> None:
+    fakes["deepseek"].configure(error_kind="cut", cut_after=3)
+    with httpx.stream("POST", gateway.v1 + "/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
+                      json={"model": MODEL, "messages": HELLO, "stream": True}) as r:
+        body = r.read().decode()
+    first = json.loads(body.split("\n\n")[0][6:])
+    rec = generation(gateway, api_key, first["id"])
+    assert rec["outcome"] == "upstream_cut"
+    assert rec["usage"]["estimated"] is True and rec["usage"]["completion_tokens"] > 0
+    assert rec["cost_nano"] > 0
+
+
+def test_client_disconnect_metered_as_cancelled(gateway: Gateway, api_key: str, fakes: dict[str, Fake]) -> None:
+    fakes["deepseek"].configure(chunks=100, chunk_delay_ms=30)
+    body = json.dumps({"model": MODEL, "messages": HELLO, "stream": True}).encode()
+    port = int(gateway.url.rsplit(":", 1)[1])
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + api_key.encode()
+              + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+              + body)
+    got = b""
+    while got.count(b"data: ") < 4:
+        got += s.recv(65536)
+    s.close()
+    gen_id = json.loads(got.split(b"data: ", 1)[1].split(b"\n\n", 1)[0])["id"]
+
+    def rec() -> dict[str, Any] | None:
+        r = httpx.get(gateway.v1 + "/generation", params={"id": gen_id}, headers={"Authorization": f"Bearer {api_key}"})
+        return r.json()["data"] if r.status_code == 200 else None
+
+    found = wait_for(rec, 5)
+    assert found and found["outcome"] == "client_cancelled"
+    assert 0 < found["usage"]["completion_tokens"] < 100
+    assert found["cost_nano"] > 0
+
+
+def test_generation_is_private_to_its_key(client: openai.OpenAI, gateway: Gateway) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=HELLO)
+    other = asyncio.run(make_key(gateway, "other"))
+    resp = httpx.get(gateway.v1 + "/generation", params={"id": r.id}, headers={"Authorization": f"Bearer {other}"})
+    assert resp.status_code == 404
+
+
+def test_budget_holds_under_concurrency(gateway: Gateway, fakes: dict[str, Fake]) -> None:
+    fakes["deepseek"].configure(latency_ms=1500)  # all 50 arrive while the admitted ones are still in flight
+    # worst case per request: prompt estimate x input + max_tokens x output. Budget fits exactly 10 of them.
+    max_tokens = 100
+    prompt_est = 3 + 4 + (len(HELLO[0]["content"]) + 3) // 4
+    worst = -(-(prompt_est * P_IN + max_tokens * P_OUT) // 1_000_000)
+    key = asyncio.run(make_key(gateway, "budget", budget_nano=worst * 10 + worst // 2))
+
+    async def run() -> list[Any]:
+        c = openai.AsyncOpenAI(base_url=gateway.v1, api_key=key, max_retries=0, timeout=30)
+        barrier = asyncio.Barrier(50)
+
+        async def one() -> Any:
+            await barrier.wait()
+            try:
+                return await c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=max_tokens)
+            except openai.APIStatusError as e:
+                return e
+
+        return await asyncio.gather(*(one() for _ in range(50)))
+
+    results = asyncio.run(run())
+    ok = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, openai.APIStatusError)]
+    assert len(ok) == 10, [getattr(r, "status_code", None) for r in results]
+    assert len(refused) == 40 and {r.status_code for r in refused} == {402}
+    assert "left" in refused[0].message
+    info = key_info(gateway, key)
+    assert info["spend_nano"] == sum(generation(gateway, key, r.id)["cost_nano"] for r in ok)
+    assert info["spend_nano"] <= info["budget_nano"]
+    assert info["reserved_nano"] == 0
+    fakes["deepseek"].configure(latency_ms=0)
+    # actual cost is far below the worst case: the released headroom admits more requests
+    c = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+    assert c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=max_tokens).id
+
+
+def test_budget_exceeded_is_402_and_not_retried_by_sdk(gateway: Gateway) -> None:
+    key = asyncio.run(make_key(gateway, "poor", budget_nano=10))
+    c = openai.OpenAI(base_url=gateway.v1, api_key=key)  # default retries: 402 must not be retried
+    with pytest.raises(openai.APIStatusError) as e:
+        c.chat.completions.create(model=MODEL, messages=HELLO)
+    assert e.value.status_code == 402
+    assert e.value.response.headers.get("x-should-retry") == "false"
+
+
+def test_rate_limit_rpm(gateway: Gateway) -> None:
+    key = asyncio.run(make_key(gateway, "rpm", rpm=3))
+    c = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+    for i in range(3):
+        raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO)
+        assert raw.headers["x-ratelimit-limit-requests"] == "3"
+        assert raw.headers["x-ratelimit-remaining-requests"] == str(2 - i)
+        assert raw.headers["x-ratelimit-reset-requests"]
+    with pytest.raises(openai.RateLimitError) as e:
+        c.chat.completions.create(model=MODEL, messages=HELLO)
+    h = e.value.response.headers
+    assert int(h["retry-after"]) >= 1 and h["x-ratelimit-remaining-requests"] == "0"
+    assert e.value.code == "rate_limit_exceeded"
+
+
+def test_rate_limit_tpm(gateway: Gateway) -> None:
+    # each request reserves prompt + max_tokens (~57) and settles to its actual tokens (~15)
+    key = asyncio.run(make_key(gateway, "tpm", tpm=100))
+    c = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+    served = 0
+    with pytest.raises(openai.RateLimitError) as e:
+        for _ in range(10):
+            raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO, max_tokens=50)
+            assert raw.headers["x-ratelimit-limit-tokens"] == "100"
+            served += 1
+    assert served == 3
+    assert e.value.response.headers["x-ratelimit-limit-tokens"] == "100"
+    assert int(e.value.response.headers["retry-after"]) >= 1
+
+
+def test_admin_prices_and_price_versions(gateway: Gateway, api_key: str, client: openai.OpenAI) -> None:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert httpx.put(gateway.url + "/admin/prices/" + MODEL, json={"input": 1, "output": 2}).status_code == 401
+    r = httpx.put(gateway.url + "/admin/prices/selfhost/only-sglang", headers=admin,
+                  json={"input": "2", "cached_input": "1", "output": "4"})
+    assert r.status_code == 200, r.text
+    version = r.json()["version"]
+    assert version >= 2
+    rec_id = client.chat.completions.create(model="selfhost/only-sglang", messages=HELLO).id
+    rec = generation(gateway, api_key, rec_id)
+    assert rec["price_version"] == version
+    u = rec["usage"]
+    assert rec["cost_nano"] == (u["prompt_tokens"] * 2_000_000_000 + u["completion_tokens"] * 4_000_000_000
+                                + 500_000) // 1_000_000
+    listed = httpx.get(gateway.v1 + "/models/selfhost/only-sglang", headers={"Authorization": f"Bearer {api_key}"})
+    assert listed.json()["pricing"]["input"] == "2"
+    bad = httpx.put(gateway.url + "/admin/prices/" + MODEL, headers=admin, json={"input": -1, "output": 1})
+    assert bad.status_code == 400
+    bad = httpx.put(gateway.url + "/admin/prices/" + MODEL, headers=admin, json={"input": "0.0000000001", "output": 1})
+    assert bad.status_code == 400
+
+
+def test_redis_restart_journal_replay_totals_exact(fakes: dict[str, Fake], tmp_path: Path) -> None:
+    """Parallel requests, a cut stream, Redis killed mid-run, settlements journalled, Redis back, journal replayed:
+    the key's totals equal the sum of its generation records to the nano-dollar."""
+    redis = RedisProcess(tmp_path / "redis", appendonly=True)
+    redis.start()
+    cfg = gateway_config(redis.url, f"rr{uuid.uuid4().hex[:6]}:", fakes, tmp_path / "data")
+    gw = start_gateway(cfg, tmp_path)
+    try:
+        key = asyncio.run(make_key(gw, "restart"))
+        c = openai.OpenAI(base_url=gw.v1, api_key=key, max_retries=0, timeout=30)
+        ids = [c.chat.completions.create(model=MODEL, messages=HELLO).id for _ in range(3)]
+        ids += [next(iter(c.chat.completions.create(model=MODEL, messages=HELLO, stream=True))).id]
+
+        async def parallel() -> list[str]:
+            ac = openai.AsyncOpenAI(base_url=gw.v1, api_key=key, max_retries=0, timeout=30)
+            rs = await asyncio.gather(*(ac.chat.completions.create(model=MODEL, messages=HELLO) for _ in range(10)))
+            return [r.id for r in rs]
+
+        ids += asyncio.run(parallel())
+        redis.stop(kill=True)  # Redis dies: the key stays valid from the local cache; settlements go to the journal
+        during = [c.chat.completions.create(model=MODEL, messages=HELLO).id for _ in range(3)]
+        journal = list((tmp_path / "data" / "journal").glob("*.jsonl"))
+        assert journal and sum(len(p.read_text().splitlines()) for p in journal) >= 3
+        redis.start()
+        ids += during
+
+        def replayed() -> bool:
+            r = httpx.get(gw.v1 + "/generation", params={"id": during[-1]}, headers={"Authorization": f"Bearer {key}"})
+            return r.status_code == 200
+
+        assert wait_for(replayed, 15), "journal not replayed"
+        records = [generation(gw, key, i) for i in ids]
+        info = key_info(gw, key)
+        assert info["requests"] == len(ids)
+        assert info["total_spend_nano"] == sum(r["cost_nano"] for r in records)
+        assert info["tokens"]["prompt"] == sum(r["usage"]["prompt_tokens"] for r in records)
+    finally:
+        stop(gw.proc)
+        redis.stop()
