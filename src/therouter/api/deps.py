@@ -12,17 +12,18 @@ from therouter.errors import AuthenticationFailed
 from therouter.keys import KeyRecord
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    """Async on purpose: FastAPI runs plain `def` dependencies in a thread pool, a costly hop per request."""
     return request.app.state.services  # type: ignore[no-any-return]
 
 
 async def get_key(request: Request) -> KeyRecord:
-    services = get_services(request)
+    services: Services = request.app.state.services
     return await services.auth.authenticate(request.headers.get("authorization"))
 
 
-def require_admin(request: Request) -> None:
-    services = get_services(request)
+async def require_admin(request: Request) -> None:
+    services: Services = request.app.state.services
     secret = services.settings.admin_key.get_secret_value() if services.settings.admin_key else None
     if not admin_ok(secret, request.headers.get("authorization")):
         raise AuthenticationFailed("Admin endpoints need 'Authorization: Bearer <THEROUTER_ADMIN_KEY>'.",
