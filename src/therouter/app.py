@@ -14,7 +14,7 @@ from therouter.api import openai as openai_routes
 from therouter.api.middleware import RequestIdMiddleware
 from therouter.config import Settings
 from therouter.errors import GatewayError
-from therouter.observability import setup_logging
+from therouter.observability import register_meter, setup_logging
 from therouter.services import build_services
 
 log = logging.getLogger("therouter")
@@ -25,6 +25,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         setup_logging()
         services = await build_services(settings)
+        register_meter(services.metrics, services.meter)
         app.state.services = services
         try:
             await services.meter.start()

@@ -44,3 +44,26 @@ def setup_logging(level: str = "INFO") -> None:
     h._therouter = True  # type: ignore[attr-defined]
     root.addHandler(h)
     root.setLevel(level)
+
+
+class _MeterCollector:
+    """Exposes the meter's own counters (fail-open admissions, journal writes) at scrape time."""
+
+    def __init__(self, meter: object) -> None:
+        self.meter = meter
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        from prometheus_client.core import CounterMetricFamily
+
+        for name, attr, doc in (
+            ("therouter_ratelimit_fail_open", "fail_open_total",
+             "Admissions decided by the local limiter because the store was unavailable"),
+            ("therouter_journal_writes", "journal_writes_total",
+             "Usage records written to the local journal because the store was unavailable"),
+            ("therouter_journal_errors", "journal_errors_total", "Failures writing the local journal"),
+        ):
+            yield CounterMetricFamily(name, doc, value=int(getattr(self.meter, attr, 0)))
+
+
+def register_meter(metrics: Metrics, meter: object) -> None:
+    metrics.registry.register(_MeterCollector(meter))  # type: ignore[arg-type]

@@ -126,3 +126,19 @@ def test_metrics_endpoint(gateway: Gateway, client: openai.OpenAI) -> None:
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
     text = httpx.get(gateway.url + "/metrics").text
     assert 'therouter_upstream_attempts_total{outcome="ok",provider="deepseek"}' in text
+
+
+def test_prices_and_usage_commands(gateway: Gateway, client: openai.OpenAI) -> None:
+    cfg = str(gateway.config_path)
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    r = therouter("prices", "--config", cfg, "show", env=gateway.env)
+    assert r.returncode == 0 and MODEL in r.stdout and "0.96" in r.stdout and "2.88" in r.stdout
+    r = therouter("prices", "--config", cfg, "set", "test/vision-less", "--input", "0.5", "--output", "1.5",
+                  env=gateway.env)
+    assert r.returncode == 0, r.stderr
+    assert "version 2" in r.stdout
+    r = therouter("prices", "--config", cfg, "set", "no/such", "--input", "1", "--output", "1", env=gateway.env)
+    assert r.returncode == 2
+    r = therouter("usage", "--config", cfg, env=gateway.env)
+    assert r.returncode == 0 and MODEL in r.stdout
+    assert any(line.split()[0].startswith("key_") for line in r.stdout.splitlines()[1:])

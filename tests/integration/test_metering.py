@@ -243,6 +243,9 @@ def test_redis_restart_journal_replay_totals_exact(fakes: dict[str, Fake], tmp_p
     gw = start_gateway(cfg, tmp_path)
     try:
         key = asyncio.run(make_key(gw, "restart"))
+        budgeted = asyncio.run(make_key(gw, "budgeted", budget_nano=10**9))
+        cb = openai.OpenAI(base_url=gw.v1, api_key=budgeted, max_retries=0, timeout=30)
+        cb.chat.completions.create(model=MODEL, messages=HELLO)
         c = openai.OpenAI(base_url=gw.v1, api_key=key, max_retries=0, timeout=30)
         ids = [c.chat.completions.create(model=MODEL, messages=HELLO).id for _ in range(3)]
         ids += [next(iter(c.chat.completions.create(model=MODEL, messages=HELLO, stream=True))).id]
@@ -255,6 +258,15 @@ def test_redis_restart_journal_replay_totals_exact(fakes: dict[str, Fake], tmp_p
         ids += asyncio.run(parallel())
         redis.stop(kill=True)  # Redis dies: the key stays valid from the local cache; settlements go to the journal
         during = [c.chat.completions.create(model=MODEL, messages=HELLO).id for _ in range(3)]
+        # a budgeted key cannot be admitted without the store: 503 + Retry-After (fail closed), never a 500
+        with pytest.raises(openai.InternalServerError) as e:
+            cb.chat.completions.create(model=MODEL, messages=HELLO)
+        assert e.value.status_code == 503 and int(e.value.response.headers["retry-after"]) >= 1
+        # an unknown key cannot be told from a valid one while the store is down: 503, not 401
+        stranger = openai.OpenAI(base_url=gw.v1, api_key="tr-unknown-key-000000000000", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as e:
+            stranger.chat.completions.create(model=MODEL, messages=HELLO)
+        assert e.value.status_code == 503
         journal = list((tmp_path / "data" / "journal").glob("*.jsonl"))
         assert journal and sum(len(p.read_text().splitlines()) for p in journal) >= 3
         redis.start()
