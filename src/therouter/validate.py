@@ -90,7 +90,7 @@ def _pydantic(cls: type[BaseModel], body: dict[str, Any]) -> None:
         cls.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = [str(p) for p in err["loc"] if not isinstance(p, int) or True]
+        loc = [str(p) for p in err["loc"]]
         param = loc[0] if loc else None
         where = ".".join(loc)
         if err["type"] == "missing":

@@ -130,6 +130,9 @@ def gateway_config(redis_url: str, prefix: str, fakes: dict[str, Fake], data_dir
                 {"provider": "sglang-local", "model": "deepseek-ai/DeepSeek-V3.2",
                  "capabilities": ["tools", "json_object", "json_schema"]},
             ]},
+            "legacy/deepseek-chat": {**card, "deployments": [  # an id DeepSeek retired: reported at start-up
+                {"provider": "deepseek", "model": "deepseek-chat"},
+            ]},
             "test/vision-less": {**card, "deployments": [
                 {"provider": "deepseek", "model": "deepseek-v3.2", "capabilities": ["tools"]},
             ]},

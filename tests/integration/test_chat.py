@@ -206,3 +206,16 @@ def test_models_with_sdk(client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
     assert MODEL in ids
     assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_stream_is_forwarded_as_it_arrives(gateway: Gateway, api_key: str, fakes: dict[str, Fake]) -> None:
+    """The first event reaches the client while the upstream is still generating (no buffering)."""
+    fakes["deepseek"].configure(chunks=6, chunk_delay_ms=400)
+    with httpx.stream("POST", gateway.v1 + "/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
+                      json={"model": MODEL, "messages": HELLO, "stream": True}, timeout=20) as r:
+        it = r.iter_raw()
+        first = next(it)
+        assert first.startswith(b"data: ")
+        assert fakes["deepseek"].stats()["in_flight"] == 1  # the upstream has not finished yet
+        rest = b"".join(it)
+    assert rest.endswith(b"data: [DONE]\n\n")

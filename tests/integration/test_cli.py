@@ -120,6 +120,9 @@ def test_health_and_ready(gateway: Gateway) -> None:
     assert f"{MODEL}@deepseek" in body["usable_deployments"]
     # the provider whose server is not running is reported and skipped
     assert body["providers"]["nowhere"]["ok"] is False
+    # a deployment whose upstream id the hosted provider no longer lists is reported, in /ready and in the log
+    assert body["providers"]["deepseek"]["missing_models"] == ["deepseek-chat"]
+    assert "deepseek no longer lists deepseek-chat" in gateway.logs()
 
 
 def test_metrics_endpoint(gateway: Gateway, client: openai.OpenAI) -> None:
