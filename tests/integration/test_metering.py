@@ -285,3 +285,36 @@ def test_redis_restart_journal_replay_totals_exact(fakes: dict[str, Fake], tmp_p
     finally:
         stop(gw.proc)
         redis.stop()
+
+
+def test_budget_holds_across_two_worker_processes(redis_proc: RedisProcess, fakes: dict[str, Fake],
+                                                  tmp_path: Path) -> None:
+    """`serve --workers 2`: two processes share one Redis; admission is one atomic script, so the bound holds."""
+    cfg = gateway_config(redis_proc.url, f"w2{uuid.uuid4().hex[:6]}:", fakes, tmp_path / "data")
+    gw = start_gateway(cfg, tmp_path, workers=2)
+    try:
+        fakes["deepseek"].configure(latency_ms=1500)
+        max_tokens = 100
+        prompt_est = 3 + 4 + (len(HELLO[0]["content"]) + 3) // 4
+        worst = -(-(prompt_est * P_IN + max_tokens * P_OUT) // 1_000_000)
+        key = asyncio.run(make_key(gw, "two-workers", budget_nano=worst * 8))
+
+        async def run() -> list[Any]:
+            c = openai.AsyncOpenAI(base_url=gw.v1, api_key=key, max_retries=0, timeout=30)
+
+            async def one() -> Any:
+                try:
+                    return await c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=max_tokens)
+                except openai.APIStatusError as e:
+                    return e
+
+            return await asyncio.gather(*(one() for _ in range(40)))
+
+        results = asyncio.run(run())
+        ok = [r for r in results if not isinstance(r, Exception)]
+        assert len(ok) == 8
+        assert {r.status_code for r in results if isinstance(r, openai.APIStatusError)} == {402}
+        info = key_info(gw, key)
+        assert info["spend_nano"] == sum(generation(gw, key, r.id)["cost_nano"] for r in ok) <= info["budget_nano"]
+    finally:
+        stop(gw.proc)
