@@ -30,6 +30,12 @@ def expected_cost(prompt: int, cached: int, completion: int) -> int:
     return (raw + 500_000) // 1_000_000
 
 
+def worst_case(max_tokens: int) -> int:
+    """The reservation for one HELLO request: the gateway's prompt estimate x input + max_tokens x output, rounded up."""
+    prompt_est = 3 + 4 + (len(HELLO[0]["content"]) + 3) // 4
+    return -(-(prompt_est * P_IN + max_tokens * P_OUT) // 1_000_000)
+
+
 def generation(gw: Gateway, key: str, gen_id: str) -> dict[str, Any]:
     r = httpx.get(gw.v1 + "/generation", params={"id": gen_id}, headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 200, r.text
@@ -140,8 +146,7 @@ def test_budget_holds_under_concurrency(gateway: Gateway, fakes: dict[str, Fake]
     fakes["deepseek"].configure(latency_ms=1500)  # all 50 arrive while the admitted ones are still in flight
     # worst case per request: prompt estimate x input + max_tokens x output. Budget fits exactly 10 of them.
     max_tokens = 100
-    prompt_est = 3 + 4 + (len(HELLO[0]["content"]) + 3) // 4
-    worst = -(-(prompt_est * P_IN + max_tokens * P_OUT) // 1_000_000)
+    worst = worst_case(max_tokens)
     key = asyncio.run(make_key(gateway, "budget", budget_nano=worst * 10 + worst // 2))
 
     async def run() -> list[Any]:
@@ -295,9 +300,7 @@ def test_budget_holds_across_two_worker_processes(redis_proc: RedisProcess, fake
     try:
         fakes["deepseek"].configure(latency_ms=1500)
         max_tokens = 100
-        prompt_est = 3 + 4 + (len(HELLO[0]["content"]) + 3) // 4
-        worst = -(-(prompt_est * P_IN + max_tokens * P_OUT) // 1_000_000)
-        key = asyncio.run(make_key(gw, "two-workers", budget_nano=worst * 8))
+        key = asyncio.run(make_key(gw, "two-workers", budget_nano=worst_case(max_tokens) * 8))
 
         async def run() -> list[Any]:
             c = openai.AsyncOpenAI(base_url=gw.v1, api_key=key, max_retries=0, timeout=30)
