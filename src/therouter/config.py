@@ -159,11 +159,55 @@ class ModelConfig(_Strict):
     description: str | None = None
 
 
+class BreakerPolicy(_Strict):
+    """Per-deployment circuit breaker (Envoy-style outlier ejection, see routing/breaker.py)."""
+
+    consecutive_failures: int = Field(5, ge=1)  # attempt failures in a row that open the circuit
+    failure_ratio: float = Field(0.5, gt=0, le=1)  # ... or this share of failures in the window,
+    ratio_window: float = Field(30.0, gt=0)  # seconds,
+    ratio_min_requests: int = Field(20, ge=1)  # once the window holds at least this many outcomes
+    base_ejection: float = Field(5.0, gt=0)  # seconds open after the first ejection; x N after the N-th
+    max_ejection: float = Field(300.0, gt=0)
+    decay: float = Field(60.0, gt=0)  # each this many seconds closed forgets one past ejection
+    probe_timeout: float = Field(60.0, gt=0)  # a half-open probe that never reports frees its slot after this
+
+
+class RoutingOptions(_Strict):
+    """Routing knobs (config section `routing:`). Defaults follow Envoy: retry budget 20 % / min 3, jittered
+    exponential backoff, consecutive-failure ejection growing with each ejection; the base ejection is short (5 s)
+    because every half-open probe is a real request that falls back when it fails."""
+
+    max_attempts: int = Field(3, ge=1, le=10)  # per model of the request (`models` gives each model its own)
+    backoff_base: float = Field(0.1, ge=0)  # full jitter: uniform(0, min(backoff_max, base * 2**k))
+    backoff_max: float = Field(2.0, ge=0)
+    retry_after_cap: float = Field(10.0, ge=0)  # a longer upstream Retry-After is not waited for: fall back at once
+    cooldown_max: float = Field(300.0, ge=0)  # a deployment's Retry-After cooldown is capped at this
+    budget_percent: float = Field(0.2, ge=0, le=1)  # same-deployment retries <= max(budget_min, percent x in flight)
+    budget_min: int = Field(3, ge=0)
+    breaker: BreakerPolicy = BreakerPolicy()
+    prefix_affinity: tuple[str, ...] = ()  # model ids ("*" = all) whose self-hosted replicas get sticky prefixes
+    affinity_prefix_chars: int = Field(512, ge=1)  # the prompt prefix that is hashed
+    affinity_max_imbalance: int = Field(8, ge=0)  # leave the sticky replica when it has this many more in flight
+    ewma_alpha: float = Field(0.2, gt=0, le=1)  # measured latency / throughput smoothing
+    stats_window: float = Field(60.0, gt=0)  # seconds of outcomes behind the admin error rate
+    sync_interval: float = Field(1.0, gt=0)  # how stale a worker's copy of the shared drains/cooldowns may get
+    drain_ttl: float = Field(7 * 24 * 3600.0, gt=0)  # a drain lapses after this unless renewed
+    max_models: int = Field(5, ge=1)  # entries allowed in a request's `models` list
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RoutingOptions:
+        return cls.model_validate(data)
+
+    def affinity_for(self, model_id: str) -> bool:
+        return "*" in self.prefix_affinity or model_id in self.prefix_affinity
+
+
 class Settings(_Strict):
     server: ServerConfig = ServerConfig()
     store: StoreConfig
     providers: dict[str, ProviderConfig] = Field(min_length=1)
     models: dict[str, ModelConfig] = Field(min_length=1)
+    routing: RoutingOptions = RoutingOptions()
     admin_key: SecretStr | None = None  # from THEROUTER_ADMIN_KEY
     data_dir: str = ".therouter"  # journal and local state
 

@@ -22,7 +22,6 @@ from therouter.errors import (
     GatewayError,
     InvalidRequest,
     ModelNotFound,
-    NoDeploymentAvailable,
     PermissionDenied,
     UpstreamError,
     UpstreamRateLimited,
@@ -32,9 +31,13 @@ from therouter.errors import (
 from therouter.keys import KeyRecord
 from therouter.metering.meter import Admission, Meter
 from therouter.metering.records import GenerationRecord
+from therouter.observability import Metrics
 from therouter.protocol.usage import Usage
-from therouter.routing.attempts import AttemptPolicy
+from therouter.routing.attempts import AttemptPolicy, Exhausted, all_failed
+from therouter.routing.balance import prompt_prefix
+from therouter.routing.preferences import NO_PREFERENCES, Preferences, parse_preferences
 from therouter.routing.router import Candidate, Needs, Router, Skip
+from therouter.routing.state import Lease
 from therouter.streaming import ChunkRewriter, UpstreamEvents
 
 log = logging.getLogger("therouter.gateway")
@@ -65,14 +68,31 @@ class Call:
     request_id: str
     created: int
     started: float
+    prefs: Preferences = NO_PREFERENCES
     adm: Admission | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     settled: bool = False
+    lease: Lease | None = None  # the serving attempt's in-flight slot, held until the answer is complete
+    ttft: float | None = None  # streams: seconds from the request to the first content chunk (the gate)
+    release: Callable[[], None] | None = None  # leaves the retry budget's count of requests in flight
 
     @property
     def object(self) -> str:
         return "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
+
+    @property
+    def plan(self) -> list[str]:
+        """The models to try, in order: the request's model, then its `models` fallbacks."""
+        return [self.checked.model, *self.prefs.models]
+
+    def done(self) -> None:
+        """The request is over: free its in-flight slots (idempotent)."""
+        if self.lease is not None:
+            self.lease.close()
+        if self.release is not None:
+            self.release()
+            self.release = None
 
 
 def new_id(endpoint: str) -> str:
@@ -86,12 +106,13 @@ def cost_fragment(nano: int) -> orjson.Fragment:
 
 class Gateway:
     def __init__(self, settings: Settings, router: Router, meter: Meter, policy: AttemptPolicy | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.router = router
         self.meter = meter
-        self.policy = policy or AttemptPolicy()
+        self.policy = policy or AttemptPolicy(router)
         self.clock = clock
+        self.metrics = metrics
 
     # ---- entry ----------------------------------------------------------------------------------------------
 
@@ -107,41 +128,82 @@ class Gateway:
         if key.models and model not in key.models:
             raise PermissionDenied(f"This API key is not allowed to use the model `{model}`.", param="model")
         checked = (validate.check_chat if endpoint == "chat" else validate.check_completion)(body, card, model)
+        prefs = parse_preferences(body, self.router.providers, self.settings.models, model, key.models,
+                                  self.router.state.options.max_models)
         call = Call(key=key, endpoint=endpoint, checked=checked, gen_id=new_id(endpoint), request_id=request_id,
-                    created=int(time.time()), started=self.clock())
-        cands = self._candidates(call)
+                    created=int(time.time()), started=self.clock(), prefs=prefs)
+        routes = self._first_routes(call)
         max_out = checked.max_tokens or card.max_output_tokens
         call.adm = await self.meter.admit(key, model, checked.prompt_tokens, max_out, call.gen_id)
+        budget = self.router.state.budget
+        budget.enter()
+        call.release = budget.leave
         try:
             if checked.stream:
-                return await self._stream(call, cands)
-            return await self._json(call, cands, wait_disconnect)
+                return await self._stream(call, routes)
+            return await self._json(call, routes, wait_disconnect)
         except BaseException as e:
+            call.done()
             if not call.settled:
                 await self._settle_failure(call, e)
             raise
 
-    def _candidates(self, call: Call) -> list[Candidate]:
+    # ---- routing ----------------------------------------------------------------------------------------------
+
+    def _candidates(self, call: Call, model_id: str) -> list[Candidate]:
         b = call.checked.body
         rf = b.get("response_format") if isinstance(b.get("response_format"), dict) else {}
-        stop = b.get("stop")
-        needs = validate_needs(b, call, rf, stop)
-        cands, skipped = self.router.candidates(call.checked.model, needs)
-        call.skipped = skipped
-        if cands:
-            return cands
-        if skipped and all(s.reason.startswith("missing capability") for s in skipped):
-            cap = skipped[0].reason.split(": ", 1)[1]
+        needs = validate_needs(b, call, rf, b.get("stop"))
+        opts = self.router.state.options
+        prefix = prompt_prefix(b, opts.affinity_prefix_chars) if opts.affinity_for(model_id) else ""
+        cands, skipped = self.router.candidates(model_id, needs, call.prefs, prefix)
+        call.skipped.extend(skipped)
+        return cands
+
+    def _first_routes(self, call: Call) -> dict[str, list[Candidate]]:
+        """Candidates of the first model that has any (checked before admission: a fast 4xx / 503 costs nothing)."""
+        routes: dict[str, list[Candidate]] = {}
+        for model_id in call.plan:
+            routes[model_id] = self._candidates(call, model_id)
+            if routes[model_id]:
+                return routes
+        raise self._nothing_served(call, [])
+
+    def _nothing_served(self, call: Call, errors: list[Any]) -> GatewayError:
+        skipped = call.skipped
+        if not errors and skipped and all(s.reason.startswith("missing capability") for s in skipped):
+            cap = skipped[0].reason.split(": ", 1)[1].split(" ", 1)[0]
             param = {"tools": "tools", "fim": "suffix"}.get(cap, "response_format")
             raise InvalidRequest(f"No deployment of `{call.checked.model}` supports {cap}.", param=param,
                                  code="unsupported_parameter")
-        why = "; ".join(f"{s.provider}: {s.reason}" for s in skipped)
-        raise NoDeploymentAvailable(f"No deployment of `{call.checked.model}` is available ({why}).")
+        return all_failed(errors, skipped, call.checked.model)
 
-    def _headers(self, call: Call, provider: str | None) -> dict[str, str]:
+    async def _route(self, call: Call, routes: dict[str, list[Candidate]], attempt: Callable[[Candidate], Any],
+                     cancel_on: Callable[[], Awaitable[None]] | None = None) -> tuple[Candidate, Any]:
+        errors: list[Any] = []
+        deadline = self._deadline(call)
+        for model_id in call.plan:
+            if model_id not in routes and self.clock() >= deadline:
+                break
+            cands = routes[model_id] if model_id in routes else self._candidates(call, model_id)
+            if not cands:
+                continue
+            try:
+                cand, result, lease = await self.policy.run(call, cands, attempt, deadline, self.clock,
+                                                            cancel_on=cancel_on, stream=call.checked.stream)
+            except Exhausted as ex:
+                errors.extend(ex.errors)
+                continue
+            call.lease = lease
+            return cand, result
+        raise self._nothing_served(call, errors)
+
+    def _headers(self, call: Call, cand: Candidate | None) -> dict[str, str]:
         h = dict(call.adm.headers) if call.adm else {}
-        if provider:
-            h["x-therouter-provider"] = provider
+        if cand is not None:
+            h["x-therouter-provider"] = cand.name
+            if cand.model_id != call.checked.model:
+                h["x-therouter-model"] = cand.model_id
         h["x-therouter-attempts"] = str(len(call.attempts))
         h["x-therouter-generation-id"] = call.gen_id
         return h
@@ -151,22 +213,24 @@ class Gateway:
 
     # ---- non-stream -------------------------------------------------------------------------------------------
 
-    async def _json(self, call: Call, cands: list[Candidate],
+    async def _json(self, call: Call, routes: dict[str, list[Candidate]],
                     wait_disconnect: Callable[[], Awaitable[None]] | None) -> JSONAnswer:
         async def attempt(c: Candidate) -> tuple[dict[str, Any], Usage]:
             return await self._json_attempt(call, c)
 
-        cand, (obj, usage) = await self.policy.run(call, cands, attempt, self._deadline(call), self.clock,
-                                                    cancel_on=wait_disconnect)
+        cand, (obj, usage) = await self._route(call, routes, attempt, cancel_on=wait_disconnect)
+        if call.lease is not None:
+            self.router.state.observe_throughput(cand.key, usage.completion_tokens,
+                                                 self.clock() - call.lease.started)
+        call.done()
         cost = await self._settle(call, cand, usage, "completed", stream=False)
         obj["id"] = call.gen_id
-        obj["model"] = call.checked.model
+        obj["model"] = cand.model_id
         obj["provider"] = cand.name
         u = usage.to_openai(obj.get("usage") if isinstance(obj.get("usage"), dict) else None)
         u["cost"] = cost_fragment(cost)
         obj["usage"] = u
-        return JSONAnswer(orjson.dumps(obj), self._headers(call, cand.name))
-
+        return JSONAnswer(orjson.dumps(obj), self._headers(call, cand))
     async def _json_attempt(self, call: Call, c: Candidate) -> tuple[dict[str, Any], Usage]:
         p, t = c.provider, c.provider.config.timeouts
         build = p.chat_request if call.endpoint == "chat" else p.completion_request
@@ -194,12 +258,15 @@ class Gateway:
 
     # ---- stream -----------------------------------------------------------------------------------------------
 
-    async def _stream(self, call: Call, cands: list[Candidate]) -> StreamAnswer:
+    async def _stream(self, call: Call, routes: dict[str, list[Candidate]]) -> StreamAnswer:
         async def attempt(c: Candidate) -> tuple[UpstreamEvents, ChunkRewriter, list[bytes]]:
             return await self._open_stream(call, c)
 
-        cand, (events, rw, first) = await self.policy.run(call, cands, attempt, self._deadline(call), self.clock)
-        return StreamAnswer(self._headers(call, cand.name), self._pump(call, cand, events, rw, first))
+        cand, (events, rw, first) = await self._route(call, routes, attempt)
+        call.ttft = self.clock() - call.started
+        gen = self._pump(call, cand, events, rw, first)
+        return StreamAnswer(self._headers(call, cand),
+                            _Stream(gen, lambda: self._finish_stream(call, cand, events, rw, "client_cancelled", None)))
 
     async def _open_stream(self, call: Call, c: Candidate) -> tuple[UpstreamEvents, ChunkRewriter, list[bytes]]:
         """Open the upstream stream and hold it until its first data event is real generation (first-chunk gate)."""
@@ -220,7 +287,7 @@ class Gateway:
             raise p.map_error(resp.status, raw, resp.headers)
         events = UpstreamEvents(resp, first_token=first_token, idle=t.idle, total=t.total, clock=self.clock,
                                 started=sent_at)
-        rw = ChunkRewriter(p, gen_id=call.gen_id, model=call.checked.model, created=call.created,
+        rw = ChunkRewriter(p, gen_id=call.gen_id, model=c.model_id, created=call.created,
                            object_=call.object, include_usage=call.checked.include_usage)
         first: list[bytes] = []
         try:
@@ -262,12 +329,8 @@ class Gateway:
             outcome, error = "upstream_cut", e
             log.warning("stream %s from %s broke: %s", call.gen_id, cand.name, e.message)
         finally:
-            await events.aclose()
-            usage = rw.final_usage(call.checked.prompt_tokens)
-            if outcome != "completed":
-                usage.estimated = usage.estimated or rw.usage_raw is None
-            settle = asyncio.ensure_future(self._settle(call, cand, usage, outcome, stream=True))
-            cost = await asyncio.shield(settle)
+            usage, cost = await asyncio.shield(asyncio.ensure_future(
+                self._finish_stream(call, cand, events, rw, outcome, error)))
         if error is not None:
             yield b"data: " + orjson.dumps({"error": {"message": error.message, "type": error.type,
                                                       "param": None, "code": error.code}}) + b"\n\n"
@@ -276,12 +339,32 @@ class Gateway:
             yield rw.usage_event(usage, {"cost": cost_fragment(cost)})
         yield b"data: [DONE]\n\n"
 
+    async def _finish_stream(self, call: Call, cand: Candidate, events: UpstreamEvents, rw: ChunkRewriter,
+                             outcome: str, error: GatewayError | None) -> tuple[Usage, int]:
+        """Close the upstream, free the slots, feed the measurements and settle: once, whatever ended the stream."""
+        if call.settled:
+            return Usage(), 0
+        await events.aclose()
+        usage = rw.final_usage(call.checked.prompt_tokens)
+        state = self.router.state
+        if error is not None:
+            usage.estimated = usage.estimated or rw.usage_raw is None
+            state.observe_stream_break(cand.key, f"{error.code}: {error.message}")
+            if self.metrics is not None:
+                self.metrics.stream_errors.labels(cand.name, error.code or "upstream_error").inc()
+        elif outcome == "completed" and call.lease is not None:
+            state.observe_throughput(cand.key, usage.completion_tokens, self.clock() - call.lease.started)
+        call.done()
+        cost = await self._settle(call, cand, usage, outcome, stream=True)
+        return usage, cost
+
     # ---- metering ---------------------------------------------------------------------------------------------
 
-    def _record(self, call: Call, cand: Candidate | None, usage: Usage, outcome: str, stream: bool,
-                ttft_ms: int | None = None) -> GenerationRecord:
+    def _record(self, call: Call, cand: Candidate | None, usage: Usage, outcome: str,
+                stream: bool) -> GenerationRecord:
+        ttft_ms = int(call.ttft * 1000) if stream and call.ttft is not None else None
         return GenerationRecord(
-            id=call.gen_id, key_id=call.key.id, model=call.checked.model,
+            id=call.gen_id, key_id=call.key.id, model=cand.model_id if cand else call.checked.model,
             provider=cand.name if cand else "", upstream_model=cand.dep.model if cand else "",
             usage=usage, cost_nano=0, price_version=call.adm.price_version if call.adm else 0,
             created=call.created, latency_ms=int((self.clock() - call.started) * 1000), ttft_ms=ttft_ms,
@@ -305,6 +388,30 @@ class Gateway:
         await asyncio.shield(self.meter.settle(call.adm, rec))
 
 
+class _Stream:
+    """The answer's event iterator. If the response is closed before the first event was pulled (the client left
+    between the gate and the first write), the generator's ``finally`` would never run: ``aclose`` then finishes
+    the stream itself, so the upstream is closed, the slots are freed and the request is still metered."""
+
+    def __init__(self, gen: AsyncIterator[bytes], on_unstarted: Callable[[], Awaitable[Any]]) -> None:
+        self._gen = gen
+        self._started = False
+        self._on_unstarted = on_unstarted
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self._started = True
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        if not self._started:
+            self._started = True
+            await asyncio.shield(asyncio.ensure_future(self._on_unstarted()))
+        await self._gen.aclose()  # type: ignore[attr-defined]
+
+
 def validate_needs(b: dict[str, Any], call: Call, rf: dict[str, Any], stop: Any) -> Needs:
     return Needs(
         tools=bool(b.get("tools")) and b.get("tool_choice") != "none",
@@ -313,6 +420,7 @@ def validate_needs(b: dict[str, Any], call: Call, rf: dict[str, Any], stop: Any)
         fim=call.endpoint == "completions" and b.get("suffix") is not None,
         tokens=call.checked.prompt_tokens + (call.checked.max_tokens or 0),
         stops=len(stop) if isinstance(stop, list) else (1 if stop else 0),
+        stream=call.checked.stream,
     )
 
 

@@ -27,12 +27,34 @@ class Metrics:
                                        ["provider"], registry=r)
         self.stream_errors = Counter("therouter_stream_errors_total", "Streams ended by an upstream fault",
                                      ["provider", "code"], registry=r)
+        self.routing_metrics()
 
     def observe_attempt(self, provider: str, code: str | None, seconds: float) -> None:
         self.attempts.labels(provider, code or "ok").inc()
         self.attempt_seconds.labels(provider).observe(seconds)
         if code == "upstream_auth_error":
             self.provider_alerts.labels(provider).inc()
+
+    # ---- routing (breakers, fail-overs, retries) ----------------------------------------------------------------
+
+    def routing_metrics(self) -> None:
+        r = self.registry
+        self.breaker_changes = Counter("therouter_circuit_state_changes_total",
+                                       "Circuit breaker transitions per deployment (state: open|half_open|closed)",
+                                       ["provider", "state"], registry=r)
+        self.failovers = Counter("therouter_failovers_total",
+                                 "Requests served by another deployment after the first one failed",
+                                 ["from_provider", "to_provider"], registry=r)
+        self.retries = Counter("therouter_retries_total", "Same-deployment retries", ["provider"], registry=r)
+
+    def observe_breaker(self, provider: str, state: str) -> None:
+        self.breaker_changes.labels(provider, state).inc()
+
+    def observe_failover(self, from_provider: str, to_provider: str) -> None:
+        self.failovers.labels(from_provider, to_provider).inc()
+
+    def observe_retry(self, provider: str) -> None:
+        self.retries.labels(provider).inc()
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -13,7 +13,10 @@ from therouter.observability import Metrics
 from therouter.providers import Provider, build_provider, make_transport
 from therouter.routing.attempts import AttemptPolicy
 from therouter.routing.health import HealthMonitor
+from therouter.routing.options import RoutingOptions
 from therouter.routing.router import Router
+from therouter.routing.shared import SharedSync
+from therouter.routing.state import RoutingState
 from therouter.store import Store
 
 
@@ -28,19 +31,30 @@ class Services:
     health: HealthMonitor
     gateway: Gateway
     metrics: Metrics
+    routing: RoutingState
+    shared: SharedSync
 
 
-async def build_services(settings: Settings) -> Services:
+async def build_services(settings: Settings, routing: RoutingOptions | None = None) -> Services:
     store = Store(settings.store)
     providers = {
         name: build_provider(name, cfg, make_transport(settings.server.upstream_client, cfg.max_connections))
         for name, cfg in settings.providers.items()
     }
     metrics = Metrics()
-    health = HealthMonitor(settings, providers)
-    router = Router(settings, providers, filters=[health.unfit])
-    policy = AttemptPolicy(observers=[lambda c, e, dt: metrics.observe_attempt(c.name, e.code if e else None, dt)])
+    state = RoutingState(routing or settings.routing,
+                         on_breaker=lambda key, st: metrics.observe_breaker(key[0], st))
+    deployments = {(d.provider, d.model) for m in settings.models.values() for d in m.deployments}
+    shared = SharedSync(state, store, providers, deployments)
+    health = HealthMonitor(settings, providers, on_start=[shared.start], on_stop=[shared.aclose])
+    router = Router(settings, providers, filters=[health.unfit], state=state)
+    policy = AttemptPolicy(
+        router,
+        observers=[lambda c, e, dt: metrics.observe_attempt(c.name, e.code if e else None, dt)],
+        on_retry=lambda c: metrics.observe_retry(c.name),
+        on_failover=lambda a, b: metrics.observe_failover(a.name, b.name),
+    )
     meter = Meter(store, settings, Path(settings.data_dir) / "journal")
-    gateway = Gateway(settings, router, meter, policy)
+    gateway = Gateway(settings, router, meter, policy, metrics=metrics)
     auth = Authenticator(store, stale_seconds=settings.store.key_cache_seconds)
-    return Services(settings, store, auth, meter, providers, router, health, gateway, metrics)
+    return Services(settings, store, auth, meter, providers, router, health, gateway, metrics, state, shared)

@@ -147,3 +147,18 @@ class Store:
             return False
         await self.call(lambda: self.redis.hset(self.k("key", h), mapping=fields))
         return True
+
+    # ---- routing state shared across workers (drains, cooldowns): see routing/shared.py -------------------------
+
+    def _route(self, name: str) -> str:
+        return self.k("{route}", name)  # one hash slot, so the MGET below also works on a cluster
+
+    async def route_get(self, names: list[str]) -> list[str | None]:
+        keys = [self._route(n) for n in names]
+        return await self.call(lambda: self.redis.mget(keys)) if keys else []
+
+    async def route_set(self, name: str, value: str, ttl: float) -> None:
+        await self.call(lambda: self.redis.set(self._route(name), value, px=max(int(ttl * 1000), 1)))
+
+    async def route_delete(self, name: str) -> None:
+        await self.call(lambda: self.redis.delete(self._route(name)))

@@ -5,15 +5,26 @@ from __future__ import annotations
 import json
 import socket
 import time
+from typing import Iterator
 
 import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import CANARY, Fake, Gateway
+from tests.integration.conftest import ADMIN_KEY, CANARY, Fake, Gateway
 
 MODEL = "deepseek/deepseek-v3.2"
 HELLO = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_routing(gateway: Gateway) -> Iterator[None]:
+    """Faults leave routing state behind on the shared gateway (a 429's Retry-After cooldown, failures counted toward
+    a circuit): each test here starts from a fresh state, as after an operator's reset."""
+    yield
+    for provider in ("deepseek", "vllm-local", "sglang-local"):
+        httpx.post(f"{gateway.url}/admin/providers/{provider}/reset",
+                   headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=5).raise_for_status()
 
 
 @pytest.mark.parametrize("kind", ["500", "503", "402", "401", "429"])

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from therouter.api.deps import AdminDep, ServicesDep
-from therouter.errors import InvalidRequest, ModelNotFound
+from therouter.errors import InvalidRequest, ModelNotFound, NotFound
+from therouter.routing.report import providers_report, stranded_by_drain
 
 router = APIRouter(prefix="/admin", dependencies=[AdminDep])
 
@@ -53,3 +54,71 @@ async def list_keys(services: ServicesDep) -> Response:
 @router.get("/usage")
 async def usage(services: ServicesDep, key: str | None = None, days: int = 7) -> Response:
     return _json({"object": "list", "data": await services.meter.usage_rows(key, max(1, min(days, 366)))})
+
+
+# ---- routing: outage drills ----------------------------------------------------------------------------------------
+
+
+def _provider(services: Any, name: str) -> str:
+    if name not in services.providers:
+        raise NotFound(f"No provider named `{name}`. Known: {', '.join(sorted(services.providers))}.",
+                       param="name")
+    return name
+
+
+@router.get("/providers")
+async def list_providers(services: ServicesDep) -> Response:
+    """Each provider and deployment: drained, health, circuit, cooldown, in flight, recent latency and error rate."""
+    synced = await services.shared.refresh()
+    budget = services.routing.budget
+    return _json({
+        "object": "list",
+        "data": providers_report(services.settings, services.providers, services.routing, services.health),
+        "retry_budget": {"requests_in_flight": budget.requests, "retries_in_flight": budget.retries,
+                         "limit": budget.limit, "refused": budget.refused},
+        "shared_state": "ok" if synced else "unreachable (this worker's local view)",
+    })
+
+
+@router.post("/providers/{name}/drain")
+async def drain(name: str, services: ServicesDep, force: bool = False) -> Response:
+    """New requests stop going to the provider; requests in flight finish. Refused (409) if a model would be left
+    with no deployment at all, unless ``?force=true``."""
+    _provider(services, name)
+    stranded = stranded_by_drain(services.settings, services.routing, name)
+    if stranded and not force:
+        err = InvalidRequest(f"Draining `{name}` would leave {', '.join(stranded)} with no deployment; "
+                             "add ?force=true to drain anyway.", param="name", code="would_strand_models")
+        err.status = 409
+        raise err
+    services.routing.set_drained(name, True)
+    shared = await services.shared.flush()
+    return _json(_drain_answer(services, name, shared, stranded))
+
+
+@router.post("/providers/{name}/undrain")
+async def undrain(name: str, services: ServicesDep) -> Response:
+    _provider(services, name)
+    services.routing.set_drained(name, False)
+    shared = await services.shared.flush()
+    return _json(_drain_answer(services, name, shared, []))
+
+
+@router.post("/providers/{name}/reset")
+async def reset(name: str, services: ServicesDep) -> Response:
+    """After a fix: close the provider's circuits (on this worker) and forget its cooldowns (everywhere)."""
+    _provider(services, name)
+    services.routing.reset(name)
+    shared = await services.shared.clear_cooldowns(name)
+    return _json({"provider": name, "reset": True, "shared": shared})
+
+
+def _drain_answer(services: Any, name: str, shared: bool, stranded: list[str]) -> dict[str, Any]:
+    in_flight = sum(d["in_flight"] for p in providers_report(services.settings, services.providers,
+                                                             services.routing, services.health)
+                    if p["provider"] == name for d in p["deployments"])
+    out: dict[str, Any] = {"provider": name, "drained": services.routing.drained(name), "shared": shared,
+                           "in_flight": in_flight}
+    if stranded:
+        out["models_without_deployment"] = stranded
+    return out

@@ -186,7 +186,8 @@ class Meter:
 
     async def settle(self, adm: Admission, record: GenerationRecord) -> int:
         """Record the true cost once; returns it in nano-USD. Never raises; survives the caller's cancellation."""
-        record.id, record.key_id, record.model = adm.gen_id, adm.key_id, adm.model
+        record.id, record.key_id = adm.gen_id, adm.key_id
+        record.model = record.model or adm.model  # the model that served (a `models` fallback may differ)
         record.cost_nano = cost_nano(record.usage, adm.price)
         record.price_version = adm.price.version
         task = asyncio.ensure_future(self._settle(adm, record))

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import orjson
 
@@ -33,10 +33,15 @@ class ProviderHealth:
 
 
 class HealthMonitor:
-    def __init__(self, settings: Settings, providers: dict[str, Provider], interval: float = 10.0) -> None:
+    def __init__(self, settings: Settings, providers: dict[str, Provider], interval: float = 10.0,
+                 on_start: list[Callable[[], Awaitable[Any]]] | None = None,
+                 on_stop: list[Callable[[], Awaitable[Any]]] | None = None) -> None:
         self.settings = settings
         self.providers = providers
         self.interval = interval
+        # routing's other background work rides on this lifecycle (e.g. the first read of shared drains)
+        self.on_start = list(on_start or [])
+        self.on_stop = list(on_stop or [])
         self.state: dict[str, ProviderHealth] = {n: ProviderHealth() for n in providers}
         self._task: asyncio.Task[None] | None = None
         self._last_models = 0.0
@@ -55,6 +60,11 @@ class HealthMonitor:
         await asyncio.gather(*jobs, return_exceptions=True)
 
     async def start(self) -> None:
+        for hook in self.on_start:
+            try:
+                await hook()
+            except Exception:  # noqa: BLE001 - start-up must not fail on an optional hook
+                log.exception("routing start-up hook failed")
         await self.check_all()
         self._last_models = time.monotonic()
         for name, p in self.providers.items():
@@ -69,6 +79,11 @@ class HealthMonitor:
         self._task = asyncio.create_task(self._loop())
 
     async def aclose(self) -> None:
+        for hook in self.on_stop:
+            try:
+                await hook()
+            except Exception:  # noqa: BLE001
+                log.exception("routing shutdown hook failed")
         if self._task:
             self._task.cancel()
             try:

@@ -1,17 +1,27 @@
-"""Candidate selection: from a model's deployments, those fit to serve this request, in order.
+"""Candidate selection: from a model's deployments, those fit to serve this request, in the order to try them.
 
-Order is config data (priority, then weight). Each deployment left out is reported with its reason so the generation
-record can show it.
+Left out, each with its reason (kept in the generation record): not configured, a capability or context the request
+needs, the request's provider preferences, unhealthy (active checks), drained, cooldown (Retry-After), circuit open.
+
+Order: the request's ``provider.order`` if given, else its ``provider.sort`` (measured latency / throughput), else
+config data: priority, then within a priority a weighted random order discounted by requests in flight, with optional
+prefix affinity among self-hosted replicas. The last usable deployment is never left out for its circuit alone: with
+nowhere else to go, ejecting it gains nothing, so it serves as the probe. When several usable deployments all have
+open circuits, the request fails fast (503 with Retry-After) rather than waiting.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Callable
 
 from therouter.config import Deployment, ModelConfig, Settings
 from therouter.providers.base import Provider
+from therouter.routing.balance import load_weight, rendezvous, weighted_order
+from therouter.routing.preferences import NO_PREFERENCES, Preferences
+from therouter.routing.state import DepKey, RoutingState
 
 
 @dataclass(slots=True, frozen=True)
@@ -22,6 +32,7 @@ class Needs:
     fim: bool = False
     tokens: int = 0  # prompt estimate + requested completion
     stops: int = 0
+    stream: bool = False
 
 
 @dataclass(slots=True)
@@ -29,19 +40,29 @@ class Candidate:
     model_id: str
     dep: Deployment
     provider: Provider
+    forced: bool = False  # the last usable deployment, let through although its circuit is open
 
     @property
     def name(self) -> str:
         return self.provider.name
+
+    @property
+    def key(self) -> DepKey:
+        return (self.provider.name, self.dep.model)
 
 
 @dataclass(slots=True)
 class Skip:
     provider: str
     reason: str
+    model: str = ""
+    retry_in: float | None = None  # seconds until this deployment may be tried again, when known
 
     def to_dict(self) -> dict[str, str]:
-        return {"provider": self.provider, "reason": self.reason}
+        d = {"provider": self.provider, "reason": self.reason}
+        if self.model:
+            d["model"] = self.model
+        return d
 
 
 @dataclass
@@ -49,26 +70,51 @@ class Router:
     settings: Settings
     providers: dict[str, Provider]
     rng: random.Random = field(default_factory=random.Random)
-    # extra filters added by health / breakers / drains: (deployment, provider) -> reason or None
+    # extra filters (active health checks): (model id, deployment, provider) -> reason or None
     filters: list[Callable[[str, Deployment, Provider], str | None]] = field(default_factory=list)
+    state: RoutingState = field(default_factory=RoutingState)
 
     def card(self, model_id: str) -> ModelConfig | None:
         return self.settings.models.get(model_id)
 
-    def candidates(self, model_id: str, needs: Needs) -> tuple[list[Candidate], list[Skip]]:
+    def candidates(self, model_id: str, needs: Needs, prefs: Preferences = NO_PREFERENCES,
+                   prefix: str = "") -> tuple[list[Candidate], list[Skip]]:
         card = self.settings.models[model_id]
+        if self.state.sync is not None:
+            self.state.sync.poke()
         ok: list[Candidate] = []
+        held: list[tuple[Candidate, Skip]] = []  # fit, but the circuit is open
         skipped: list[Skip] = []
         for dep in card.deployments:
             provider = self.providers[dep.provider]
-            reason = self._unfit(model_id, dep, provider, card, needs)
+            cand = Candidate(model_id, dep, provider)
+            reason = self._unfit(model_id, dep, provider, card, needs, prefs)
             if reason:
-                skipped.append(Skip(dep.provider, reason))
+                skipped.append(Skip(dep.provider, reason, model_id))
+                continue
+            skip = self._state_skip(cand)
+            if skip is None:
+                ok.append(cand)
+            elif skip.reason.startswith("circuit"):
+                held.append((cand, skip))
             else:
-                ok.append(Candidate(model_id, dep, provider))
-        return self._order(ok), skipped
+                skipped.append(skip)
+        if not ok and len(held) == 1:
+            cand, _ = held[0]
+            cand.forced = True
+            ok.append(cand)
+        else:
+            skipped.extend(s for _, s in held)
+        ordered = self._order(model_id, ok, needs, prefs, prefix)
+        if not prefs.allow_fallbacks and not prefs.order and len(ordered) > 1:
+            skipped.extend(Skip(c.name, "allow_fallbacks is false", model_id) for c in ordered[1:])
+            ordered = ordered[:1]
+        return ordered, skipped
 
-    def _unfit(self, model_id: str, dep: Deployment, p: Provider, card: ModelConfig, needs: Needs) -> str | None:
+    # ---- filters ----------------------------------------------------------------------------------------------
+
+    def _unfit(self, model_id: str, dep: Deployment, p: Provider, card: ModelConfig, needs: Needs,
+               prefs: Preferences) -> str | None:
         usable, why = p.usable
         if not usable:
             return f"not configured: {why}"
@@ -77,6 +123,8 @@ class Router:
             return "missing capability: tools"
         if needs.json_schema and not caps & {"json_schema", "json_object"}:
             return "missing capability: json_schema"
+        if needs.json_schema and prefs.require_parameters and "json_schema" not in caps:
+            return "missing capability: json_schema (require_parameters: no json_object downgrade)"
         if needs.json_object and not caps & {"json_schema", "json_object"}:
             return "missing capability: json_object"
         if needs.fim and "fim" not in caps:
@@ -86,25 +134,90 @@ class Router:
             return f"context too small: {ctx} tokens"
         if needs.stops > p.max_stop:
             return f"too many stop sequences: at most {p.max_stop}"
+        excluded = prefs.excluded(p.name)
+        if excluded:
+            return excluded
         for f in self.filters:
             r = f(model_id, dep, p)
             if r:
                 return r
         return None
 
-    def _order(self, cands: list[Candidate]) -> list[Candidate]:
-        """By priority; within a priority, a weighted random order (weight 0 = only when nothing else is left)."""
+    def _state_skip(self, c: Candidate) -> Skip | None:
+        st = self.state
+        if st.drained(c.name):
+            return Skip(c.name, "drained", c.model_id)
+        left = st.cooldown_left(c.key)
+        if left > 0:
+            return Skip(c.name, f"cooldown: rate limited upstream, {left:.1f}s left", c.model_id, left)
+        b = st.breaker(c.key)
+        if not b.available():
+            wait = b.remaining()
+            what = "circuit open" if b.state == "open" else "circuit half-open, probe in flight"
+            return Skip(c.name, f"{what} ({b.last_reason}); next probe in {wait:.1f}s", c.model_id, wait)
+        return None
+
+    def available(self, c: Candidate) -> str | None:
+        """Re-checked before a same-deployment retry: why it may no longer be used, or None."""
+        skip = self._state_skip(c)
+        if skip is None or (c.forced and skip.reason.startswith("circuit")):
+            return None
+        return skip.reason
+
+    # ---- ordering ---------------------------------------------------------------------------------------------
+
+    def _order(self, model_id: str, cands: list[Candidate], needs: Needs, prefs: Preferences,
+               prefix: str) -> list[Candidate]:
+        if prefs.order:
+            rank = {name: i for i, name in enumerate(prefs.order)}
+            first = sorted((c for c in cands if c.name in rank), key=lambda c: rank[c.name])
+            rest = self._default_order(model_id, [c for c in cands if c.name not in rank], prefix)
+            return first + rest
+        if prefs.sort:
+            base = self._default_order(model_id, cands, prefix)
+            pos = {id(c): i for i, c in enumerate(base)}
+            return sorted(base, key=lambda c: (self._figure(c, prefs.sort, needs), pos[id(c)]))
+        return self._default_order(model_id, cands, prefix)
+
+    def _figure(self, c: Candidate, sort: str | None, needs: Needs) -> float:
+        """Smaller is better; unmeasured deployments go after measured ones."""
+        st = self.state.stats(c.key)
+        if sort == "latency":
+            v = (st.ttft if needs.stream else st.latency) or (st.latency if needs.stream else st.ttft)
+            return v if v is not None else math.inf
+        if sort == "throughput":
+            return -st.throughput if st.throughput is not None else math.inf
+        # price: prices are per model (the card), so deployments of one model tie and keep their default order
+        card = self.settings.models[c.model_id]
+        return float(card.pricing.input + card.pricing.output)
+
+    def _default_order(self, model_id: str, cands: list[Candidate], prefix: str) -> list[Candidate]:
         by_prio: dict[int, list[Candidate]] = {}
         for c in cands:
             by_prio.setdefault(c.dep.priority, []).append(c)
         out: list[Candidate] = []
+        affinity = bool(prefix) and self.state.options.affinity_for(model_id)
         for prio in sorted(by_prio):
             group = by_prio[prio]
-            while group:
-                weights = [max(c.dep.weight, 0) for c in group]
-                if sum(weights) == 0:
-                    out.extend(group)
-                    break
-                pick = self.rng.choices(range(len(group)), weights=weights)[0]
-                out.append(group.pop(pick))
+            owner = self._affinity_owner(group, prefix) if affinity and len(group) > 1 else None
+            if owner is not None:
+                group = [c for c in group if c is not owner]
+                out.append(owner)
+            out.extend(weighted_order(group, self._load_weight, self.rng))
         return out
+
+    def _load_weight(self, c: Candidate) -> float:
+        return load_weight(c.dep.weight, self.state.stats(c.key).in_flight)
+
+    def _affinity_owner(self, group: list[Candidate], prefix: str) -> Candidate | None:
+        replicas = [c for c in group if not c.provider.config.is_hosted and c.dep.weight > 0]
+        if len(replicas) < 2:
+            return None
+        owner = rendezvous(prefix, replicas, key=lambda c: f"{c.name}|{c.dep.model}",
+                           weight=lambda c: float(c.dep.weight))
+        if owner is None:
+            return None
+        load = {id(c): self.state.stats(c.key).in_flight for c in replicas}
+        if load[id(owner)] - min(load.values()) > self.state.options.affinity_max_imbalance:
+            return None  # the sticky replica is busy: spread by load instead
+        return owner
