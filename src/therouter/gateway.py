@@ -133,7 +133,8 @@ class Gateway:
         call = Call(key=key, endpoint=endpoint, checked=checked, gen_id=new_id(endpoint), request_id=request_id,
                     created=int(time.time()), started=self.clock(), prefs=prefs)
         routes = self._first_routes(call)
-        max_out = checked.max_tokens or card.max_output_tokens
+        n = body.get("n") if isinstance(body.get("n"), int) else 1
+        max_out = (checked.max_tokens or card.max_output_tokens) * max(n, 1)  # worst case covers every choice
         call.adm = await self.meter.admit(key, model, checked.prompt_tokens, max_out, call.gen_id)
         budget = self.router.state.budget
         budget.enter()
@@ -146,6 +147,8 @@ class Gateway:
             call.done()
             if not call.settled:
                 await self._settle_failure(call, e)
+            if isinstance(e, GatewayError) and call.adm is not None:
+                e.headers = {**call.adm.headers, **e.headers}  # x-ratelimit-* on every answer of a limited key
             raise
 
     # ---- routing ----------------------------------------------------------------------------------------------
@@ -379,12 +382,17 @@ class Gateway:
         return await asyncio.shield(self.meter.settle(call.adm, rec))
 
     async def _settle_failure(self, call: Call, exc: BaseException) -> None:
-        """A request that produced nothing: release its reservation and keep a zero-cost record of the attempts."""
+        """A request that produced no answer: release its reservation and keep a record of the attempts."""
         call.settled = True
         if call.adm is None:
             return
-        outcome = "client_cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
-        rec = self._record(call, None, Usage(), outcome, call.checked.stream)
+        if isinstance(exc, asyncio.CancelledError):
+            # the client left while an upstream had the request: the prompt was processed, so it is billed
+            # (estimated); a non-stream answer on a `finish` provider never gets here, it completes and is billed
+            outcome, usage = "client_cancelled", Usage(prompt_tokens=call.checked.prompt_tokens, estimated=True)
+        else:
+            outcome, usage = "failed", Usage()
+        rec = self._record(call, None, usage, outcome, call.checked.stream)
         await asyncio.shield(self.meter.settle(call.adm, rec))
 
 

@@ -321,3 +321,40 @@ def test_budget_holds_across_two_worker_processes(redis_proc: RedisProcess, fake
         assert info["spend_nano"] == sum(generation(gw, key, r.id)["cost_nano"] for r in ok) <= info["budget_nano"]
     finally:
         stop(gw.proc)
+
+
+def _send_and_drop(gw: Gateway, key: str, body: dict[str, Any], after: float) -> None:
+    raw = json.dumps(body).encode()
+    port = int(gw.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode()
+                  + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(raw)).encode() + b"\r\n\r\n"
+                  + raw)
+        time.sleep(after)
+
+
+@pytest.mark.parametrize("model,flavor,policy", [("selfhost/only-vllm", "vllm", "cancel"),
+                                                 (MODEL, "deepseek", "finish")])
+def test_non_stream_disconnect_policy(gateway: Gateway, fakes: dict[str, Fake], model: str, flavor: str,
+                                      policy: str) -> None:
+    """Self-hosted (cancel): the upstream is cancelled and the prompt is billed. Hosted (finish): the answer
+    completes upstream (we owe the provider for it) and the full usage is billed. Either way a record exists."""
+    key = asyncio.run(make_key(gateway, f"drop-{policy}"))
+    fakes[flavor].configure(latency_ms=1500)
+    fakes[flavor].reset()
+    _send_and_drop(gateway, key, {"model": model, "messages": HELLO}, after=0.4)
+
+    def settled() -> dict[str, Any] | None:
+        info = key_info(gateway, key)
+        return info if info["requests"] == 1 else None
+
+    info = wait_for(settled, 6)
+    assert info, "the request was never metered"
+    last = wait_for(lambda: [e for e in fakes[flavor].stats()["log"] if e.get("t_end")], 6)[-1]
+    if policy == "cancel":
+        assert last["closed_by"] == "client"
+        assert info["tokens"]["completion"] == 0 and info["tokens"]["prompt"] > 0
+    else:
+        assert last["closed_by"] == "server"
+        assert info["tokens"]["completion"] == 8
+    assert info["total_spend_nano"] > 0

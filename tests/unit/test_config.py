@@ -1,0 +1,71 @@
+"""Config parsing: typed, strict, secrets from the environment, one-line errors naming the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from therouter.config import ConfigError, load_settings, parse_settings, usd_to_nano
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def shipped() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "config" / "therouter.yaml").read_text())  # type: ignore[no-any-return]
+
+
+def test_shipped_config_has_the_model_card() -> None:
+    s = load_settings(ROOT / "config" / "therouter.yaml", env={})
+    m = s.models["deepseek/deepseek-v3.2"]
+    assert (m.context_length, m.max_output_tokens) == (131072, 32768)
+    assert (m.pricing.input, m.pricing.cached_input, m.pricing.output) == (960_000_000, 960_000_000, 2_880_000_000)
+    assert set(m.supported_parameters) == {"temperature", "max_tokens", "top_p", "tools", "tool_choice",
+                                           "response_format", "stop"}
+    assert [d.provider for d in m.deployments] == ["deepseek", "vllm-local", "sglang-local"]
+    assert {"deepseek/deepseek-v4-flash", "deepseek/deepseek-v4-pro"} <= set(s.models)
+    assert s.providers["deepseek"].api_key is None  # DEEPSEEK_API_KEY unset: loads anyway
+    assert s.store.redis_url == "redis://127.0.0.1:6379/0"
+
+
+def test_env_substitution_and_api_key_env() -> None:
+    s = load_settings(ROOT / "config" / "therouter.yaml",
+                      env={"REDIS_URL": "redis://10.0.0.1:7000/1", "DEEPSEEK_API_KEY": "sk-secret",
+                           "THEROUTER_ADMIN_KEY": "adm"})
+    assert s.store.redis_url == "redis://10.0.0.1:7000/1"
+    assert s.providers["deepseek"].api_key is not None
+    assert s.providers["deepseek"].api_key.get_secret_value() == "sk-secret"
+    assert "sk-secret" not in repr(s)  # SecretStr never prints
+    assert s.admin_key is not None and s.admin_key.get_secret_value() == "adm"
+
+
+@pytest.mark.parametrize("value,nano", [(0.96, 960_000_000), ("2.88", 2_880_000_000), (0.0028, 2_800_000),
+                                        (0, 0), ("0.000000001", 1)])
+def test_prices_are_exact_integers(value: Any, nano: int) -> None:
+    assert usd_to_nano(value) == nano
+
+
+@pytest.mark.parametrize("value", ["0.0000000001", -1, "abc", True])
+def test_bad_prices_refused(value: Any) -> None:
+    with pytest.raises(ValueError):
+        usd_to_nano(value)
+
+
+def test_routing_section_is_typed_and_strict() -> None:
+    raw = shipped()
+    raw["routing"] = {"max_attempts": 2, "breaker": {"consecutive_failures": 3}, "prefix_affinity": ["*"]}
+    s = parse_settings(raw, "x.yaml", env={})
+    assert s.routing.max_attempts == 2 and s.routing.breaker.consecutive_failures == 3
+    assert s.routing.affinity_for("anything")
+    raw["routing"] = {"max_attemps": 2}
+    with pytest.raises(ConfigError, match=r"x.yaml: routing.max_attemps: unknown key"):
+        parse_settings(raw, "x.yaml", env={})
+
+
+def test_unset_variable_without_default_is_named() -> None:
+    raw = shipped()
+    raw["store"]["redis_url"] = "${NOPE_NOT_SET}"
+    with pytest.raises(ConfigError, match=r"store.redis_url: is empty"):
+        parse_settings(raw, "x.yaml", env={})
