@@ -96,16 +96,6 @@ class ProviderConfig(_Strict):
 Capability = Literal["tools", "json_object", "json_schema", "fim", "vision", "reasoning"]
 
 
-class Deployment(_Strict):
-    provider: str
-    model: str  # the upstream id, as the host names it
-    priority: int = 0
-    weight: int = Field(1, ge=0)
-    capabilities: tuple[Capability, ...] = ()
-    context_length: int | None = Field(None, ge=1)  # when the host serves a shorter window than the model card
-    fim_tokens: tuple[str, str, str] | None = None  # (begin, hole, end) for self-hosted FIM built in the gateway
-
-
 class Modalities(_Strict):
     input: tuple[Literal["text", "image", "audio", "file"], ...] = ("text",)
     output: tuple[Literal["text", "image", "audio"], ...] = ("text",)
@@ -130,6 +120,17 @@ class Pricing(_Strict):
             if k in out:
                 out[k] = usd_to_nano(out[k], k)
         return out
+
+
+class Deployment(_Strict):
+    provider: str
+    model: str  # the upstream id, as the host names it
+    priority: int = 0
+    weight: int = Field(1, ge=0)
+    capabilities: tuple[Capability, ...] = ()
+    context_length: int | None = Field(None, ge=1)  # when the host serves a shorter window than the model card
+    fim_tokens: tuple[str, str, str] | None = None  # (begin, hole, end) for self-hosted FIM built in the gateway
+    cost: Pricing | None = None  # what this deployment costs the operator per 1M tokens (`provider.sort: price`)
 
 
 def usd_to_nano(value: Any, what: str = "price") -> int:

@@ -147,3 +147,16 @@ def test_require_parameters_refuses_the_json_schema_downgrade() -> None:
     assert names(r.candidates("m", Needs(json_schema=True))[0]) == ["a", "b"]
     cands, skipped = r.candidates("m", Needs(json_schema=True), Preferences(require_parameters=True))
     assert names(cands) == ["b"] and "require_parameters" in skipped[0].reason
+
+
+def test_sort_price_orders_by_what_each_deployment_costs_the_operator() -> None:
+    s = settings({"m": [
+        {"provider": "ds", "priority": 0, "cost": {"input": 0.5, "output": 1.5}},
+        {"provider": "v1", "priority": 1, "cost": {"input": 0, "output": 0}},  # own GPUs
+        {"provider": "v2", "priority": 2},  # no cost given: the model's price, after the cheaper ones
+    ]}, {"ds": "deepseek", "v1": "vllm", "v2": "vllm"})
+    r = router(s)
+    cands, _ = r.candidates("m", Needs(), Preferences(sort="price"))
+    assert names(cands) == ["v1", "ds", "v2"]
+    cands, _ = r.candidates("m", Needs())
+    assert names(cands) == ["ds", "v1", "v2"]  # without the preference: priority

@@ -187,9 +187,9 @@ class Router:
             return v if v is not None else math.inf
         if sort == "throughput":
             return -st.throughput if st.throughput is not None else math.inf
-        # price: prices are per model (the card), so deployments of one model tie and keep their default order
-        card = self.settings.models[c.model_id]
-        return float(card.pricing.input + card.pricing.output)
+        # price: what the deployment costs the operator (its `cost`), else the model's price (deployments tie)
+        p = c.dep.cost or self.settings.models[c.model_id].pricing
+        return float(p.input + p.output)
 
     def _default_order(self, model_id: str, cands: list[Candidate], prefix: str) -> list[Candidate]:
         by_prio: dict[int, list[Candidate]] = {}
