@@ -3,8 +3,10 @@ session's private redis-server. Clients are the official OpenAI SDK and raw http
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -234,3 +236,23 @@ def _clean_fakes(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def redis_url(redis_proc: RedisProcess) -> str:
     return redis_proc.url
+
+
+def post_raw(gw: Gateway, key: str, body: dict[str, Any]) -> socket.socket:
+    """POST /v1/chat/completions over a bare socket, so a test can read k events and then vanish like a client."""
+    raw = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", int(gw.url.rsplit(":", 1)[1])))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode()
+              + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(raw)).encode() + b"\r\n\r\n"
+              + raw)
+    return s
+
+
+def read_events(s: socket.socket, n: int) -> bytes:
+    got = b""
+    while got.count(b"data: ") < n:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got

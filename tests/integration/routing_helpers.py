@@ -1,16 +1,8 @@
-"""Helpers for the routing integration tests: fakes on a chosen port (to kill and bring back), a gateway launched
-with explicit routing options, and small client helpers.
-
-Routing options are not in the config file yet, so :func:`start_routed_gateway` runs the real app through this
-module (``python -m tests.integration.routing_helpers``): the app is built by ``create_app`` exactly as ``therouter
-serve`` builds it, then ``RoutingOptions`` are applied once its services exist.
-"""
+"""Helpers for the routing integration tests: fakes on a chosen port (to kill and bring back), a gateway started
+with explicit routing options (the config's `routing:` section), and small client helpers."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import subprocess
 import sys
 import time
@@ -20,9 +12,8 @@ from typing import Any
 
 import httpx
 import openai
-import yaml
 
-from tests.integration.conftest import ADMIN_KEY, CANARY, Fake, Gateway, stop
+from tests.integration.conftest import ADMIN_KEY, Fake, Gateway, start_gateway
 from therouter.redisproc import free_port
 
 CARD: dict[str, Any] = {
@@ -90,54 +81,8 @@ def config(redis_url: str, data_dir: Path, providers: dict[str, Any], models: di
 
 def start_routed_gateway(cfg: dict[str, Any], tmp: Path, options: dict[str, Any] | None = None,
                          workers: int = 1) -> Gateway:
-    port = free_port()
-    cfg_path = tmp / f"gateway-{port}.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    log_path = tmp / f"gateway-{port}.log"
-    env = {**os.environ, "TEST_DEEPSEEK_KEY": CANARY, "THEROUTER_ADMIN_KEY": ADMIN_KEY,
-           "THEROUTER_CONFIG": str(cfg_path), "TEST_ROUTING_OPTIONS": json.dumps(options or {})}
-    args = [sys.executable, "-m", "tests.integration.routing_helpers", "--port", str(port), "--workers",
-            str(workers)]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                cwd=Path(__file__).resolve().parents[2])
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited: {log_path.read_text()}")
-        try:
-            if httpx.get(url + "/health", timeout=0.5).status_code == 200:
-                return Gateway(url, cfg["store"]["key_prefix"], cfg["store"]["redis_url"], proc, log_path,
-                               cfg_path, env)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    stop(proc)
-    raise RuntimeError(f"gateway did not start: {log_path.read_text()}")
-
-
-def app_factory() -> Any:
-    """uvicorn factory: the app exactly as `therouter serve` builds it, plus routing options from the environment."""
-    from contextlib import asynccontextmanager
-    from typing import AsyncIterator
-
-    from therouter.app import create_app
-    from therouter.config import load_settings
-    from therouter.routing.options import RoutingOptions
-
-    options = RoutingOptions.from_dict(json.loads(os.environ.get("TEST_ROUTING_OPTIONS") or "{}"))
-    app = create_app(load_settings(os.environ["THEROUTER_CONFIG"]))
-    inner = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(a: Any) -> AsyncIterator[None]:
-        async with inner(a):
-            a.state.services.routing.apply(options)
-            yield
-
-    app.router.lifespan_context = lifespan
-    return app
+    """The real `therouter serve`, with the routing options in the config's `routing:` section."""
+    return start_gateway({**cfg, "routing": options or {}}, tmp, workers=workers)
 
 
 # ---- clients ------------------------------------------------------------------------------------------------------
@@ -185,13 +130,3 @@ def generation(gw: Gateway, key: str, gen_id: str, wait: float = 5) -> dict[str,
             return None
         time.sleep(0.05)
 
-
-if __name__ == "__main__":
-    import uvicorn
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--workers", type=int, default=1)
-    a = ap.parse_args()
-    uvicorn.run("tests.integration.routing_helpers:app_factory", factory=True, host="127.0.0.1", port=a.port,
-                workers=a.workers, log_level="info", timeout_graceful_shutdown=2)

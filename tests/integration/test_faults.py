@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from typing import Iterator
 
@@ -11,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import ADMIN_KEY, CANARY, Fake, Gateway
+from tests.integration.conftest import ADMIN_KEY, CANARY, Fake, Gateway, post_raw, read_events
 
 MODEL = "deepseek/deepseek-v3.2"
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -134,15 +133,8 @@ def test_keepalives_alone_trip_first_token_timeout_then_fall_back(client: openai
 def test_client_disconnect_cancels_upstream_stream(gateway: Gateway, api_key: str, fakes: dict[str, Fake]) -> None:
     fakes["deepseek"].configure(chunks=200, chunk_delay_ms=50)
     fakes["deepseek"].reset()
-    body = json.dumps({"model": MODEL, "messages": HELLO, "stream": True}).encode()
-    port = int(gateway.url.rsplit(":", 1)[1])
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + api_key.encode()
-              + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
-              + body)
-    got = b""
-    while got.count(b"data: ") < 3:
-        got += s.recv(65536)
+    s = post_raw(gateway, api_key, {"model": MODEL, "messages": HELLO, "stream": True})
+    read_events(s, 3)
     s.close()
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import uuid
 from decimal import Decimal
@@ -17,7 +16,8 @@ import openai
 import pytest
 
 from therouter.redisproc import RedisProcess
-from tests.integration.conftest import ADMIN_KEY, Fake, Gateway, gateway_config, make_key, start_gateway, stop
+from tests.integration.conftest import (ADMIN_KEY, Fake, Gateway, gateway_config, make_key, post_raw, read_events,
+                                       start_gateway, stop)
 
 MODEL = "deepseek/deepseek-v3.2"
 HELLO = [{"role": "user", "content": "hello there, how are you"}]
@@ -113,15 +113,8 @@ def test_cut_stream_metered_as_upstream_cut(gateway: Gateway, api_key: str, fake
 
 def test_client_disconnect_metered_as_cancelled(gateway: Gateway, api_key: str, fakes: dict[str, Fake]) -> None:
     fakes["deepseek"].configure(chunks=100, chunk_delay_ms=30)
-    body = json.dumps({"model": MODEL, "messages": HELLO, "stream": True}).encode()
-    port = int(gateway.url.rsplit(":", 1)[1])
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + api_key.encode()
-              + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
-              + body)
-    got = b""
-    while got.count(b"data: ") < 4:
-        got += s.recv(65536)
+    s = post_raw(gateway, api_key, {"model": MODEL, "messages": HELLO, "stream": True})
+    got = read_events(s, 4)
     s.close()
     gen_id = json.loads(got.split(b"data: ", 1)[1].split(b"\n\n", 1)[0])["id"]
 
@@ -323,16 +316,6 @@ def test_budget_holds_across_two_worker_processes(redis_proc: RedisProcess, fake
         stop(gw.proc)
 
 
-def _send_and_drop(gw: Gateway, key: str, body: dict[str, Any], after: float) -> None:
-    raw = json.dumps(body).encode()
-    port = int(gw.url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode()
-                  + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(raw)).encode() + b"\r\n\r\n"
-                  + raw)
-        time.sleep(after)
-
-
 @pytest.mark.parametrize("model,flavor,policy", [("selfhost/only-vllm", "vllm", "cancel"),
                                                  (MODEL, "deepseek", "finish")])
 def test_non_stream_disconnect_policy(gateway: Gateway, fakes: dict[str, Fake], model: str, flavor: str,
@@ -342,7 +325,8 @@ def test_non_stream_disconnect_policy(gateway: Gateway, fakes: dict[str, Fake], 
     key = asyncio.run(make_key(gateway, f"drop-{policy}"))
     fakes[flavor].configure(latency_ms=1500)
     fakes[flavor].reset()
-    _send_and_drop(gateway, key, {"model": model, "messages": HELLO}, after=0.4)
+    with post_raw(gateway, key, {"model": model, "messages": HELLO}):
+        time.sleep(0.4)  # the client gives up while the upstream is still working
 
     def settled() -> dict[str, Any] | None:
         info = key_info(gateway, key)
