@@ -246,7 +246,7 @@ def parse_settings(raw: Any, source: str, env: Mapping[str, str] | None = None) 
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
     data = _substitute(raw, env)
-    for name, p in (data.get("providers") or {}).items():
+    for p in (data.get("providers") or {}).values():
         if isinstance(p, dict) and p.get("api_key_env") and not p.get("api_key"):
             key = env.get(str(p["api_key_env"]))
             if key:

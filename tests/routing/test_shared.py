@@ -109,7 +109,7 @@ async def test_real_store_keys_are_namespaced_with_ttls(store: object) -> None:
     from therouter.store import Store
 
     assert isinstance(store, Store)
-    clock, wall = FakeClock(), [1_000_000.0]
+    clock = FakeClock()
     w1 = RoutingState(RoutingOptions(), clock=clock)
     w2 = RoutingState(RoutingOptions(), clock=clock)
     s1 = SharedSync(w1, store, ["ds", "v"], DEPS)
