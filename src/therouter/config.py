@@ -45,6 +45,8 @@ class StoreConfig(_Strict):
     socket_timeout: float = Field(0.25, gt=0)
     connect_timeout: float = Field(0.25, gt=0)
     key_cache_seconds: float = Field(60.0, ge=0)
+    max_connections: int = Field(32, ge=1, le=10_000)  # per worker; callers beyond it wait for a free one
+    pool_timeout: float = Field(1.0, gt=0)  # how long a caller may wait for a free connection
 
     @field_validator("redis_url")
     @classmethod

@@ -56,16 +56,21 @@ class Store:
     def __init__(self, cfg: StoreConfig, breaker: StoreBreaker | None = None) -> None:
         self.cfg = cfg
         self.prefix = cfg.key_prefix
-        self.redis: aioredis.Redis = aioredis.from_url(
+        # A bounded pool that makes callers queue for a connection (up to pool_timeout) instead of opening one
+        # connection per concurrent request: a burst of hundreds of requests then costs a short wait, not hundreds
+        # of connects whose socket timeouts would read as an outage and flip every key to the fail-open path.
+        pool = aioredis.BlockingConnectionPool.from_url(
             cfg.redis_url,
+            max_connections=cfg.max_connections,
+            timeout=cfg.pool_timeout,
             socket_timeout=cfg.socket_timeout,
             socket_connect_timeout=cfg.connect_timeout,
             retry_on_timeout=False,  # never re-send a non-idempotent command after a timeout
             retry=None,
             decode_responses=True,
             health_check_interval=0,
-            max_connections=256,
         )
+        self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self.breaker = breaker or StoreBreaker()
 
     def k(self, *parts: str) -> str:
