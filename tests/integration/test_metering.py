@@ -254,6 +254,13 @@ def test_redis_restart_journal_replay_totals_exact(fakes: dict[str, Fake], tmp_p
             return [r.id for r in rs]
 
         ids += asyncio.run(parallel())
+        fakes["deepseek"].configure(error_kind="cut", cut_after=3)  # a stream the upstream cuts mid-way
+        cut_ids: set[str] = set()
+        with pytest.raises(openai.APIError):
+            for chunk in c.chat.completions.create(model=MODEL, messages=HELLO, stream=True):
+                cut_ids.add(chunk.id)
+        ids += sorted(cut_ids)
+        fakes["deepseek"].configure(error_rate=0)
         redis.stop(kill=True)  # Redis dies: the key stays valid from the local cache; settlements go to the journal
         during = [c.chat.completions.create(model=MODEL, messages=HELLO).id for _ in range(3)]
         # a budgeted key cannot be admitted without the store: 503 + Retry-After (fail closed), never a 500
@@ -280,6 +287,7 @@ def test_redis_restart_journal_replay_totals_exact(fakes: dict[str, Fake], tmp_p
         assert info["requests"] == len(ids)
         assert info["total_spend_nano"] == sum(r["cost_nano"] for r in records)
         assert info["tokens"]["prompt"] == sum(r["usage"]["prompt_tokens"] for r in records)
+        assert {r["outcome"] for r in records} == {"completed", "upstream_cut"}
     finally:
         stop(gw.proc)
         redis.stop()
