@@ -141,7 +141,7 @@ class Gateway:
         call.release = budget.leave
         try:
             if checked.stream:
-                return await self._stream(call, routes)
+                return await self._stream(call, routes, wait_disconnect)
             return await self._json(call, routes, wait_disconnect)
         except BaseException as e:
             call.done()
@@ -261,11 +261,13 @@ class Gateway:
 
     # ---- stream -----------------------------------------------------------------------------------------------
 
-    async def _stream(self, call: Call, routes: dict[str, list[Candidate]]) -> StreamAnswer:
+    async def _stream(self, call: Call, routes: dict[str, list[Candidate]],
+                      wait_disconnect: Callable[[], Awaitable[None]] | None = None) -> StreamAnswer:
         async def attempt(c: Candidate) -> tuple[UpstreamEvents, ChunkRewriter, list[bytes]]:
             return await self._open_stream(call, c)
 
-        cand, (events, rw, first) = await self._route(call, routes, attempt)
+        # a client that leaves while the first-chunk gate holds the answer cancels the upstream at once
+        cand, (events, rw, first) = await self._route(call, routes, attempt, cancel_on=wait_disconnect)
         call.ttft = self.clock() - call.started
         gen = self._pump(call, cand, events, rw, first)
         return StreamAnswer(self._headers(call, cand),

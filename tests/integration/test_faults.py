@@ -146,3 +146,22 @@ def test_client_disconnect_cancels_upstream_stream(gateway: Gateway, api_key: st
     assert st["in_flight"] == 0
     assert st["log"][-1]["closed_by"] == "client"
     assert st["log"][-1]["tokens_sent"] < 200
+
+
+def test_client_leaving_during_first_token_wait_cancels_upstream(gateway: Gateway, api_key: str,
+                                                                  fakes: dict[str, Fake]) -> None:
+    """The first-chunk gate holds the 200 while the upstream thinks; a client that leaves then must not leave the
+    upstream generating."""
+    fakes["deepseek"].configure(ttft_ms=1800)
+    fakes["deepseek"].reset()
+    s = post_raw(gateway, api_key, {"model": MODEL, "messages": HELLO, "stream": True})
+    time.sleep(0.3)
+    s.close()
+    t_closed = time.monotonic()
+    while time.monotonic() - t_closed < 1.2:
+        log = fakes["deepseek"].stats()["log"]
+        if log and log[-1].get("closed_by") == "client":
+            break
+        time.sleep(0.05)
+    last = fakes["deepseek"].stats()["log"][-1]
+    assert last.get("closed_by") == "client" and last["tokens_sent"] == 0

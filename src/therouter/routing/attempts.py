@@ -120,7 +120,9 @@ class AttemptPolicy:
                 lease = state.begin(cand.key, probe)
                 t0 = clock()
                 try:
-                    if cancel_on is not None and cand.provider.config.disconnect_policy == "cancel":
+                    # a client that leaves cancels the attempt: always for streams (nothing will read the answer),
+                    # and for non-stream answers on providers whose policy is `cancel` (self-hosted by default)
+                    if cancel_on is not None and (stream or cand.provider.config.disconnect_policy == "cancel"):
                         result = await _unless_gone(attempt(cand), cancel_on)
                     else:
                         result = await attempt(cand)
