@@ -110,12 +110,17 @@ def cmd_keys(a: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         models = tuple(m.strip() for m in (a.models or "").split(",") if m.strip())
-        unknown = [m for m in models if m not in s.models]
+        try:
+            model_limits = dict(_model_limit(v) for v in a.model_limit or ())
+        except ValueError as e:
+            print(f"error: --model-limit {e}", file=sys.stderr)
+            return 2
+        unknown = [m for m in (*models, *model_limits) if m not in s.models]
         if unknown:
             print(f"error: unknown model(s): {', '.join(unknown)}", file=sys.stderr)
             return 2
         plaintext, rec = await store.create_key(a.name, budget_nano=budget, budget_period=a.budget_period,
-                                                rpm=a.rpm, tpm=a.tpm, models=models)
+                                                rpm=a.rpm, tpm=a.tpm, models=models, model_limits=model_limits)
         print(f"created key {rec.id} ({rec.name}); it is shown once, store it now:")
         print(plaintext)
         return 0
@@ -137,6 +142,24 @@ def cmd_keys(a: argparse.Namespace) -> int:
 
     fn = {"create": create, "list": list_, "revoke": revoke}[a.keys_cmd]
     return _run(_with_store(s, fn))
+
+
+def _model_limit(spec: str) -> tuple[str, tuple[int | None, int | None]]:
+    """MODEL=RPM/TPM, either side '-' for none (e.g. deepseek/deepseek-v4-pro=10/50000)."""
+    model, sep, limits = spec.rpartition("=")
+    rpm_s, sep2, tpm_s = limits.partition("/")
+    if not sep or not sep2 or not model:
+        raise ValueError(f"{spec!r}: expected MODEL=RPM/TPM ('-' for no limit)")
+
+    def num(v: str) -> int | None:
+        if v.strip() == "-":
+            return None
+        n = int(v)
+        if n < 0:
+            raise ValueError(f"{spec!r}: limits must not be negative")
+        return n
+
+    return model, (num(rpm_s), num(tpm_s))
 
 
 # ---- prices / usage ------------------------------------------------------------------------------------------
@@ -239,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--rpm", type=int)
     kc.add_argument("--tpm", type=int)
     kc.add_argument("--models", help="comma-separated model ids this key may use (default: all)")
+    kc.add_argument("--model-limit", action="append", metavar="MODEL=RPM/TPM",
+                    help="a per-model override of the rate limits, on top of --rpm/--tpm ('-' for none); repeatable")
     ks.add_parser("list")
     kr = ks.add_parser("revoke")
     kr.add_argument("id")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,11 @@ class KeyRecord:
     rpm: int | None = None
     tpm: int | None = None
     models: tuple[str, ...] = ()  # empty: every model
+    # per-model overrides: model id -> (rpm, tpm), enforced in addition to the key's own rpm / tpm
+    model_limits: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
+
+    def limits_for(self, model: str) -> tuple[int | None, int | None]:
+        return self.model_limits.get(model, (None, None))
 
     def to_redis(self) -> dict[str, str]:
         d = asdict(self)
@@ -48,6 +54,7 @@ class KeyRecord:
             "rpm": "" if self.rpm is None else str(self.rpm),
             "tpm": "" if self.tpm is None else str(self.tpm),
             "models": ",".join(self.models),
+            "model_limits": json.dumps({m: list(v) for m, v in self.model_limits.items()}) if self.model_limits else "",
         }
 
     @classmethod
@@ -63,9 +70,11 @@ class KeyRecord:
             budget_period=period if period in ("total", "day", "month") else "total",  # type: ignore[arg-type]
             rpm=opt("rpm"), tpm=opt("tpm"),
             models=tuple(m for m in (h.get("models") or "").split(",") if m),
+            model_limits={m: (v[0], v[1]) for m, v in json.loads(h.get("model_limits") or "{}").items()},
         )
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
         d["models"] = list(self.models)
+        d["model_limits"] = {m: {"rpm": r, "tpm": t} for m, (r, t) in self.model_limits.items()}
         return d

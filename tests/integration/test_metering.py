@@ -350,3 +350,22 @@ def test_non_stream_disconnect_policy(gateway: Gateway, fakes: dict[str, Fake], 
         assert last["closed_by"] == "server"
         assert info["tokens"]["completion"] == 8
     assert info["total_spend_nano"] > 0
+
+
+def test_per_model_rate_limit_override_from_the_cli(gateway: Gateway) -> None:
+    from tests.integration.test_cli import therouter
+
+    r = therouter("keys", "--config", str(gateway.config_path), "create", "--name", "override", "--rpm", "100",
+                  "--model-limit", "selfhost/only-sglang=1/-", env=gateway.env)
+    assert r.returncode == 0, r.stderr
+    key = r.stdout.strip().splitlines()[-1]
+    c = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+    c.chat.completions.create(model="selfhost/only-sglang", messages=HELLO)
+    with pytest.raises(openai.RateLimitError):
+        c.chat.completions.create(model="selfhost/only-sglang", messages=HELLO)
+    raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO)  # other models: the key's 100
+    assert raw.headers["x-ratelimit-limit-requests"] == "100"
+    assert key_info(gateway, key)["limits"]["models"] == {"selfhost/only-sglang": {"rpm": 1, "tpm": None}}
+    bad = therouter("keys", "--config", str(gateway.config_path), "create", "--name", "x", "--model-limit",
+                    "selfhost/only-sglang=ten", env=gateway.env)
+    assert bad.returncode == 2 and "MODEL=RPM/TPM" in bad.stderr

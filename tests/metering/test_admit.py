@@ -203,3 +203,30 @@ async def test_expired_reservation_frees_its_budget(meter: Meter, make_key: Make
         await meter.admit(key, "deepseek-chat", 1000, 1000, gen())
     clock.advance(2)
     await meter.admit(key, "deepseek-chat", 1000, 1000, gen())
+
+
+async def test_per_model_override_limits_that_model_only(meter: Meter, make_key: MakeKey) -> None:
+    key = make_key(rpm=100, model_limits={"qwen": (2, None)})
+    for left in ("1", "0"):
+        adm = await meter.admit(key, "qwen", 1, 1, gen())
+        assert adm.headers["x-ratelimit-limit-requests"] == "2"  # the tighter of the two limits is what shows
+        assert adm.headers["x-ratelimit-remaining-requests"] == left
+    with pytest.raises(RateLimited) as e:
+        await meter.admit(key, "qwen", 1, 1, gen())
+    assert e.value.headers["x-ratelimit-limit-requests"] == "2" and int(e.value.headers["Retry-After"]) >= 1
+    other = await meter.admit(key, "deepseek-chat", 1, 1, gen())  # the key's own limit still has room
+    assert other.headers["x-ratelimit-limit-requests"] == "100"
+    assert other.headers["x-ratelimit-remaining-requests"] == "97"  # qwen's requests count against the key too
+
+
+async def test_per_model_tpm_override_reconciles_and_releases(meter: Meter, make_key: MakeKey) -> None:
+    key = make_key(model_limits={"qwen": (None, 1000)})
+    a = await meter.admit(key, "qwen", 400, 400, ga := gen())
+    with pytest.raises(RateLimited):
+        await meter.admit(key, "qwen", 200, 200, gen())
+    await meter.settle(a, record(ga, prompt=100, completion=10))  # 690 of the 800 reserved tokens come back
+    b = await meter.admit(key, "qwen", 200, 200, gen())
+    assert b.headers["x-ratelimit-remaining-tokens"] == str(1000 - 110 - 400)
+    await meter.release(b)  # a failed request gives its tokens back to the model's window as well
+    c = await meter.admit(key, "qwen", 400, 400, gen())
+    assert c.headers["x-ratelimit-remaining-tokens"] == str(1000 - 110 - 800)

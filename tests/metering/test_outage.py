@@ -55,6 +55,14 @@ async def test_budget_fails_closed_and_rate_limits_fail_open(dead_meter: Meter, 
     assert dead_meter.fail_open_total == 3
 
 
+async def test_model_override_holds_in_the_local_limiter(dead_meter: Meter, make_key: MakeKey) -> None:
+    key = make_key(rpm=50, model_limits={"qwen": (1, None)})
+    await dead_meter.admit(key, "qwen", 10, 10, gen())
+    with pytest.raises(RateLimited):
+        await dead_meter.admit(key, "qwen", 10, 10, gen())
+    assert (await dead_meter.admit(key, "deepseek-chat", 10, 10, gen())).local
+
+
 async def test_journalled_settlements_replay_exactly_once(dead_meter: Meter, store: Store, settings: Settings,
                                                           clock: FakeClock, make_key: MakeKey) -> None:
     key = make_key(rpm=100)

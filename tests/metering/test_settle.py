@@ -98,7 +98,7 @@ async def test_key_summary(meter: Meter, make_key: MakeKey) -> None:
     await meter.settle(await meter.admit(key, "qwen", 10, 10, g), record(g, prompt=1000, completion=1000))
     await meter.admit(key, "qwen", 10, 10, gen())
     s = await meter.key_summary(key)
-    assert s["limits"] == {"rpm": 100, "tpm": 10_000}
+    assert s["limits"] == {"rpm": 100, "tpm": 10_000, "models": {}}
     assert (s["period"], s["period_label"], s["spend_nano"], s["spend_usd"]) == (
         "d:20250131", "day 2025-01-31 (UTC)", 300_000, "0.0003")
     assert s["reserved_nano"] == 10 * 100 + 10 * 200

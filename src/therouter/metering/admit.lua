@@ -1,10 +1,13 @@
 -- admit.lua: rate limits and budget reservation for one request, all or nothing, in one round trip.
 -- KEYS: 1 resv hash, 2 resvexp zset, 3 budget-period hash, 4 rl:r current window, 5 rl:r previous window,
---       6 rl:t current window, 7 rl:t previous window            (all in the key's slot {k:ID})
+--       6 rl:t current window, 7 rl:t previous window, 8-11 the same four for the key's per-model override
+--       (all in the key's slot {k:ID})
 -- ARGV: 1 gen, 2 now_ms, 3 budget nano (-1 none), 4 reserve nano, 5 period id, 6 reservation ttl ms,
---       7 rpm (-1 none), 8 tpm (-1 none), 9 tokens, 10 window ms, 11 elapsed ms in window, 12 meta, 13 key ttl ms
+--       7 rpm (-1 none), 8 tpm (-1 none), 9 tokens, 10 window ms, 11 elapsed ms in window, 12 meta, 13 key ttl ms,
+--       14 the model override's rpm (-1 none), 15 its tpm (-1 none)
 -- Returns {status, spent, reserved, r_ok, r_remaining, r_reset_ms, r_retry_ms, t_ok, t_remaining, t_reset_ms,
---          t_retry_ms}; status is ok | dup (gen already admitted: nothing consumed) | budget | rate.
+--          t_retry_ms, then the same eight for the model override}; status is ok | dup (gen already admitted:
+--          nothing consumed) | budget | rate.
 local resv, resvexp, per = KEYS[1], KEYS[2], KEYS[3]
 local gen, now = ARGV[1], tonumber(ARGV[2])
 local budget, reserve, period = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
@@ -20,7 +23,7 @@ local dup = redis.call('HEXISTS', resv, 'g:' .. gen) == 1
 local spent = tonumber(redis.call('HGET', per, 'cost') or '0')
 local reserved = tonumber(redis.call('HGET', resv, 's:' .. period) or '0')
 if budget >= 0 and not dup and spent + reserved + reserve > budget then
-  return {'budget', spent, reserved, 1, 0, 0, 0, 1, 0, 0, 0}
+  return {'budget', spent, reserved, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0}
 end
 
 -- the sliding-window-counter rule; mirrors ratelimit.decide()
@@ -52,13 +55,23 @@ end
 
 local rcost, tcost = 1, tokens
 if dup then rcost, tcost = 0, 0 end
+local mrpm, mtpm = tonumber(ARGV[14]), tonumber(ARGV[15])
 local rok, rrem, rreset, rretry = decide(rpm, KEYS[5], KEYS[4], rcost)
 local tok, trem, treset, tretry = decide(tpm, KEYS[7], KEYS[6], tcost)
-if dup then
-  return {'dup', spent, reserved, rok, rrem, rreset, rretry, tok, trem, treset, tretry}
+local mrok, mrrem, mrreset, mrretry = decide(mrpm, KEYS[9], KEYS[8], rcost)
+local mtok, mtrem, mtreset, mtretry = decide(mtpm, KEYS[11], KEYS[10], tcost)
+local decisions = {rok, rrem, rreset, rretry, tok, trem, treset, tretry,
+                   mrok, mrrem, mrreset, mrretry, mtok, mtrem, mtreset, mtretry}
+local function answer(status, res)
+  local out = {status, spent, res}
+  for _, v in ipairs(decisions) do table.insert(out, v) end
+  return out
 end
-if rok == 0 or tok == 0 then
-  return {'rate', spent, reserved, rok, rrem, rreset, rretry, tok, trem, treset, tretry}
+if dup then
+  return answer('dup', reserved)
+end
+if rok == 0 or tok == 0 or mrok == 0 or mtok == 0 then
+  return answer('rate', reserved)
 end
 
 local rl_ttl = s(2 * w + 1000)
@@ -70,9 +83,17 @@ if tpm >= 0 then
   redis.call('INCRBY', KEYS[6], ARGV[9])
   redis.call('PEXPIRE', KEYS[6], rl_ttl)
 end
+if mrpm >= 0 then
+  redis.call('INCR', KEYS[8])
+  redis.call('PEXPIRE', KEYS[8], rl_ttl)
+end
+if mtpm >= 0 then
+  redis.call('INCRBY', KEYS[10], ARGV[9])
+  redis.call('PEXPIRE', KEYS[10], rl_ttl)
+end
 redis.call('HSET', resv, 'g:' .. gen, ARGV[4] .. '|' .. ARGV[9] .. '|' .. period .. '|' .. ARGV[12])
 redis.call('HINCRBY', resv, 's:' .. period, ARGV[4])
 redis.call('ZADD', resvexp, s(now + tonumber(ARGV[6])), gen)
 redis.call('PEXPIRE', resv, ARGV[13])
 redis.call('PEXPIRE', resvexp, ARGV[13])
-return {'ok', spent, reserved + reserve, rok, rrem, rreset, rretry, tok, trem, treset, tretry}
+return answer('ok', reserved + reserve)

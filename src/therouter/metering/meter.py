@@ -43,7 +43,7 @@ from therouter.metering.journal import Journal
 from therouter.metering.layout import Layout, day_id, month_id, period_id, period_label
 from therouter.metering.pricebook import PriceBook
 from therouter.metering.prices import PriceVersion, cost_nano, nano_to_usd, reservation_nano
-from therouter.metering.ratelimit import Decision, LocalLimiter, headers, retry_after_seconds
+from therouter.metering.ratelimit import Decision, LocalLimiter, headers, retry_after_seconds, tighter
 from therouter.metering.records import COUNTER_FIELDS, GenerationRecord
 from therouter.metering.reports import Reports
 from therouter.metering.scripts import Scripts
@@ -69,7 +69,7 @@ class Meter:
         self.fail_open_total = 0
         self.journal_writes_total = 0
         self.journal_errors_total = 0
-        self._orphans: dict[str, tuple[str, int]] = {}  # gen id -> (key id, window): releases owed to Redis
+        self._orphans: dict[str, tuple[str, int, str]] = {}  # gen id -> (key id, window, model): releases owed
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: asyncio.Task[None] | None = None
         self._replay_lock = asyncio.Lock()
@@ -105,11 +105,12 @@ class Meter:
         reserve = reservation_nano(prompt_tokens_est, max_out, price) if key.budget_nano is not None else 0
         now_ms = int(now * 1000)
         adm = Admission(gen_id, key.id, model, price, reserve, tokens, now, now_ms // self.options.window_ms)
-        if key.budget_nano is None and key.rpm is None and key.tpm is None:
+        mrpm, mtpm = key.limits_for(model)
+        if key.budget_nano is None and key.rpm is None and key.tpm is None and mrpm is None and mtpm is None:
             return adm
         pid = period_id(key.budget_period, now)
         try:
-            res = await self.scripts.run("admit", self._admit_keys(key.id, pid, adm.window),
+            res = await self.scripts.run("admit", self._admit_keys(key.id, pid, adm.window, model),
                                          self._admit_args(key, adm, pid, now_ms))
         except StoreUnavailable:
             return self._admit_degraded(key, adm, now_ms)
@@ -117,35 +118,44 @@ class Meter:
             log.exception("metering: admission script failed; treating the store as unavailable")
             return self._admit_degraded(key, adm, now_ms)
         status, spent, reserved = str(res[0]), int(res[1]), int(res[2])
-        rdec = _decision(key.rpm, res[3:7])
-        tdec = _decision(key.tpm, res[7:11])
+        # the key's own limits and its override for this model: the tighter one is what the caller sees
+        rdec = tighter(_decision(key.rpm, res[3:7]), _decision(mrpm, res[11:15]))
+        tdec = tighter(_decision(key.tpm, res[7:11]), _decision(mtpm, res[15:19]))
         if status == "budget":
             raise self._budget_error(key, pid, spent, reserved, reserve)
         if status == "rate":
             raise self._rate_error(rdec, tdec, tokens)
         return replace(adm, tracked=True, headers=headers(rdec, tdec))
 
-    def _admit_keys(self, key_id: str, pid: str, window: int) -> list[str]:
-        lay = self.layout
+    def _admit_keys(self, key_id: str, pid: str, window: int, model: str) -> list[str]:
+        lay, mr, mt = self.layout, "r|" + model, "t|" + model
         return [lay.resv(key_id), lay.resvexp(key_id), lay.per(key_id, pid),
                 lay.rl(key_id, "r", window), lay.rl(key_id, "r", window - 1),
-                lay.rl(key_id, "t", window), lay.rl(key_id, "t", window - 1)]
+                lay.rl(key_id, "t", window), lay.rl(key_id, "t", window - 1),
+                lay.rl(key_id, mr, window), lay.rl(key_id, mr, window - 1),
+                lay.rl(key_id, mt, window), lay.rl(key_id, mt, window - 1)]
 
     def _admit_args(self, key: KeyRecord, adm: Admission, pid: str, now_ms: int) -> list[str | int]:
         ttl_ms = self.reservation_ttl * 1000
         return [adm.gen_id, now_ms, -1 if key.budget_nano is None else key.budget_nano, adm.reserved_nano, pid,
                 ttl_ms, -1 if key.rpm is None else key.rpm, -1 if key.tpm is None else key.tpm,
                 adm.reserved_tokens, self.options.window_ms, now_ms % self.options.window_ms,
-                f"{adm.model}|{adm.price.version}", ttl_ms + 60_000]
+                f"{adm.model}|{adm.price.version}", ttl_ms + 60_000,
+                *(-1 if v is None else v for v in key.limits_for(adm.model))]
 
     def _admit_degraded(self, key: KeyRecord, adm: Admission, now_ms: int) -> Admission:
         """Redis unreachable: budgets fail closed, rate limits fail open to the local limiter."""
-        self._owe_release(adm.gen_id, key.id, adm.window)  # the script may have run before the failure
+        self._owe_release(adm.gen_id, key.id, adm.window, adm.model)  # the script may have run before the failure
         if key.budget_nano is not None:
             raise StoreUnavailable("Spend can't be checked right now (the store is unavailable); retry shortly.",
                                    retry_after=2, headers={"Retry-After": "2"})
         self.fail_open_total += 1
         rdec, tdec = self.local.check(key.id, now_ms, key.rpm, key.tpm, adm.reserved_tokens)
+        mrpm, mtpm = key.limits_for(adm.model)
+        if (mrpm is not None or mtpm is not None) and all(d is None or d.allowed for d in (rdec, tdec)):
+            # degraded mode: the key-level counters have moved even if the model override refuses (slight over-count)
+            mr, mt = self.local.check(f"{key.id}|{adm.model}", now_ms, mrpm, mtpm, adm.reserved_tokens)
+            rdec, tdec = tighter(rdec, mr), tighter(tdec, mt)
         if (rdec and not rdec.allowed) or (tdec and not tdec.allowed):
             raise self._rate_error(rdec, tdec, adm.reserved_tokens)
         return replace(adm, local=True, headers=headers(rdec, tdec))
@@ -218,7 +228,8 @@ class Meter:
         lay, kid, gen, day = self.layout, adm.key_id, adm.gen_id, day_id(adm.admitted_at)
         return [lay.settled(kid, gen), lay.gen(kid, gen), lay.per(kid, "total"), lay.per(kid, "d:" + day),
                 lay.per(kid, "m:" + month_id(adm.admitted_at)), lay.bymodel(kid, day), lay.resv(kid),
-                lay.resvexp(kid), lay.stream(kid), lay.rl(kid, "t", adm.window)]
+                lay.resvexp(kid), lay.stream(kid), lay.rl(kid, "t", adm.window),
+                lay.rl(kid, "t|" + adm.model, adm.window)]
 
     def _settle_args(self, adm: Admission, record: GenerationRecord, rec_json: str) -> list[str | int]:
         c, o = record.counters(), self.options
@@ -269,18 +280,18 @@ class Meter:
         if not adm.tracked:
             return
         try:
-            await self._release(adm.key_id, adm.gen_id, adm.window)
+            await self._release(adm.key_id, adm.gen_id, adm.window, adm.model)
         except Exception:
-            self._owe_release(adm.gen_id, adm.key_id, adm.window)
+            self._owe_release(adm.gen_id, adm.key_id, adm.window, adm.model)
 
-    async def _release(self, key_id: str, gen_id: str, window: int) -> None:
+    async def _release(self, key_id: str, gen_id: str, window: int, model: str) -> None:
         lay = self.layout
-        await self.scripts.run("release", [lay.resv(key_id), lay.resvexp(key_id), lay.rl(key_id, "t", window)],
-                               [gen_id])
+        await self.scripts.run("release", [lay.resv(key_id), lay.resvexp(key_id), lay.rl(key_id, "t", window),
+                                           lay.rl(key_id, "t|" + model, window)], [gen_id])
 
-    def _owe_release(self, gen_id: str, key_id: str, window: int) -> None:
+    def _owe_release(self, gen_id: str, key_id: str, window: int, model: str) -> None:
         if len(self._orphans) < _MAX_ORPHANS:  # beyond that, reservation expiry frees them
-            self._orphans[gen_id] = (key_id, window)
+            self._orphans[gen_id] = (key_id, window, model)
 
     # ---- background -----------------------------------------------------------------------------------------------
 
@@ -298,8 +309,8 @@ class Meter:
         """One background pass: (re)load prices, pay owed releases, replay the journal."""
         if not self._prices_loaded or time.monotonic() - self._prices_at >= self.options.price_refresh:
             await self._load_prices()
-        for gen_id, (key_id, window) in list(self._orphans.items()):
-            await self._release(key_id, gen_id, window)
+        for gen_id, (key_id, window, model) in list(self._orphans.items()):
+            await self._release(key_id, gen_id, window, model)
             self._orphans.pop(gen_id, None)
         if await asyncio.to_thread(self.journal.pending):
             await self.replay_journal()

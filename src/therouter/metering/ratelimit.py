@@ -75,6 +75,16 @@ def retry_after_seconds(retry_ms: int, window_ms: int = WINDOW_MS) -> int:
     return max(-(-retry_ms // 1000), 1)
 
 
+def tighter(a: Decision | None, b: Decision | None) -> Decision | None:
+    """Of two limits on one dimension (the key's own and its per-model override): a refusal first, else the one with
+    less left."""
+    if a is None or b is None:
+        return a or b
+    if a.allowed != b.allowed:
+        return a if not a.allowed else b
+    return a if a.remaining <= b.remaining else b
+
+
 def headers(requests: Decision | None, tokens: Decision | None) -> dict[str, str]:
     """``x-ratelimit-*`` for the dimensions the key limits; a dimension without a limit is omitted."""
     out: dict[str, str] = {}

@@ -66,7 +66,8 @@ class Reports:
             "reserved_nano": reserved, "budget_left_nano": left,
             "budget_left_usd": None if left is None else nano_to_usd(left),
             "total_spend_nano": total["cost"], "total_spend_usd": nano_to_usd(total["cost"]),
-            "limits": {"rpm": key.rpm, "tpm": key.tpm},
+            "limits": {"rpm": key.rpm, "tpm": key.tpm,
+                       "models": {m: {"rpm": r, "tpm": t} for m, (r, t) in key.model_limits.items()}},
             "requests": total["requests"], "tokens": _tokens(total),
             "period_requests": period["requests"], "period_tokens": _tokens(period),
         }

@@ -1,6 +1,7 @@
 -- settle.lua: apply one generation record exactly once (idempotent by gen id).
 -- KEYS: 1 settled marker, 2 record, 3 per:total, 4 per:d:DAY, 5 per:m:MONTH, 6 bymodel:DAY, 7 resv, 8 resvexp,
---       9 the key's usage stream, 10 the TPM window counter charged at admission   (all in the key's slot {k:ID})
+--       9 the key's usage stream, 10 the TPM window counter charged at admission, 11 the per-model override's
+--       TPM window counter (absent unless the key has one)                         (all in the key's slot {k:ID})
 -- ARGV: 1 gen, 2 cost nano, 3 model, 4 prompt, 5 completion, 6 cached, 7 reasoning, 8 record JSON,
 --       9 marker ttl s, 10 record ttl s, 11 day ttl s, 12 month ttl s, 13 stream maxlen, 14 actual tokens,
 --       15 day id, 16 month id
@@ -16,6 +17,7 @@ end
 local reserved_tokens = drop_resv(KEYS[7], KEYS[8], gen)
 if reserved_tokens then
   adjust_tokens(KEYS[10], tonumber(ARGV[14]) - reserved_tokens)
+  adjust_tokens(KEYS[11], tonumber(ARGV[14]) - reserved_tokens)
 end
 
 local fields = {'cost', 'requests', 'prompt_tokens', 'completion_tokens', 'cached_tokens', 'reasoning_tokens'}
