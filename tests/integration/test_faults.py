@@ -165,3 +165,16 @@ def test_client_leaving_during_first_token_wait_cancels_upstream(gateway: Gatewa
         time.sleep(0.05)
     last = fakes["deepseek"].stats()["log"][-1]
     assert last.get("closed_by") == "client" and last["tokens_sent"] == 0
+
+
+def test_upstream_redirect_is_not_followed(client: openai.OpenAI, fakes: dict[str, Fake], gateway: Gateway,
+                                           api_key: str) -> None:
+    """A 302 from the primary is a provider fault, never a hop to wherever it points: the fallback serves."""
+    fakes["deepseek"].configure(error_kind="redirect")  # Location: http://127.0.0.1:1/
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO)
+    assert raw.headers["x-therouter-provider"] == "vllm-local"
+    rec = httpx.get(gateway.v1 + "/generation", params={"id": raw.parse().id},
+                    headers={"Authorization": f"Bearer {api_key}"}).json()["data"]
+    first = rec["attempts"][0]
+    # following it would have ended in a refused connection; the attempt shows the 302 itself was the answer
+    assert first["provider"] == "deepseek" and first["code"] == "bad_upstream_response", first
