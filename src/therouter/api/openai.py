@@ -111,7 +111,7 @@ async def get_model(model_id: str, key: KeyDep, services: ServicesDep) -> Respon
 
 @router.get("/generation")
 async def generation(key: KeyDep, services: ServicesDep, id: str = "") -> Response:
-    rec = await services.meter.generation(id) if id else None
+    rec = await services.meter.generation(id, key.id) if id else None
     if rec is None or rec.get("key_id") != key.id:
         raise NotFound(f"No generation with id `{id}` for this key.", param="id")
     return Response(orjson.dumps({"data": rec}), media_type="application/json")

@@ -338,8 +338,9 @@ class Meter:
     async def list_prices(self) -> list[dict[str, Any]]:
         return await self.prices.all()
 
-    async def generation(self, gen_id: str) -> dict[str, Any] | None:
-        return await self.reports.generation(gen_id)
+    async def generation(self, gen_id: str, key_id: str | None = None) -> dict[str, Any] | None:
+        """A generation record; with the owner's key id it is one read in that key's slot (no index lookup)."""
+        return await self.reports.generation(gen_id, key_id)
 
     async def key_summary(self, key: KeyRecord) -> dict[str, Any]:
         return await self.reports.key_summary(key)
