@@ -15,5 +15,6 @@ PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# (the filter drops pip's notes about this machine's unused local package folders; pip's own status still counts)
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | { grep -v '^WARNING: Location' || true; }
 exec .venv/bin/python -m pytest "$@"
