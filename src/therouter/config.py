@@ -36,6 +36,7 @@ class ServerConfig(_Strict):
     max_json_depth: int = Field(64, ge=4, le=1024)
     upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
     request_deadline: float = Field(300.0, gt=0)  # seconds, one overall deadline for a non-stream request
+    stream_write_timeout: float = Field(60.0, gt=0)  # a client that reads nothing for this long is disconnected
     model_check_interval: float = Field(600.0, ge=0)  # seconds between GET /models checks of hosted providers; 0 = off
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -18,7 +19,7 @@ from therouter.config import StoreConfig, load_settings
 from therouter.metering.meter import Meter
 from therouter.redisproc import RedisProcess
 from therouter.store import Store
-from tests.integration.conftest import Fake, gateway_config, make_key, start_gateway, stop
+from tests.integration.conftest import Fake, gateway_config, make_key, post_raw, start_gateway, stop
 
 MODEL = "deepseek/deepseek-v3.2"
 HELLO = [{"role": "user", "content": "hello"}]
@@ -87,3 +88,32 @@ def test_restarted_gateway_replays_the_journal(fakes: dict[str, Fake], tmp_path:
         stop(gw.proc)
         redis.stop()
 
+
+
+def test_client_that_stops_reading_is_cut_off_and_metered(redis_proc: RedisProcess, fakes: dict[str, Fake],
+                                                          tmp_path: Path) -> None:
+    """A slow reader never pins an upstream slot: past server.stream_write_timeout the stream is closed, the
+    upstream cancelled, and the key pays for what was produced."""
+    cfg = gateway_config(redis_proc.url, f"sr{uuid.uuid4().hex[:6]}:", fakes, tmp_path / "data")
+    cfg["server"]["stream_write_timeout"] = 1
+    gw = start_gateway(cfg, tmp_path)
+    try:
+        key = asyncio.run(make_key(gw, "slow-reader"))
+        # about 12 MB of events: far more than the kernel buffers between a client that never reads and the gateway
+        fakes["deepseek"].configure(chunks=600, tokens_per_chunk=4000, max_model_len=10_000_000)
+        fakes["deepseek"].reset()
+        body = {"model": MODEL, "messages": HELLO, "stream": True}
+        with post_raw(gw, key, body) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                log = fakes["deepseek"].stats()["log"]
+                if log and log[-1].get("t_end"):
+                    break
+                time.sleep(0.1)
+            last = fakes["deepseek"].stats()["log"][-1]
+            assert last.get("closed_by") == "client", last  # the gateway let go of the upstream
+        info = httpx.get(gw.v1 + "/key", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+        assert info["requests"] == 1 and 0 < info["tokens"]["completion"] < 600 * 4000
+    finally:
+        stop(gw.proc)

@@ -43,7 +43,7 @@ async def _complete(endpoint: str, request: Request, key: Any, services: Any) ->
 
     answer = await services.gateway.handle(key, endpoint, raw, rid, gone)
     if isinstance(answer, StreamAnswer):
-        return SSEResponse(answer.events, answer.headers)
+        return SSEResponse(answer.events, answer.headers, services.settings.server.stream_write_timeout)
     return Response(answer.body, status_code=answer.status, headers=answer.headers, media_type="application/json")
 
 

@@ -1,4 +1,5 @@
-"""An SSE response that notices a client disconnect even while the upstream is silent.
+"""An SSE response that notices a client disconnect even while the upstream is silent, and a client that stops
+reading.
 
 The body is pumped in one task while another waits for ``http.disconnect``; whichever ends first cancels the other,
 so a client that goes away closes the upstream within moments (the gateway's generator then meters what was produced
@@ -21,8 +22,10 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-
 
 
 class SSEResponse(Response):
-    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str]) -> None:  # noqa: D107
+    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str],  # noqa: D107
+                 write_timeout: float = 60.0) -> None:
         self.events = events
+        self.write_timeout = write_timeout
         self.status_code = 200
         self.background = None
         self.sse_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
@@ -49,7 +52,13 @@ class SSEResponse(Response):
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + self.sse_headers})
         try:
             async for chunk in self.events:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                try:
+                    # a client that stopped reading: the transport's buffer stays full and send() waits; past the
+                    # write timeout the client is treated as gone (upstream closed, tokens so far metered)
+                    async with asyncio.timeout(self.write_timeout):
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except TimeoutError:
+                    return
         except GatewayError as e:
             await send({"type": "http.response.body", "body": sse_error_event(e), "more_body": True})
         except Exception:  # noqa: BLE001 - never a traceback on the wire; the gateway logged it
