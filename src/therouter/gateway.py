@@ -148,7 +148,8 @@ class Gateway:
             if not call.settled:
                 await self._settle_failure(call, e)
             if isinstance(e, GatewayError) and call.adm is not None:
-                e.headers = {**call.adm.headers, **e.headers}  # x-ratelimit-* on every answer of a limited key
+                # x-ratelimit-* on every answer of a limited key; the generation id leads to the attempts' record
+                e.headers = {**call.adm.headers, "x-therouter-generation-id": call.gen_id, **e.headers}
             raise
 
     # ---- routing ----------------------------------------------------------------------------------------------
@@ -392,6 +393,8 @@ class Gateway:
             # the client left while an upstream had the request: the prompt was processed, so it is billed
             # (estimated); a non-stream answer on a `finish` provider never gets here, it completes and is billed
             outcome, usage = "client_cancelled", Usage(prompt_tokens=call.checked.prompt_tokens, estimated=True)
+        elif isinstance(exc, GatewayError) and 400 <= exc.status < 500 and not exc.fallback_ok:
+            outcome, usage = "rejected", Usage()  # the upstream refused the request itself (e.g. its content)
         else:
             outcome, usage = "failed", Usage()
         rec = self._record(call, None, usage, outcome, call.checked.stream)

@@ -49,12 +49,18 @@ def test_in_band_error_as_first_event_falls_back(client: openai.OpenAI, fakes: d
     assert chunks and {c.model_extra["provider"] for c in chunks} == {"vllm-local"}
 
 
-def test_client_error_from_upstream_is_not_retried(client: openai.OpenAI, fakes: dict[str, Fake]) -> None:
+def test_client_error_from_upstream_is_not_retried(client: openai.OpenAI, fakes: dict[str, Fake], gateway: Gateway,
+                                                   api_key: str) -> None:
     fakes["deepseek"].configure(error_rate=1, error_kind="400")
     before = fakes["vllm"].stats()["requests"]
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=HELLO)
     assert fakes["vllm"].stats()["requests"] == before
+    gen_id = e.value.response.headers["x-therouter-generation-id"]
+    rec = httpx.get(gateway.v1 + "/generation", params={"id": gen_id},
+                    headers={"Authorization": f"Bearer {api_key}"}).json()["data"]
+    assert rec["outcome"] == "rejected" and rec["cost_nano"] == 0
+    assert [(a["provider"], a["status"]) for a in rec["attempts"]] == [("deepseek", 400)]
 
 
 def test_all_deployments_down_gives_clean_5xx(client: openai.OpenAI, fakes: dict[str, Fake],
@@ -67,6 +73,9 @@ def test_all_deployments_down_gives_clean_5xx(client: openai.OpenAI, fakes: dict
     body = e.value.body
     assert isinstance(body, dict) and "deepseek" in body["message"] and "vllm-local" in body["message"]
     assert CANARY not in json.dumps(body)
+    rec = httpx.get(gateway.v1 + "/generation", params={"id": e.value.response.headers["x-therouter-generation-id"]},
+                    headers={"Authorization": f"Bearer {client.api_key}"}).json()["data"]
+    assert rec["outcome"] == "failed" and rec["cost_nano"] == 0 and len(rec["attempts"]) >= 2
 
 
 def test_stream_cut_after_first_chunk_ends_with_error_event(gateway: Gateway, api_key: str,
