@@ -150,7 +150,7 @@ class Gateway:
     proc: subprocess.Popen[bytes]
     log_path: Path
     config_path: Path
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def v1(self) -> str:

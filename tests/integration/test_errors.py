@@ -7,6 +7,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.integration.conftest import Gateway
 
@@ -174,3 +176,27 @@ def test_client_headers_never_reach_upstream(gateway: Gateway, api_key: str, fak
     assert seen["authorization"] == "valid"  # ours, not the client's
     for h in ("cookie", "x-api-key", "x-forwarded-for"):
         assert h not in seen
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False) |
+                    st.text(max_size=20),
+                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=4),
+                    max_leaves=12)
+FIELDS = st.sampled_from(["model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens",
+                          "stream", "stream_options", "tools", "tool_choice", "response_format", "stop", "n",
+                          "provider", "models", "suffix", "prompt", "logprobs", "seed", "user"])
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "developer", "x"]),
+                                 "content": st.one_of(st.text(max_size=30), JSON)})
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          database=None)
+@given(extra=st.dictionaries(FIELDS, JSON, max_size=4), messages=st.lists(MESSAGE, max_size=3),
+       path=st.sampled_from(["/chat/completions", "/completions"]))
+def test_fuzzed_bodies_never_500(gateway: Gateway, api_key: str, extra: dict[str, Any], messages: list[Any],
+                                 path: str) -> None:
+    body = {"model": MODEL, "messages": messages, "prompt": "p", **extra}
+    r = post(gateway, api_key, body, path=path)
+    assert r.status_code < 500 or r.status_code in (502, 503, 504), (r.status_code, r.text)
+    if r.status_code >= 400:
+        _shape(r.json())
