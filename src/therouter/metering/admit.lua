@@ -75,22 +75,17 @@ if rok == 0 or tok == 0 or mrok == 0 or mtok == 0 then
 end
 
 local rl_ttl = s(2 * w + 1000)
-if rpm >= 0 then
-  redis.call('INCR', KEYS[4])
-  redis.call('PEXPIRE', KEYS[4], rl_ttl)
+-- count this request in each window that has a limit (the key's own, and its override for this model)
+local function charge(limit, window, by)
+  if limit >= 0 then
+    redis.call('INCRBY', window, by)
+    redis.call('PEXPIRE', window, rl_ttl)
+  end
 end
-if tpm >= 0 then
-  redis.call('INCRBY', KEYS[6], ARGV[9])
-  redis.call('PEXPIRE', KEYS[6], rl_ttl)
-end
-if mrpm >= 0 then
-  redis.call('INCR', KEYS[8])
-  redis.call('PEXPIRE', KEYS[8], rl_ttl)
-end
-if mtpm >= 0 then
-  redis.call('INCRBY', KEYS[10], ARGV[9])
-  redis.call('PEXPIRE', KEYS[10], rl_ttl)
-end
+charge(rpm, KEYS[4], 1)
+charge(tpm, KEYS[6], ARGV[9])
+charge(mrpm, KEYS[8], 1)
+charge(mtpm, KEYS[10], ARGV[9])
 redis.call('HSET', resv, 'g:' .. gen, ARGV[4] .. '|' .. ARGV[9] .. '|' .. period .. '|' .. ARGV[12])
 redis.call('HINCRBY', resv, 's:' .. period, ARGV[4])
 redis.call('ZADD', resvexp, s(now + tonumber(ARGV[6])), gen)
