@@ -225,7 +225,7 @@ async def test_aiohttp_connect_timeout_is_a_connect_error(aiohttp_transport: Aio
         except (TimeoutError, OSError):
             pass
         else:
-            pytest.skip("this kernel completes handshakes past a full accept queue")
+            pytest.fail("the accept queue did not fill, so no hanging connect could be staged")
         finally:
             probe.close()
         t0 = time.monotonic()
