@@ -100,6 +100,7 @@ async def _noop(store: Any) -> int:
 
 def cmd_keys(a: argparse.Namespace) -> int:
     from therouter.config import usd_to_nano
+    from therouter.metering.prices import nano_to_usd
 
     s = _settings(a.config)
 
@@ -128,7 +129,7 @@ def cmd_keys(a: argparse.Namespace) -> int:
     async def list_(store: Any) -> int:
         print(f"{'id':<18} {'name':<20} {'key':<16} {'status':<8} {'budget':<14} {'rpm':>6} {'tpm':>9} models")
         for r in await store.list_keys():
-            budget = "-" if r.budget_nano is None else f"${r.budget_nano / 1e9:.2f}/{r.budget_period}"
+            budget = "-" if r.budget_nano is None else f"${nano_to_usd(r.budget_nano)}/{r.budget_period}"
             print(f"{r.id:<18} {r.name[:20]:<20} {r.hint:<16} {'revoked' if r.revoked else 'active':<8} "
                   f"{budget:<14} {r.rpm or '-':>6} {r.tpm or '-':>9} {','.join(r.models) or '*'}")
         return 0

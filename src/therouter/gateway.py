@@ -11,7 +11,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
@@ -30,6 +29,7 @@ from therouter.errors import (
 )
 from therouter.keys import KeyRecord
 from therouter.metering.meter import Admission, Meter
+from therouter.metering.prices import nano_to_usd
 from therouter.metering.records import GenerationRecord
 from therouter.observability import Metrics
 from therouter.protocol.usage import Usage
@@ -41,7 +41,6 @@ from therouter.routing.state import Lease
 from therouter.streaming import ChunkRewriter, UpstreamEvents
 
 log = logging.getLogger("therouter.gateway")
-NANO = Decimal(10**9)
 
 
 @dataclass(slots=True)
@@ -101,7 +100,7 @@ def new_id(endpoint: str) -> str:
 
 def cost_fragment(nano: int) -> orjson.Fragment:
     """USD as an exact JSON number (never a float)."""
-    return orjson.Fragment(format(Decimal(nano) / NANO, "f").encode())
+    return orjson.Fragment(nano_to_usd(nano).encode())
 
 
 class Gateway:
@@ -243,7 +242,7 @@ class Gateway:
         resp = await p.transport.send(req, connect=t.connect, headers_timeout=budget)
         try:
             try:
-                async with asyncio.timeout(max(budget - 0.0, 0.001)):
+                async with asyncio.timeout(budget):
                     raw = await resp.read()
             except TimeoutError:
                 raise UpstreamTimeout("upstream did not finish its answer in time", sent=True) from None

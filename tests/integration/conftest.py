@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from therouter.config import StoreConfig
+from therouter.demo import start_fake_upstream
 from therouter.redisproc import RedisProcess, free_port
 from therouter.store import Store
 
@@ -56,21 +57,7 @@ class Fake:
 
 def start_fake(flavor: str, api_key: str | None = None, *extra: str) -> Fake:
     port = free_port()
-    args = [sys.executable, "-m", "therouter.fakeupstream", "--flavor", flavor, "--port", str(port), *extra]
-    if api_key:
-        args += ["--api-key", api_key]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if "listening on" in line:
-            return Fake(flavor, port, proc)
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"fake upstream {flavor} did not start")
+    return Fake(flavor, port, start_fake_upstream(flavor, port, api_key, *extra))
 
 
 def stop(proc: subprocess.Popen[Any]) -> None:

@@ -3,8 +3,6 @@ with explicit routing options (the config's `routing:` section), and small clien
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -14,6 +12,7 @@ import httpx
 import openai
 
 from tests.integration.conftest import ADMIN_KEY, Fake, Gateway, start_gateway
+from therouter.demo import start_fake_upstream
 from therouter.redisproc import free_port
 
 CARD: dict[str, Any] = {
@@ -30,23 +29,14 @@ HELLO = [{"role": "user", "content": "hello there"}]
 def fake_at(flavor: str, port: int | None = None, *extra: str, api_key: str | None = None) -> Fake:
     """A fake upstream process on ``port`` (a free one if None); ``--models '*'`` so any upstream id is served."""
     port = port or free_port()
-    args = [sys.executable, "-m", "therouter.fakeupstream", "--flavor", flavor, "--port", str(port),
-            "--models", "*", *extra]
-    if api_key:
-        args += ["--api-key", api_key]
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:  # the port may take a moment to be free again after a kill
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                start_new_session=True)
-        assert proc.stdout is not None
-        while True:
-            line = proc.stdout.readline()
-            if "listening on" in line:
-                return Fake(flavor, port, proc)
-            if not line and proc.poll() is not None:
-                break
-        time.sleep(0.1)
-    raise RuntimeError(f"fake upstream {flavor} did not start on port {port}")
+    while True:  # the port may take a moment to be free again after a kill
+        try:
+            return Fake(flavor, port, start_fake_upstream(flavor, port, api_key, "--models", "*", *extra))
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def kill(fake: Fake) -> None:

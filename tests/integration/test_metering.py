@@ -36,6 +36,24 @@ def worst_case(max_tokens: int) -> int:
     return -(-(prompt_est * P_IN + max_tokens * P_OUT) // 1_000_000)
 
 
+def burst(gw: Gateway, key: str, n: int, max_tokens: int) -> list[Any]:
+    """n requests released together (a barrier); each result is a completion or the APIStatusError it raised."""
+    async def run() -> list[Any]:
+        c = openai.AsyncOpenAI(base_url=gw.v1, api_key=key, max_retries=0, timeout=30)
+        barrier = asyncio.Barrier(n)
+
+        async def one() -> Any:
+            await barrier.wait()
+            try:
+                return await c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=max_tokens)
+            except openai.APIStatusError as e:
+                return e
+
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+    return asyncio.run(run())
+
+
 def generation(gw: Gateway, key: str, gen_id: str) -> dict[str, Any]:
     r = httpx.get(gw.v1 + "/generation", params={"id": gen_id}, headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 200, r.text
@@ -142,20 +160,7 @@ def test_budget_holds_under_concurrency(gateway: Gateway, fakes: dict[str, Fake]
     worst = worst_case(max_tokens)
     key = asyncio.run(make_key(gateway, "budget", budget_nano=worst * 10 + worst // 2))
 
-    async def run() -> list[Any]:
-        c = openai.AsyncOpenAI(base_url=gateway.v1, api_key=key, max_retries=0, timeout=30)
-        barrier = asyncio.Barrier(50)
-
-        async def one() -> Any:
-            await barrier.wait()
-            try:
-                return await c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=max_tokens)
-            except openai.APIStatusError as e:
-                return e
-
-        return await asyncio.gather(*(one() for _ in range(50)))
-
-    results = asyncio.run(run())
+    results = burst(gateway, key, 50, max_tokens)
     ok = [r for r in results if not isinstance(r, Exception)]
     refused = [r for r in results if isinstance(r, openai.APIStatusError)]
     assert len(ok) == 10, [getattr(r, "status_code", None) for r in results]
@@ -303,18 +308,7 @@ def test_budget_holds_across_two_worker_processes(redis_proc: RedisProcess, fake
         max_tokens = 100
         key = asyncio.run(make_key(gw, "two-workers", budget_nano=worst_case(max_tokens) * 8))
 
-        async def run() -> list[Any]:
-            c = openai.AsyncOpenAI(base_url=gw.v1, api_key=key, max_retries=0, timeout=30)
-
-            async def one() -> Any:
-                try:
-                    return await c.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=max_tokens)
-                except openai.APIStatusError as e:
-                    return e
-
-            return await asyncio.gather(*(one() for _ in range(40)))
-
-        results = asyncio.run(run())
+        results = burst(gw, key, 40, max_tokens)
         ok = [r for r in results if not isinstance(r, Exception)]
         assert len(ok) == 8
         assert {r.status_code for r in results if isinstance(r, openai.APIStatusError)} == {402}
