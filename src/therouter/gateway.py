@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import orjson
 
 from therouter import validate
-from therouter.config import Settings
+from therouter.config import Deployment, Settings
 from therouter.errors import (
     GatewayError,
     InvalidRequest,
@@ -33,6 +33,8 @@ from therouter.metering.prices import nano_to_usd
 from therouter.metering.records import GenerationRecord
 from therouter.observability import Metrics
 from therouter.protocol.usage import Usage
+from therouter.providers._http import UpstreamRequest
+from therouter.providers.base import Provider
 from therouter.routing.attempts import AttemptPolicy, Exhausted, all_failed
 from therouter.routing.balance import prompt_prefix
 from therouter.routing.preferences import NO_PREFERENCES, Preferences, parse_preferences
@@ -75,6 +77,7 @@ class Call:
     lease: Lease | None = None  # the serving attempt's in-flight slot, held until the answer is complete
     ttft: float | None = None  # streams: seconds from the request to the first content chunk (the gate)
     release: Callable[[], None] | None = None  # leaves the retry budget's count of requests in flight
+    built: dict[tuple[str, Deployment], UpstreamRequest] = field(default_factory=dict)  # per (provider, deployment)
 
     @property
     def object(self) -> str:
@@ -126,15 +129,15 @@ class Gateway:
                                 param="model")
         if key.models and model not in key.models:
             raise PermissionDenied(f"This API key is not allowed to use the model `{model}`.", param="model")
-        checked = (validate.check_chat if endpoint == "chat" else validate.check_completion)(body, card, model)
+        checked = validate.check("chat" if endpoint == "chat" else "completions", body, card, model)
         prefs = parse_preferences(body, self.router.providers, self.settings.models, model, key.models,
                                   self.router.state.options.max_models)
         call = Call(key=key, endpoint=endpoint, checked=checked, gen_id=new_id(endpoint), request_id=request_id,
                     created=int(time.time()), started=self.clock(), prefs=prefs)
         routes = self._first_routes(call)
-        n = body.get("n") if isinstance(body.get("n"), int) else 1
-        max_out = (checked.max_tokens or card.max_output_tokens) * max(n, 1)  # worst case covers every choice
-        call.adm = await self.meter.admit(key, model, checked.prompt_tokens, max_out, call.gen_id)
+        call.adm = await self.meter.admit(key, model, checked.prompt_tokens, checked.max_tokens or 0, call.gen_id,
+                                          sequences=checked.sequences, prompt_bound=self._prompt_bound(call),
+                                          fallbacks=prefs.models)
         budget = self.router.state.budget
         budget.enter()
         call.release = budget.leave
@@ -201,6 +204,30 @@ class Gateway:
             return cand, result
         raise self._nothing_served(call, errors)
 
+    def _request(self, call: Call, p: Provider, dep: Deployment) -> UpstreamRequest:
+        """The upstream request for one deployment, built once per call: what is reserved for is what is sent."""
+        req = call.built.get((p.name, dep))
+        if req is None:
+            build = p.chat_request if call.endpoint == "chat" else p.completion_request
+            req = build(call.checked.body, dep, stream=call.checked.stream, request_id=call.request_id)
+            call.built[(p.name, dep)] = req
+        return req
+
+    def _prompt_bound(self, call: Call) -> int:
+        """The most prompt tokens any deployment that may serve this call can be billed for: the largest upstream
+        request as built (instructions an adapter adds included), capped at the largest context window."""
+        bound, window = 0, 0
+        for model_id in call.plan:
+            card = self.settings.models[model_id]
+            window = max(window, card.context_length)
+            for dep in card.deployments:
+                try:
+                    req = self._request(call, self.router.providers[dep.provider], dep)
+                except GatewayError:
+                    continue  # this deployment cannot take the request at all (e.g. no FIM): it is never sent
+                bound = max(bound, validate.prompt_bound(req.body, call.checked))
+        return min(bound, window) if bound else call.checked.prompt_tokens
+
     def _headers(self, call: Call, cand: Candidate | None) -> dict[str, str]:
         h = dict(call.adm.headers) if call.adm else {}
         if cand is not None:
@@ -236,8 +263,7 @@ class Gateway:
         return JSONAnswer(orjson.dumps(obj), self._headers(call, cand))
     async def _json_attempt(self, call: Call, c: Candidate) -> tuple[dict[str, Any], Usage]:
         p, t = c.provider, c.provider.config.timeouts
-        build = p.chat_request if call.endpoint == "chat" else p.completion_request
-        req = build(call.checked.body, c.dep, stream=False, request_id=call.request_id)
+        req = self._request(call, p, c.dep)
         budget = max(min(t.total, self._deadline(call) - self.clock()), 0.001)
         resp = await p.transport.send(req, connect=t.connect, headers_timeout=budget)
         try:
@@ -276,8 +302,7 @@ class Gateway:
     async def _open_stream(self, call: Call, c: Candidate) -> tuple[UpstreamEvents, ChunkRewriter, list[bytes]]:
         """Open the upstream stream and hold it until its first data event is real generation (first-chunk gate)."""
         p, t = c.provider, c.provider.config.timeouts
-        build = p.chat_request if call.endpoint == "chat" else p.completion_request
-        req = build(call.checked.body, c.dep, stream=True, request_id=call.request_id)
+        req = self._request(call, p, c.dep)
         first_token = min(t.first_token, max(self._deadline(call) - self.clock(), 0.001))
         sent_at = self.clock()
         resp = await p.transport.send(req, connect=t.connect, headers_timeout=first_token)
@@ -430,7 +455,7 @@ def validate_needs(b: dict[str, Any], call: Call, rf: dict[str, Any], stop: Any)
         json_object=rf.get("type") == "json_object",
         json_schema=rf.get("type") == "json_schema",
         fim=call.endpoint == "completions" and b.get("suffix") is not None,
-        tokens=call.checked.prompt_tokens + (call.checked.max_tokens or 0),
+        tokens=call.checked.window_tokens,
         stops=len(stop) if isinstance(stop, list) else (1 if stop else 0),
         stream=call.checked.stream,
     )

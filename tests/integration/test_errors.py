@@ -96,7 +96,7 @@ def test_missing_messages_and_model_400(client: openai.OpenAI, gateway: Gateway,
     ({"max_completion_tokens": 5000}, "max_completion_tokens"),
     ({"presence_penalty": 1.0}, "presence_penalty"),  # not in the model's supported_parameters
     ({"logprobs": True}, "logprobs"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
 ])
 def test_bad_params_400_naming_param(client: openai.OpenAI, params: dict[str, Any], param: str) -> None:
     body: dict[str, Any] = {"model": MODEL, "messages": HELLO, **params}
@@ -128,8 +128,11 @@ def test_body_too_large_413(gateway: Gateway, api_key: str, tmp_path: Any) -> No
 
 
 @pytest.mark.parametrize("field", [{"api_base": "http://evil"}, {"base_url": "http://evil"},
-                                   {"api_key": "x"}, {"extra_headers": {"a": "b"}},
-                                   {"metadata": {"nested": {"api_base": "http://evil"}}}])
+                                   {"api_key": "x"}, {"extra_headers": {"a": "b"}}, {"apiBase": "http://evil"},
+                                   {"API-KEY": "x"}, {"Organization": "org"}, {"default_headers": {"a": "b"}},
+                                   {"extra_query": {"a": "b"}}, {"litellm_params": {"api_base": "http://evil"}},
+                                   {"extra_body": {"baseURL": "http://evil"}},
+                                   {"extra_body": {"litellm_params": {"headers": {"a": "b"}}}}])
 def test_steering_fields_refused(gateway: Gateway, api_key: str, field: dict[str, Any]) -> None:
     r = post(gateway, api_key, {"model": MODEL, "messages": HELLO, **field})
     assert r.status_code == 400

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,22 @@ def expected_cost(prompt: int, cached: int, completion: int) -> int:
     return (raw + 500_000) // 1_000_000
 
 
-def worst_case(max_tokens: int) -> int:
-    """The reservation for one HELLO request: the gateway's prompt estimate x input + max_tokens x output, rounded up."""
-    prompt_est = 3 + 4 + (len(HELLO[0]["content"]) + 3) // 4
-    return -(-(prompt_est * P_IN + max_tokens * P_OUT) // 1_000_000)
+def worst_case(gw: Gateway, max_tokens: int) -> int:
+    """What the gateway reserves for one HELLO request, measured from the outside: a probe key's `reserved_nano`
+    while one such request is in flight (the upstream must be slow enough to be seen)."""
+    probe = asyncio.run(make_key(gw, "probe", budget_nano=10**12))
+    c = openai.OpenAI(base_url=gw.v1, api_key=probe, max_retries=0, timeout=30)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(c.chat.completions.create, model=MODEL, messages=HELLO, max_tokens=max_tokens)
+        deadline = time.monotonic() + 10
+        reserved = 0
+        while not reserved and time.monotonic() < deadline and not fut.done():
+            reserved = key_info(gw, probe)["reserved_nano"]
+        fut.result()
+    assert reserved > 0, "the probe request was not seen in flight"
+    # at least the prompt estimate x input + max_tokens x output
+    assert reserved >= -(-((3 + 4 + (len(HELLO[0]["content"]) + 3) // 4) * P_IN + max_tokens * P_OUT) // 10**6)
+    return int(reserved)
 
 
 def burst(gw: Gateway, key: str, n: int, max_tokens: int) -> list[Any]:
@@ -157,7 +170,7 @@ def test_budget_holds_under_concurrency(gateway: Gateway, fakes: dict[str, Fake]
     fakes["deepseek"].configure(latency_ms=1500)  # all 50 arrive while the admitted ones are still in flight
     # worst case per request: prompt estimate x input + max_tokens x output. Budget fits exactly 10 of them.
     max_tokens = 100
-    worst = worst_case(max_tokens)
+    worst = worst_case(gateway, max_tokens)
     key = asyncio.run(make_key(gateway, "budget", budget_nano=worst * 10 + worst // 2))
 
     results = burst(gateway, key, 50, max_tokens)
@@ -306,7 +319,7 @@ def test_budget_holds_across_two_worker_processes(redis_proc: RedisProcess, fake
     try:
         fakes["deepseek"].configure(latency_ms=1500)
         max_tokens = 100
-        key = asyncio.run(make_key(gw, "two-workers", budget_nano=worst_case(max_tokens) * 8))
+        key = asyncio.run(make_key(gw, "two-workers", budget_nano=worst_case(gw, max_tokens) * 8))
 
         results = burst(gw, key, 40, max_tokens)
         ok = [r for r in results if not isinstance(r, Exception)]

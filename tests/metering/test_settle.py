@@ -38,7 +38,7 @@ async def test_settle_three_times_concurrently_and_again_counts_once(meter: Mete
 async def test_generation_record_is_readable_by_id(meter: Meter, make_key: MakeKey) -> None:
     key = make_key()
     g = gen()
-    adm = await meter.admit(key, "deepseek-chat", 100, 100, g)
+    adm = await meter.admit(key, "deepseek-chat", 100, 300, g)
     rec = record(g, prompt=1200, completion=300, cached=1024, reasoning=250, stream=True)
     rec.usage.estimated = True
     rec.outcome = "upstream_cut"
@@ -76,10 +76,10 @@ async def test_usage_rows_per_key_model_and_day(meter: Meter, make_key: MakeKey,
     for key, model, p, c in ((k1, "qwen", 1000, 100), (k1, "qwen", 10, 1), (k1, "deepseek-chat", 100, 10),
                              (k2, "qwen", 5, 5)):
         g = gen()
-        await meter.settle(await meter.admit(key, model, 1, 1, g), record(g, prompt=p, completion=c))
+        await meter.settle(await meter.admit(key, model, 1, 0, g), record(g, prompt=p, completion=c))
     clock.advance(120)  # the next UTC day
     g = gen()
-    await meter.settle(await meter.admit(k1, "qwen", 1, 1, g), record(g, prompt=7, completion=3))
+    await meter.settle(await meter.admit(k1, "qwen", 1, 0, g), record(g, prompt=7, completion=3))
     rows = await meter.usage_rows(days=2)
     got = [(r["key_id"], r["model"], r["day"], r["requests"], r["prompt_tokens"], r["cost_nano"]) for r in rows]
     assert sorted(got) == sorted([
@@ -95,7 +95,7 @@ async def test_usage_rows_per_key_model_and_day(meter: Meter, make_key: MakeKey,
 async def test_key_summary(meter: Meter, make_key: MakeKey) -> None:
     key = make_key(budget_nano=5 * 10**9, budget_period="day", rpm=100, tpm=10_000)
     g = gen()
-    await meter.settle(await meter.admit(key, "qwen", 10, 10, g), record(g, prompt=1000, completion=1000))
+    await meter.settle(await meter.admit(key, "qwen", 10, 1000, g), record(g, prompt=1000, completion=1000))
     await meter.admit(key, "qwen", 10, 10, gen())
     s = await meter.key_summary(key)
     assert s["limits"] == {"rpm": 100, "tpm": 10_000, "models": {}}
@@ -113,7 +113,7 @@ async def test_counters_equal_the_sum_of_records_and_rebuild(meter: Meter, make_
     expected = 0
     for i in range(40):
         g = gen()
-        adm = await meter.admit(key, rnd.choice(["qwen", "deepseek-chat"]), 100, 100, g)
+        adm = await meter.admit(key, rnd.choice(["qwen", "deepseek-chat"]), 100, 2000, g)
         p = rnd.randint(0, 5000)
         usage = Usage(prompt_tokens=p, completion_tokens=rnd.randint(0, 2000), cached_tokens=rnd.randint(0, p),
                       reasoning_tokens=0)

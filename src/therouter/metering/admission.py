@@ -50,16 +50,31 @@ class Admission:
     tracked: bool = False
     local: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+    # prices of the request's `models` fallbacks (captured at admission, like `price`): a fallback that serves is
+    # settled at its own model's price
+    fallback_prices: dict[str, PriceVersion] = field(default_factory=dict)
+    # the most tokens this request can be billed for (0: no bound); the reservation covers exactly these at the
+    # dearest price of every model it may be served by, and settlement clamps what an upstream reports to them
+    max_prompt_tokens: int = 0
+    max_completion_tokens: int = 0
 
     @property
     def price_version(self) -> int:
         return self.price.version
+
+    def price_for(self, model: str) -> PriceVersion:
+        """The price a record served by ``model`` is settled at."""
+        if model == self.model:
+            return self.price
+        return self.fallback_prices.get(model, self.price)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "gen_id": self.gen_id, "key_id": self.key_id, "model": self.model, "price": self.price.to_dict(),
             "reserved_nano": self.reserved_nano, "reserved_tokens": self.reserved_tokens,
             "admitted_at": self.admitted_at, "window": self.window, "tracked": self.tracked, "local": self.local,
+            "fallback_prices": {m: p.to_dict() for m, p in self.fallback_prices.items()},
+            "max_prompt_tokens": self.max_prompt_tokens, "max_completion_tokens": self.max_completion_tokens,
         }
 
     @classmethod
@@ -69,4 +84,7 @@ class Admission:
             price=PriceVersion.from_dict(d["price"]), reserved_nano=int(d["reserved_nano"]),
             reserved_tokens=int(d["reserved_tokens"]), admitted_at=float(d["admitted_at"]), window=int(d["window"]),
             tracked=bool(d.get("tracked")), local=bool(d.get("local")),
+            fallback_prices={str(m): PriceVersion.from_dict(p) for m, p in (d.get("fallback_prices") or {}).items()},
+            max_prompt_tokens=int(d.get("max_prompt_tokens") or 0),
+            max_completion_tokens=int(d.get("max_completion_tokens") or 0),
         )

@@ -6,11 +6,12 @@ Policies (reliability.md section 2/3):
   budget (``spend + reserved + this reservation <= budget`` for the key's period: total, UTC day or UTC month),
   then RPM and TPM (sliding-window counter, :mod:`ratelimit`), and only when everything passes counts the request,
   the tokens and the reservation. The clock is the meter's (injected), passed to the script in ms.
-* **Worst-case reservation** (M2): every prompt token at the dearer prompt rate and ``max_output_tokens`` (clamped
-  to the model's ``max_output_tokens``; 0 or less means "not given" and reserves that maximum) at the output rate.
-  The caller multiplies ``max_output_tokens`` by ``n`` when it asks for several choices. With worst-case
-  reservations spend stays within the budget unless a prompt estimate was too low (M9): settle always records the
-  true cost. Budget arithmetic inside the script is exact up to 2**53 nano-USD (about 9 million USD).
+* **Worst-case reservation** (M2): the request's bounds -- the most prompt tokens its upstream body can be billed
+  for (``validate.prompt_bound``) and ``max_output_tokens`` per sequence (clamped to the model's max output; 0 means
+  "not given" and reserves that maximum) times the sequences generated -- at the dearest rates of every model that
+  may serve it (its ``models`` fallbacks included). Settlement prices the record at the model that served and clamps
+  the upstream's counts to the same bounds, so **no request can cost more than it reserved** and spend never passes
+  a budget. Budget arithmetic inside the script is exact up to 2**53 nano-USD (about 9 million USD).
 * **Fast path**: a key with no budget and no limits costs no Redis call at admission.
 * **Redis down at admission**: a key with a budget fails CLOSED (``StoreUnavailable``, 503, ``Retry-After``); a
   key with only rate limits fails OPEN to the in-process :class:`LocalLimiter` and ``fail_open_total`` counts it.
@@ -31,7 +32,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import orjson
 
@@ -42,7 +43,7 @@ from therouter.metering.admission import Admission, MeterOptions
 from therouter.metering.journal import Journal
 from therouter.metering.layout import Layout, day_id, month_id, period_id, period_label
 from therouter.metering.pricebook import PriceBook
-from therouter.metering.prices import PriceVersion, cost_nano, nano_to_usd, reservation_nano
+from therouter.metering.prices import PriceVersion, billable, cost_nano, dearest, nano_to_usd, reservation_nano
 from therouter.metering.ratelimit import Decision, LocalLimiter, headers, retry_after_seconds, tighter
 from therouter.metering.records import COUNTER_FIELDS, GenerationRecord
 from therouter.metering.reports import Reports
@@ -97,14 +98,24 @@ class Meter:
     # ---- admission ------------------------------------------------------------------------------------------------
 
     async def admit(self, key: KeyRecord, model: str, prompt_tokens_est: int, max_output_tokens: int,
-                    gen_id: str) -> Admission:
+                    gen_id: str, *, sequences: int = 1, prompt_bound: int | None = None,
+                    fallbacks: Sequence[str] = ()) -> Admission:
+        """Admit one request. ``max_output_tokens`` is the per-sequence limit (0: the model's max output) and
+        ``sequences`` how many the upstream generates; ``prompt_bound`` the most prompt tokens it can be billed for
+        (default: the estimate); ``fallbacks`` the other models that may serve it. The reservation covers the bounds
+        at the dearest of those models' prices, so no answer can cost more than was reserved."""
         now = self.clock()
         price = self.prices.current(model, now)
-        max_out = self._clamp_output(model, max_output_tokens)
+        others = {m: self.prices.current(m, now) for m in fallbacks if m != model}
+        per_seq = max(self._clamp_output(m, max_output_tokens) for m in (model, *others))
+        max_out = per_seq * max(sequences, 1)
+        max_prompt = max(prompt_tokens_est if prompt_bound is None else prompt_bound, 0)
         tokens = max(prompt_tokens_est, 0) + max_out
-        reserve = reservation_nano(prompt_tokens_est, max_out, price) if key.budget_nano is not None else 0
+        reserve = reservation_nano(max_prompt, max_out, dearest(price, *others.values())) \
+            if key.budget_nano is not None else 0
         now_ms = int(now * 1000)
-        adm = Admission(gen_id, key.id, model, price, reserve, tokens, now, now_ms // self.options.window_ms)
+        adm = Admission(gen_id, key.id, model, price, reserve, tokens, now, now_ms // self.options.window_ms,
+                        fallback_prices=others, max_prompt_tokens=prompt_bound or 0, max_completion_tokens=max_out)
         mrpm, mtpm = key.limits_for(model)
         if key.budget_nano is None and key.rpm is None and key.tpm is None and mrpm is None and mtpm is None:
             return adm
@@ -198,8 +209,10 @@ class Meter:
         """Record the true cost once; returns it in nano-USD. Never raises; survives the caller's cancellation."""
         record.id, record.key_id = adm.gen_id, adm.key_id
         record.model = record.model or adm.model  # the model that served (a `models` fallback may differ)
-        record.cost_nano = cost_nano(record.usage, adm.price)
-        record.price_version = adm.price.version
+        price = adm.price_for(record.model)  # ... and it is settled at that model's price
+        record.usage = billable(record.usage, adm.max_prompt_tokens, adm.max_completion_tokens)
+        record.cost_nano = cost_nano(record.usage, price)
+        record.price_version = price.version
         task = asyncio.ensure_future(self._settle(adm, record))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -233,7 +246,7 @@ class Meter:
 
     def _settle_args(self, adm: Admission, record: GenerationRecord, rec_json: str) -> list[str | int]:
         c, o = record.counters(), self.options
-        return [adm.gen_id, c["cost"], adm.model, *(c[f] for f in COUNTER_FIELDS[2:]), rec_json, o.settled_ttl,
+        return [adm.gen_id, c["cost"], record.model, *(c[f] for f in COUNTER_FIELDS[2:]), rec_json, o.settled_ttl,
                 o.record_ttl, o.day_ttl, o.month_ttl, o.stream_maxlen,
                 c["prompt_tokens"] + c["completion_tokens"], day_id(adm.admitted_at), month_id(adm.admitted_at)]
 

@@ -67,11 +67,34 @@ def cost_nano(usage: Usage, price: PriceVersion) -> int:
     return (scaled + _HALF) // PER_TOKENS
 
 
+def billable(usage: Usage, max_prompt: int, max_completion: int) -> Usage:
+    """``usage`` with its counts clamped to what the request could be billed for (a bound of 0 means none)."""
+    prompt, completion = max(usage.prompt_tokens, 0), max(usage.completion_tokens, 0)
+    if max_prompt > 0:
+        prompt = min(prompt, max_prompt)
+    if max_completion > 0:
+        completion = min(completion, max_completion)
+    if (prompt, completion) == (usage.prompt_tokens, usage.completion_tokens):
+        return usage
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=min(usage.cached_tokens, prompt),
+                 reasoning_tokens=min(usage.reasoning_tokens, completion), estimated=usage.estimated)
+
+
 def reservation_nano(prompt_est: int, max_output: int, price: PriceVersion) -> int:
     """Worst case: every prompt token at the dearer prompt rate, every allowed output token at the output rate,
     rounded up."""
     scaled = max(prompt_est, 0) * max(price.input, price.cached_input) + max(max_output, 0) * price.output
     return -(-scaled // PER_TOKENS)
+
+
+def dearest(*prices: PriceVersion) -> PriceVersion:
+    """A price at the highest rate of each kind among ``prices`` (for a reservation that covers any of them)."""
+    first = prices[0]
+    if len(prices) == 1:
+        return first
+    return PriceVersion(model=first.model, version=first.version, effective_at=first.effective_at,
+                        input=max(p.input for p in prices), cached_input=max(p.cached_input for p in prices),
+                        output=max(p.output for p in prices), source=first.source)
 
 
 def price_at(versions: Iterable[PriceVersion], at: float) -> PriceVersion | None:
