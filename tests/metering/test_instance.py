@@ -349,3 +349,23 @@ async def test_clean_shutdown_forgets_the_instance(meters: MakeMeter) -> None:
     assert a.instance.id in await instances(b)
     await a.aclose()
     assert a.instance.id not in await instances(b)
+
+
+async def test_a_request_admitted_by_the_local_limiter_is_registered_by_the_next_checkpoint(
+        meters: MakeMeter, make_key: MakeKey, clock: FakeClock) -> None:
+    a, b = await meters(), await meters()
+    key = make_key(rpm=100)
+    g = gen()
+    store_of(a).down = True  # the admission (and its registration) cannot reach Redis: the local limiter admits
+    adm = await a.admit(key, MODEL, 100, 100, g)
+    assert adm.local and not adm.tracked
+    store_of(a).down = False
+    await a.maintain()  # pays the release owed for a reservation the failed admission may have made
+    await a.instance.checkpoint()
+    e = await entry(a, g)
+    assert e is not None and e["adm"]["tracked"] is False
+    clock.advance(LOST_AFTER + 5)
+    await heartbeat(b)
+    await b.instance.reap()
+    rec = await b.generation(g)
+    assert rec is not None and rec["outcome"] == "gateway_lost"

@@ -168,6 +168,7 @@ class Instance:
         """One pipelined batch: the heartbeat (if ``beat``), every entry that changed, the entries to drop.
         Returns how many entries were written."""
         now = self._clock()
+        self._drop -= self.live.keys()  # admitted after all (by the local limiter): its entry is written below
         states = {gen: (e, e.state()) for gen, e in self.live.items()}
         writes = {gen: e.encode(st, now) for gen, (e, st) in states.items() if st != e.written}
         drops = set(self._drop)
