@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 def crash_config(redis_url: str, prefix: str, fakes: dict[str, Fake], data_dir: Path) -> dict[str, Any]:
     cfg = gateway_config(redis_url, prefix, fakes, data_dir)
-    cfg["metering"] = {"heartbeat_interval": 0.5, "checkpoint_interval": 0.5, "instance_lost_after": 2}
+    cfg["metering"] = {"heartbeat_interval": 0.5, "checkpoint_interval": 0.5, "instance_lost_after": 3}
     return cfg
 
 
