@@ -17,8 +17,9 @@ import openai
 import orjson
 
 from tests.integration.conftest import Fake, Gateway, gateway_config, make_key, start_gateway, stop
-from therouter.config import StoreConfig
+from therouter.config import StoreConfig, load_settings
 from therouter.metering.layout import Layout
+from therouter.metering.meter import Meter
 from therouter.redisproc import RedisProcess
 from therouter.store import Store
 
@@ -55,6 +56,15 @@ def instances(gw: Gateway) -> list[str]:
 def in_flight(gw: Gateway) -> dict[str, dict[str, Any]]:
     """Every instance's in-flight entries by generation id (each names its instance)."""
     return asyncio.run(_registry(gw))[1]
+
+
+async def _rebuild(gw: Gateway, key_id: str) -> dict[str, Any]:
+    settings = load_settings(gw.config_path, env={})
+    store = Store(StoreConfig(redis_url=gw.redis_url, key_prefix=gw.prefix))
+    try:
+        return await Meter(store, settings, gw.config_path.parent / "unused-journal").rebuild_totals(key_id)
+    finally:
+        await store.aclose()
 
 
 def wait_for(what: Callable[[], T | None], seconds: float) -> T:
@@ -113,6 +123,8 @@ def check_settled(gw: Gateway, key: str, gen_id: str, last: dict[str, Any]) -> N
     info = key_info(gw, key)
     assert (info["reserved_nano"], info["spend_nano"], info["requests"]) == (0, rec["cost_nano"], 1)
     assert gen_id not in in_flight(gw)
+    report = asyncio.run(_rebuild(gw, info["key_id"]))  # the counters are the sum of the records
+    assert (report["records"], report["match"]) == (1, True)
 
 
 def test_sigkill_mid_stream_is_settled_by_the_surviving_instance(redis_proc: RedisProcess, fakes: dict[str, Fake],
