@@ -151,8 +151,10 @@ class Instance:
         entry = self.live.pop(gen_id, None)
         if entry is None:
             return
+        # the next checkpoint deletes it: a release deletes nothing itself, and a checkpoint in flight could write
+        # the entry back after the settlement's delete
         if gen_id in self._sending or (not removed and entry.written is not None):
-            self._drop.add(gen_id)  # a checkpoint in flight could write it back after the caller's delete
+            self._drop.add(gen_id)
 
     # ---- background -----------------------------------------------------------------------------------------------
 

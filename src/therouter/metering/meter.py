@@ -111,7 +111,7 @@ class Meter:
         try:
             await self.instance.leave()
         except StoreUnavailable:
-            pass  # the survivors forget this instance once it is lost (nothing it had in flight is left unsettled)
+            pass  # the other instances forget this one once its heartbeat is older than instance_lost_after
 
     # ---- admission ------------------------------------------------------------------------------------------------
 
