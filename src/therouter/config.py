@@ -206,12 +206,30 @@ class RoutingOptions(_Strict):
         return "*" in self.prefix_affinity or model_id in self.prefix_affinity
 
 
+class MeteringConfig(_Strict):
+    """Crash recovery (config section `metering:`): each gateway process heartbeats in Redis and checkpoints its
+    requests in flight; a process silent for `instance_lost_after` is presumed lost and the survivors (or the
+    process itself once restarted) settle what it had in flight as `gateway_lost`."""
+
+    heartbeat_interval: float = Field(5.0, gt=0)  # seconds between heartbeats (and reaper passes)
+    checkpoint_interval: float = Field(2.0, gt=0)  # seconds between checkpoints of streamed token counts
+    instance_lost_after: float = Field(15.0, gt=0)  # a heartbeat older than this: the instance is lost
+
+    @model_validator(mode="after")
+    def _margin(self) -> MeteringConfig:
+        if self.instance_lost_after < 2 * self.heartbeat_interval:
+            raise ValueError("instance_lost_after must be at least twice heartbeat_interval (a live instance "
+                             "missing one heartbeat must not be taken for lost)")
+        return self
+
+
 class Settings(_Strict):
     server: ServerConfig = ServerConfig()
     store: StoreConfig
     providers: dict[str, ProviderConfig] = Field(min_length=1)
     models: dict[str, ModelConfig] = Field(min_length=1)
     routing: RoutingOptions = RoutingOptions()
+    metering: MeteringConfig = MeteringConfig()
     admin_key: SecretStr | None = None  # from THEROUTER_ADMIN_KEY
     data_dir: str = ".therouter"  # journal and local state
 

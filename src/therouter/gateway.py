@@ -263,6 +263,7 @@ class Gateway:
         return JSONAnswer(orjson.dumps(obj), self._headers(call, cand))
     async def _json_attempt(self, call: Call, c: Candidate) -> tuple[dict[str, Any], Usage]:
         p, t = c.provider, c.provider.config.timeouts
+        self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=False)  # checkpointed if it dies
         req = self._request(call, p, c.dep)
         budget = max(min(t.total, self._deadline(call) - self.clock()), 0.001)
         resp = await p.transport.send(req, connect=t.connect, headers_timeout=budget)
@@ -319,6 +320,9 @@ class Gateway:
                                 started=sent_at)
         rw = ChunkRewriter(p, gen_id=call.gen_id, model=c.model_id, created=call.created,
                            object_=call.object, include_usage=call.checked.include_usage)
+        # checkpoints read the rewriter's own counters: what a lost instance's stream is billed for
+        self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=True,
+                           usage=lambda: rw.final_usage(call.checked.prompt_tokens))
         first: list[bytes] = []
         try:
             while not first:

@@ -8,6 +8,7 @@ from pathlib import Path
 from therouter.auth import Authenticator
 from therouter.config import Settings
 from therouter.gateway import Gateway
+from therouter.metering.admission import MeterOptions
 from therouter.metering.meter import Meter
 from therouter.observability import Metrics
 from therouter.providers import Provider, build_provider, make_transport
@@ -54,7 +55,7 @@ async def build_services(settings: Settings, routing: RoutingOptions | None = No
         on_retry=lambda c: metrics.observe_retry(c.name),
         on_failover=lambda a, b: metrics.observe_failover(a.name, b.name),
     )
-    meter = Meter(store, settings, Path(settings.data_dir) / "journal")
+    meter = Meter(store, settings, Path(settings.data_dir) / "journal", options=MeterOptions.from_settings(settings))
     gateway = Gateway(settings, router, meter, policy, metrics=metrics)
     auth = Authenticator(store, stale_seconds=settings.store.key_cache_seconds)
     return Services(settings, store, auth, meter, providers, router, health, gateway, metrics, state, shared)

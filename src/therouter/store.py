@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from therouter.config import StoreConfig
 from therouter.errors import StoreUnavailable
@@ -95,6 +95,26 @@ class Store:
                                    retry_after=2) from None
         self.breaker.success()
         return result
+
+    async def script_with(self, script: Any, keys: Sequence[str], args: Sequence[str | int],
+                          extra: Callable[[Any], None]) -> Any:
+        """EVALSHA of a registered script plus the commands ``extra(pipe)`` adds, in one non-transactional pipeline:
+        one round trip (redis-py's own pipelined scripts would first ask ``SCRIPT EXISTS``, a second one). After a
+        ``NOSCRIPT`` (the script did not run, e.g. a restarted Redis) the script is loaded and the whole batch sent
+        again, so ``extra`` must add idempotent commands only. Returns the script's reply; raises the first error."""
+        for _ in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                extra(pipe)
+                replies = await pipe.execute(raise_on_error=False)
+            if isinstance(replies[0], NoScriptError):
+                script.sha = await self.redis.script_load(script.script)
+                continue
+            for r in replies:
+                if isinstance(r, Exception):
+                    raise r
+            return replies[0]
+        raise NoScriptError("the script could not be loaded")
 
     async def ping(self) -> bool:
         try:

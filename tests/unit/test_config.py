@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from therouter.config import ConfigError, load_settings, parse_settings, usd_to_nano
+from therouter.metering import MeterOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,3 +70,18 @@ def test_unset_variable_without_default_is_named() -> None:
     raw["store"]["redis_url"] = "${NOPE_NOT_SET}"
     with pytest.raises(ConfigError, match=r"store.redis_url: is empty"):
         parse_settings(raw, "x.yaml", env={})
+
+
+def test_metering_section_is_typed_strict_and_wired_into_the_meter() -> None:
+    assert MeterOptions.from_settings(parse_settings(shipped(), "x.yaml", env={})) == MeterOptions()  # same defaults
+    raw = shipped()
+    raw["metering"] = {"heartbeat_interval": 0.5, "checkpoint_interval": 0.25, "instance_lost_after": 2}
+    o = MeterOptions.from_settings(parse_settings(raw, "x.yaml", env={}))
+    assert (o.heartbeat_interval, o.checkpoint_interval, o.instance_lost_after) == (0.5, 0.25, 2)
+    raw["metering"] = {"heartbeat_interval": 5, "instance_lost_after": 6}  # one late heartbeat would look lost
+    with pytest.raises(ConfigError, match=r"x.yaml: metering: instance_lost_after must be at least twice"):
+        parse_settings(raw, "x.yaml", env={})
+    for bad in ({"checkpoint_interval": 0}, {"heartbeat_intervall": 5}):
+        raw["metering"] = bad
+        with pytest.raises(ConfigError, match=r"x.yaml: metering\.(checkpoint_interval|heartbeat_intervall)"):
+            parse_settings(raw, "x.yaml", env={})

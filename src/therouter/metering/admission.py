@@ -25,6 +25,15 @@ class MeterOptions:
     local_limit_divisor: int = 1  # gateway processes sharing a key while Redis is down (fail-open share)
     tick: float = 1.0  # s between background passes (journal replay, orphan releases, price reload)
     price_refresh: float = 5.0  # s between price-table refreshes from Redis
+    heartbeat_interval: float = 5.0  # s between this instance's heartbeats (and reaper passes)
+    checkpoint_interval: float = 2.0  # s between checkpoints of the requests in flight
+    instance_lost_after: float = 15.0  # s without a heartbeat after which an instance is lost and reaped
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MeterOptions:
+        m = settings.metering
+        return cls(heartbeat_interval=m.heartbeat_interval, checkpoint_interval=m.checkpoint_interval,
+                   instance_lost_after=m.instance_lost_after)
 
     def reservation_ttl_for(self, settings: Settings) -> int:
         if self.reservation_ttl is not None:

@@ -22,6 +22,9 @@ Global
   P usage                    stream every record (feed for exporters, at-least-once) none, MAXLEN ~ feed_maxlen
   P meter:keys               set   key ids that have usage                          none (index)
   P gen:GEN                  str   GEN -> key id (lets generation(id) find the record) record_ttl
+Gateway instances (slot {meter}, see instance.py)
+  P{meter}:instances         zset  instance id by last heartbeat (ms, meter clock)   reservation_ttl + 60 s, renewed
+  P{meter}:inflight:INST     hash  GEN -> the instance's in-flight request (JSON)     reservation_ttl + 60 s, renewed
 """
 
 from __future__ import annotations
@@ -108,3 +111,9 @@ class Layout:
 
     def gen_index(self, gen_id: str) -> str:
         return self.prefix + "gen:" + gen_id
+
+    def instances(self) -> str:
+        return self.prefix + "{meter}:instances"
+
+    def inflight(self, instance_id: str) -> str:
+        return self.prefix + "{meter}:inflight:" + instance_id

@@ -23,6 +23,9 @@ Policies (reliability.md section 2/3):
   ``gen:ID`` lookup); it runs only after a first settlement, so the feed is at-least-once, never the counters.
   No additive command is ever re-sent after a timeout: an unknown outcome goes to the journal, whose replay runs
   the same idempotent script. ``settle`` never raises and runs shielded from the caller's cancellation.
+* **Crash recovery** (:mod:`instance`): every request in flight is registered under this process's instance id
+  (for a reservation, in the admission's round trip) and checkpointed; requests of an instance that stopped
+  heartbeating are settled by the survivors as ``gateway_lost``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from therouter.config import Settings
 from therouter.errors import BudgetExceeded, GatewayError, RateLimited, StoreUnavailable
 from therouter.keys import KeyRecord
 from therouter.metering.admission import Admission, MeterOptions
+from therouter.metering.instance import Instance
 from therouter.metering.journal import Journal
 from therouter.metering.layout import Layout, day_id, month_id, period_id, period_label
 from therouter.metering.pricebook import PriceBook
@@ -48,6 +52,7 @@ from therouter.metering.ratelimit import Decision, LocalLimiter, headers, retry_
 from therouter.metering.records import COUNTER_FIELDS, GenerationRecord
 from therouter.metering.reports import Reports
 from therouter.metering.scripts import Scripts
+from therouter.protocol.usage import Usage
 from therouter.store import Store
 
 log = logging.getLogger("therouter.metering")
@@ -66,6 +71,8 @@ class Meter:
         self.journal = Journal(journal_dir)
         self.reports = Reports(store, self.layout, self.scripts, clock, self.options)
         self.local = LocalLimiter(self.options.local_limit_divisor, window_ms=self.options.window_ms)
+        self.instance = Instance(store, self.layout, self.scripts, clock, self.options, self.reservation_ttl + 60,
+                                 settle=self.settle)
         # metric hooks, read by the observability layer
         self.fail_open_total = 0
         self.journal_writes_total = 0
@@ -73,6 +80,7 @@ class Meter:
         self._orphans: dict[str, tuple[str, int, str]] = {}  # gen id -> (key id, window, model): releases owed
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self._replay_lock = asyncio.Lock()
         self._prices_loaded = False
         self._prices_at = 0.0
@@ -85,15 +93,26 @@ class Meter:
             await self.replay_journal()
         except StoreUnavailable:
             log.warning("metering journal not replayed: the store is unavailable; retrying in the background")
+        try:
+            await self.instance.checkpoint(beat=True)  # registered before the first request
+        except StoreUnavailable:
+            log.warning("metering: instance %s not registered: the store is unavailable; retrying in the background",
+                        self.instance.id)
         self._background = asyncio.create_task(self._run_background(), name="meter-background")
+        self._heartbeat = asyncio.create_task(self._run_instance(), name="meter-instance")
 
     async def aclose(self) -> None:
-        if self._background is not None:
-            self._background.cancel()
-            await asyncio.gather(self._background, return_exceptions=True)
-            self._background = None
+        for task in (self._background, self._heartbeat):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._background = self._heartbeat = None
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=10)
+        try:
+            await self.instance.leave()
+        except StoreUnavailable:
+            pass  # the other instances forget this one once its heartbeat is older than instance_lost_after
 
     # ---- admission ------------------------------------------------------------------------------------------------
 
@@ -118,25 +137,30 @@ class Meter:
                         fallback_prices=others, max_prompt_tokens=prompt_bound or 0, max_completion_tokens=max_out)
         mrpm, mtpm = key.limits_for(model)
         if key.budget_nano is None and key.rpm is None and key.tpm is None and mrpm is None and mtpm is None:
+            self.instance.admitted(adm, prompt_tokens_est, registered=False)
             return adm
         pid = period_id(key.budget_period, now)
-        try:
-            res = await self.scripts.run("admit", self._admit_keys(key.id, pid, adm.window, model),
-                                         self._admit_args(key, adm, pid, now_ms))
+        try:  # the admission and this request's in-flight entry: one round trip
+            res = await self.scripts.run_with("admit", self._admit_keys(key.id, pid, adm.window, model),
+                                              self._admit_args(key, adm, pid, now_ms),
+                                              self.instance.registration(adm, prompt_tokens_est))
         except StoreUnavailable:
-            return self._admit_degraded(key, adm, now_ms)
+            return self._admit_degraded(key, adm, now_ms, prompt_tokens_est)
         except Exception:
             log.exception("metering: admission script failed; treating the store as unavailable")
-            return self._admit_degraded(key, adm, now_ms)
+            return self._admit_degraded(key, adm, now_ms, prompt_tokens_est)
         status, spent, reserved = str(res[0]), int(res[1]), int(res[2])
         # the key's own limits and its override for this model: the tighter one is what the caller sees
         rdec = tighter(_decision(key.rpm, res[3:7]), _decision(mrpm, res[11:15]))
         tdec = tighter(_decision(key.tpm, res[7:11]), _decision(mtpm, res[15:19]))
-        if status == "budget":
-            raise self._budget_error(key, pid, spent, reserved, reserve)
-        if status == "rate":
+        if status in ("budget", "rate"):
+            self.instance.refused(gen_id)
+            if status == "budget":
+                raise self._budget_error(key, pid, spent, reserved, reserve)
             raise self._rate_error(rdec, tdec, tokens)
-        return replace(adm, tracked=True, headers=headers(rdec, tdec))
+        adm = replace(adm, tracked=True, headers=headers(rdec, tdec))
+        self.instance.admitted(adm, prompt_tokens_est, registered=True)
+        return adm
 
     def _admit_keys(self, key_id: str, pid: str, window: int, model: str) -> list[str]:
         lay, mr, mt = self.layout, "r|" + model, "t|" + model
@@ -154,9 +178,10 @@ class Meter:
                 f"{adm.model}|{adm.price.version}", ttl_ms + 60_000,
                 *(-1 if v is None else v for v in key.limits_for(adm.model))]
 
-    def _admit_degraded(self, key: KeyRecord, adm: Admission, now_ms: int) -> Admission:
+    def _admit_degraded(self, key: KeyRecord, adm: Admission, now_ms: int, prompt_tokens_est: int) -> Admission:
         """Redis unreachable: budgets fail closed, rate limits fail open to the local limiter."""
         self._owe_release(adm.gen_id, key.id, adm.window, adm.model)  # the script may have run before the failure
+        self.instance.refused(adm.gen_id)  # ... and so may the in-flight entry: the request goes on untracked
         if key.budget_nano is not None:
             raise StoreUnavailable("Spend can't be checked right now (the store is unavailable); retry shortly.",
                                    retry_after=2, headers={"Retry-After": "2"})
@@ -169,7 +194,9 @@ class Meter:
             rdec, tdec = tighter(rdec, mr), tighter(tdec, mt)
         if (rdec and not rdec.allowed) or (tdec and not tdec.allowed):
             raise self._rate_error(rdec, tdec, adm.reserved_tokens)
-        return replace(adm, local=True, headers=headers(rdec, tdec))
+        adm = replace(adm, local=True, headers=headers(rdec, tdec))
+        self.instance.admitted(adm, prompt_tokens_est, registered=False)
+        return adm
 
     def _clamp_output(self, model: str, max_output: int) -> int:
         cfg = self.settings.models.get(model)
@@ -205,32 +232,36 @@ class Meter:
 
     # ---- settlement -----------------------------------------------------------------------------------------------
 
-    async def settle(self, adm: Admission, record: GenerationRecord) -> int:
-        """Record the true cost once; returns it in nano-USD. Never raises; survives the caller's cancellation."""
+    async def settle(self, adm: Admission, record: GenerationRecord, *, only_if_reserved: bool = False) -> int:
+        """Record the true cost once; returns it in nano-USD. Never raises; survives the caller's cancellation.
+        ``only_if_reserved``: only while the admission's reservation exists (the reaper's lost requests)."""
+        self.instance.done(adm.gen_id, removed=True)
         record.id, record.key_id = adm.gen_id, adm.key_id
         record.model = record.model or adm.model  # the model that served (a `models` fallback may differ)
         price = adm.price_for(record.model)  # ... and it is settled at that model's price
         record.usage = billable(record.usage, adm.max_prompt_tokens, adm.max_completion_tokens)
         record.cost_nano = cost_nano(record.usage, price)
         record.price_version = price.version
-        task = asyncio.ensure_future(self._settle(adm, record))
+        task = asyncio.ensure_future(self._settle(adm, record, only_if_reserved))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         await asyncio.shield(task)
         return record.cost_nano
 
-    async def _settle(self, adm: Admission, record: GenerationRecord) -> None:
+    async def _settle(self, adm: Admission, record: GenerationRecord, only_if_reserved: bool = False) -> None:
         try:
-            await self._apply(adm, record, post_owed=False)
+            await self._apply(adm, record, post_owed=False, only_if_reserved=only_if_reserved)
         except Exception as e:  # the outcome is unknown: the journal's replay settles it exactly once
             if not isinstance(e, GatewayError):
                 log.exception("metering: settle failed unexpectedly; journalling %s", adm.gen_id)
-            await self._journal(adm, record, post=False)
+            await self._journal(adm, record, post=False, only_if_reserved=only_if_reserved)
 
-    async def _apply(self, adm: Admission, record: GenerationRecord, post_owed: bool) -> None:
+    async def _apply(self, adm: Admission, record: GenerationRecord, post_owed: bool,
+                     only_if_reserved: bool = False) -> None:
         """The settle script, then (after a first settlement, or when owed) the cross-slot extras."""
         rec_json = _json(record.to_dict())
-        res = await self.scripts.run("settle", self._settle_keys(adm), self._settle_args(adm, record, rec_json))
+        args = [*self._settle_args(adm, record, rec_json), 1 if only_if_reserved else 0]
+        res = await self.scripts.run("settle", self._settle_keys(adm), args)
         if int(res[0]) == 1 or post_owed:
             try:
                 await self.store.call(lambda: self._post(adm, rec_json))
@@ -257,10 +288,14 @@ class Meter:
                       maxlen=self.options.feed_maxlen, approximate=True)
             pipe.sadd(lay.keyset(), adm.key_id)
             pipe.set(lay.gen_index(adm.gen_id), adm.key_id, ex=self.options.record_ttl)
+            pipe.hdel(self.instance.key, adm.gen_id)  # no longer in flight
             await pipe.execute()
 
-    async def _journal(self, adm: Admission, record: GenerationRecord, post: bool) -> None:
+    async def _journal(self, adm: Admission, record: GenerationRecord, post: bool,
+                       only_if_reserved: bool = False) -> None:
         entry = {"v": 1, "adm": adm.to_dict(), "record": record.to_dict(), "post": post}
+        if only_if_reserved:
+            entry["if_reserved"] = True
         try:
             await self.journal.append(entry)
             self.journal_writes_total += 1
@@ -281,7 +316,8 @@ class Meter:
                     except (KeyError, TypeError, ValueError):
                         await asyncio.to_thread(self.journal.reject, entry)
                         continue
-                    await self._apply(adm, record, post_owed=bool(entry.get("post")))
+                    await self._apply(adm, record, post_owed=bool(entry.get("post")),
+                                      only_if_reserved=bool(entry.get("if_reserved")))
                     applied += 1
                 await asyncio.to_thread(self.journal.done, path)
             return applied
@@ -290,6 +326,7 @@ class Meter:
 
     async def release(self, adm: Admission) -> None:
         """Give back a failed or rejected request's whole reservation (idempotent; never raises)."""
+        self.instance.done(adm.gen_id, removed=False)
         if not adm.tracked:
             return
         try:
@@ -306,7 +343,29 @@ class Meter:
         if len(self._orphans) < _MAX_ORPHANS:  # beyond that, reservation expiry frees them
             self._orphans[gen_id] = (key_id, window, model)
 
+    # ---- requests in flight ---------------------------------------------------------------------------------------
+
+    def serving(self, gen_id: str, model: str, provider: str, upstream_model: str, stream: bool,
+                usage: Callable[[], Usage] | None = None) -> None:
+        """What serves a request in flight now (and, for a stream, a live usage reading): the next checkpoint
+        writes it, so a lost instance's request is settled at that deployment and the output it had produced.
+        In-process only, no I/O."""
+        self.instance.serving(gen_id, model, provider, upstream_model, stream, usage)
+
     # ---- background -----------------------------------------------------------------------------------------------
+
+    async def _run_instance(self) -> None:
+        """Heartbeat, checkpoints and the reaper: a task of its own, so a long journal replay never delays a
+        heartbeat (a late one could get this instance taken for lost)."""
+        o = self.options
+        while True:
+            await asyncio.sleep(min(o.checkpoint_interval, o.heartbeat_interval))
+            try:
+                await self.instance.tick()
+            except StoreUnavailable:
+                pass
+            except Exception:
+                log.exception("metering: heartbeat / checkpoint / reaper pass failed")
 
     async def _run_background(self) -> None:
         while True:

@@ -13,8 +13,9 @@ from typing import Any, Literal
 from therouter.metering.prices import nano_to_usd
 from therouter.protocol.usage import Usage
 
-Outcome = Literal["completed", "client_cancelled", "upstream_cut", "rejected", "failed"]
-OUTCOMES: tuple[str, ...] = ("completed", "client_cancelled", "upstream_cut", "rejected", "failed")
+# gateway_lost: the gateway process serving it died; settled by another instance from its last checkpoint
+Outcome = Literal["completed", "client_cancelled", "upstream_cut", "rejected", "failed", "gateway_lost"]
+OUTCOMES: tuple[str, ...] = ("completed", "client_cancelled", "upstream_cut", "rejected", "failed", "gateway_lost")
 # the fields of every counter hash (per:total, per:d:*, per:m:*; "MODEL|field" in bymodel:*), in settle.lua's order
 COUNTER_FIELDS = ("cost", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
 

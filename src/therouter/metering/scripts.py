@@ -8,12 +8,12 @@ EVALSHA; redis-py reloads a script itself after a ``NOSCRIPT`` (e.g. after a Red
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from therouter.store import Store
 
 _WITH_COMMON = ("admit", "settle", "release")
-_PLAIN = ("price_set", "rebuild")
+_PLAIN = ("price_set", "rebuild", "reap")
 
 
 def _text(name: str) -> str:
@@ -34,3 +34,9 @@ class Scripts:
         """One script call under the store's breaker (failures become ``StoreUnavailable``)."""
         script = self._scripts[name]
         return await self._store.call(lambda: script(keys=list(keys), args=list(args)))
+
+    async def run_with(self, name: str, keys: Sequence[str], args: Sequence[str | int],
+                       extra: Callable[[Any], None]) -> Any:
+        """The script and a few more (idempotent) commands, added by ``extra(pipeline)``, in one round trip."""
+        script = self._scripts[name]
+        return await self._store.call(lambda: self._store.script_with(script, keys, args, extra))

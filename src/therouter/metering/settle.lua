@@ -4,10 +4,14 @@
 --       TPM window counter (absent unless the key has one)                         (all in the key's slot {k:ID})
 -- ARGV: 1 gen, 2 cost nano, 3 model, 4 prompt, 5 completion, 6 cached, 7 reasoning, 8 record JSON,
 --       9 marker ttl s, 10 record ttl s, 11 day ttl s, 12 month ttl s, 13 stream maxlen, 14 actual tokens,
---       15 day id, 16 month id
--- Returns {1, stream id} the first time, {0} for a repeat.
+--       15 day id, 16 month id, 17 '1': settle only if the reservation still exists (the reaper's orphans: a
+--       request that admission refused, or that was settled or released meanwhile, is never settled again)
+-- Returns {1, stream id} the first time, {0} for a repeat (or a reservation that is gone, with ARGV[17] = '1').
 local gen = ARGV[1]
 if redis.call('EXISTS', KEYS[2]) == 1 then
+  return {0}
+end
+if ARGV[17] == '1' and redis.call('HEXISTS', KEYS[7], 'g:' .. gen) == 0 then
   return {0}
 end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[9]) then
