@@ -35,7 +35,7 @@ async def private_store(tmp_path: Path) -> AsyncIterator[tuple[Store, RedisProce
         proc.stop()
 
 
-def test_outage_replies_are_recognised_after_redis_py_stripped_the_prefix() -> None:
+async def test_outage_replies_are_recognised_after_redis_py_stripped_the_prefix() -> None:
     # what redis-py raises for "-OOM command not allowed ..." and "-READONLY You can't write ...": prefix gone
     assert outage_reply(OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")) == "OOM"
     assert outage_reply(ReadOnlyError("You can't write against a read only replica.")) == "READONLY"
