@@ -96,6 +96,31 @@ def test_generation_record_and_exact_cost(client: openai.OpenAI, gateway: Gatewa
     assert u.model_extra.get("prompt_cache_hit_tokens") == 3
 
 
+def test_absurd_upstream_usage_is_bounded_estimated_and_counted(client: openai.OpenAI, gateway: Gateway,
+                                                                 api_key: str, fakes: dict[str, Fake]) -> None:
+    fakes["deepseek"].configure(usage_patch={"prompt_tokens": 10**12, "completion_tokens": "12"})
+    r = client.chat.completions.create(model=MODEL, messages=HELLO)
+    assert r.usage is not None
+    completion = len(r.choices[0].message.content or "") // 4 + 1  # the gateway's own count of the answer
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (4096, completion)  # the card's context length
+    assert r.usage.model_extra["estimated"] is True
+    rec = generation(gateway, api_key, r.id)
+    assert rec["usage"]["prompt_tokens"] == 4096 and rec["usage"]["completion_tokens"] == completion
+    assert rec["usage"]["estimated"] is True and rec["cost_nano"] == expected_cost(4096, 0, completion)
+    assert Decimal(str(r.usage.model_extra["cost"])) * 10**9 == rec["cost_nano"]
+
+    fakes["deepseek"].configure(usage_patch={"prompt_tokens": 20, "completion_tokens": -5})
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    usage = chunks[-1].usage
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (20, (len(text) + 3) // 4)
+    assert generation(gateway, api_key, chunks[0].id)["cost_nano"] == expected_cost(20, 0, (len(text) + 3) // 4)
+    metrics = httpx.get(gateway.url + "/metrics").text
+    for reason in ("prompt_over_context", "not_a_number", "negative"):
+        assert f'therouter_usage_anomalies_total{{provider="deepseek",reason="{reason}"}}' in metrics
+
+
 def test_stream_metered_even_without_include_usage(client: openai.OpenAI, gateway: Gateway, api_key: str,
                                                    fakes: dict[str, Fake]) -> None:
     chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, stream=True))

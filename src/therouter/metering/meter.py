@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +40,7 @@ from therouter.config import Settings
 from therouter.errors import BudgetExceeded, GatewayError, RateLimited, StoreUnavailable
 from therouter.keys import KeyRecord
 from therouter.metering.admission import Admission, MeterOptions
+from therouter.metering.bounds import Bounds, bound_usage
 from therouter.metering.journal import Journal
 from therouter.metering.layout import Layout, day_id, month_id, period_id, period_label
 from therouter.metering.pricebook import PriceBook
@@ -47,6 +49,7 @@ from therouter.metering.ratelimit import Decision, LocalLimiter, headers, retry_
 from therouter.metering.records import COUNTER_FIELDS, GenerationRecord
 from therouter.metering.reports import Reports
 from therouter.metering.scripts import Scripts
+from therouter.protocol.usage import Usage
 from therouter.store import Store
 
 log = logging.getLogger("therouter.metering")
@@ -69,6 +72,7 @@ class Meter:
         self.fail_open_total = 0
         self.journal_writes_total = 0
         self.journal_errors_total = 0
+        self.usage_anomalies: Counter[tuple[str, str]] = Counter()  # (provider, reason): see bounds.py
         self._orphans: dict[str, tuple[str, int, str]] = {}  # gen id -> (key id, window, model): releases owed
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: asyncio.Task[None] | None = None
@@ -194,17 +198,48 @@ class Meter:
 
     # ---- settlement -----------------------------------------------------------------------------------------------
 
-    async def settle(self, adm: Admission, record: GenerationRecord) -> int:
-        """Record the true cost once; returns it in nano-USD. Never raises; survives the caller's cancellation."""
-        record.id, record.key_id = adm.gen_id, adm.key_id
-        record.model = record.model or adm.model  # the model that served (a `models` fallback may differ)
-        record.cost_nano = cost_nano(record.usage, adm.price)
-        record.price_version = adm.price.version
-        task = asyncio.ensure_future(self._settle(adm, record))
+    async def settle(self, adm: Admission, record: GenerationRecord, estimate: Usage | None = None,
+                     choices: int = 1) -> int:
+        """Record the true cost once; returns it in nano-USD. Never raises; survives the caller's cancellation.
+
+        The upstream's usage is bounded first (:mod:`bounds`): counts it got wrong are replaced by ``estimate`` (the
+        gateway's own count) and every count is clamped to the served model's card (``choices`` x its max output).
+        ``record.usage`` is updated in place, so the answer shows what was billed. A record whose cost cannot be
+        computed is journalled unpriced (replay prices it again) and logged; one that cannot be stored is journalled.
+        """
+        try:
+            record.id, record.key_id = adm.gen_id, adm.key_id
+            record.model = record.model or adm.model  # the model that served (a `models` fallback may differ)
+            self._bound(record, estimate, choices)
+            self._price(adm, record)
+            work = self._settle(adm, record)
+        except Exception:
+            log.exception("metering: the cost of %s could not be computed; journalled unpriced", adm.gen_id)
+            record.cost_nano = 0
+            work = self._journal(adm, record, post=False, priced=False)
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         await asyncio.shield(task)
         return record.cost_nano
+
+    def _bound(self, record: GenerationRecord, estimate: Usage | None, choices: int) -> None:
+        card = self.settings.models.get(record.model)
+        limits = None if card is None else Bounds(card.context_length, card.max_output_tokens * max(choices, 1))
+        usage, reasons = bound_usage(record.usage, limits, estimate)
+        if reasons:
+            for reason in reasons:
+                self.usage_anomalies[(record.provider, reason)] += 1
+            log.warning("metering: usage of %s from %s bounded (%s)", record.id, record.provider or "-",
+                        ", ".join(reasons))
+        u = record.usage  # in place: the caller renders the same object in its answer
+        u.prompt_tokens, u.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+        u.cached_tokens, u.reasoning_tokens, u.estimated = usage.cached_tokens, usage.reasoning_tokens, usage.estimated
+        u.rejected = {}
+
+    def _price(self, adm: Admission, record: GenerationRecord) -> None:
+        record.cost_nano = cost_nano(record.usage, adm.price)
+        record.price_version = adm.price.version
 
     async def _settle(self, adm: Admission, record: GenerationRecord) -> None:
         try:
@@ -214,13 +249,16 @@ class Meter:
                 log.exception("metering: settle failed unexpectedly; journalling %s", adm.gen_id)
             await self._journal(adm, record, post=False)
 
-    async def _apply(self, adm: Admission, record: GenerationRecord, post_owed: bool) -> None:
-        """The settle script, then (after a first settlement, or when owed) the cross-slot extras."""
+    async def _apply(self, adm: Admission, record: GenerationRecord, post_owed: bool, replay: bool = False) -> None:
+        """The settle script, then the cross-slot extras: after a first settlement, when owed, or -- on replay, when
+        the script had already run (its reply was lost in a stall) -- when the generation index shows they are
+        missing."""
         rec_json = _json(record.to_dict())
         res = await self.scripts.run("settle", self._settle_keys(adm), self._settle_args(adm, record, rec_json))
-        if int(res[0]) == 1 or post_owed:
+        first = int(res[0]) == 1
+        if first or post_owed or replay:
             try:
-                await self.store.call(lambda: self._post(adm, rec_json))
+                await self.store.call(lambda: self._post(adm, rec_json, only_if_missing=not (first or post_owed)))
             except Exception:
                 await self._journal(adm, record, post=True)
 
@@ -237,8 +275,11 @@ class Meter:
                 o.record_ttl, o.day_ttl, o.month_ttl, o.stream_maxlen,
                 c["prompt_tokens"] + c["completion_tokens"], day_id(adm.admitted_at), month_id(adm.admitted_at)]
 
-    async def _post(self, adm: Admission, rec_json: str) -> None:
+    async def _post(self, adm: Admission, rec_json: str, only_if_missing: bool = False) -> None:
         lay = self.layout
+        if only_if_missing and not await self.store.redis.set(lay.gen_index(adm.gen_id), adm.key_id,
+                                                              ex=self.options.record_ttl, nx=True):
+            return  # the extras were posted when the script first ran
         async with self.store.redis.pipeline(transaction=False) as pipe:
             pipe.xadd(lay.feed(), {"gen": adm.gen_id, "key": adm.key_id, "rec": rec_json},
                       maxlen=self.options.feed_maxlen, approximate=True)
@@ -246,14 +287,19 @@ class Meter:
             pipe.set(lay.gen_index(adm.gen_id), adm.key_id, ex=self.options.record_ttl)
             await pipe.execute()
 
-    async def _journal(self, adm: Admission, record: GenerationRecord, post: bool) -> None:
-        entry = {"v": 1, "adm": adm.to_dict(), "record": record.to_dict(), "post": post}
+    async def _journal(self, adm: Admission, record: GenerationRecord, post: bool, priced: bool = True) -> None:
+        """Keep a record Redis could not take (never raises: a record that cannot be written goes to the log)."""
+        entry: dict[str, Any] = {"v": 1, "adm": adm, "record": record, "post": post}
         try:
+            entry.update(adm=adm.to_dict(), record=record.to_dict())
+            if not priced:
+                entry["priced"] = False  # replay computes the cost again
             await self.journal.append(entry)
             self.journal_writes_total += 1
         except Exception:
             self.journal_errors_total += 1
-            log.critical("metering: usage record %s could not be journalled: %s", adm.gen_id, _json(entry))
+            log.critical("metering: usage record %s could not be journalled: %s", adm.gen_id, _dump(entry),
+                         exc_info=True)
 
     async def replay_journal(self) -> int:
         """Settle every journalled record (idempotently); returns how many entries were applied. Raises
@@ -262,16 +308,33 @@ class Meter:
             applied = 0
             for path in await self.journal.take():
                 for entry in await asyncio.to_thread(self.journal.read, path):
-                    try:
-                        adm = Admission.from_dict(entry["adm"])
-                        record = GenerationRecord.from_dict(entry["record"])
-                    except (KeyError, TypeError, ValueError):
-                        await asyncio.to_thread(self.journal.reject, entry)
-                        continue
-                    await self._apply(adm, record, post_owed=bool(entry.get("post")))
-                    applied += 1
+                    applied += await self._replay_entry(entry)
                 await asyncio.to_thread(self.journal.done, path)
             return applied
+
+    async def _replay_entry(self, entry: dict[str, Any]) -> int:
+        """Apply one journal entry (1) or move it to ``rejected.jsonl`` with a log line (0). Only an unavailable store
+        stops the replay (the file is kept and applied again later: settle is idempotent)."""
+        try:
+            adm = Admission.from_dict(entry["adm"])
+            record = GenerationRecord.from_dict(entry["record"])
+            if entry.get("priced") is False:
+                self._price(adm, record)
+        except Exception:
+            log.critical("metering: journal entry cannot be applied (malformed or unpriceable); kept in "
+                         "rejected.jsonl: %s", _dump(entry), exc_info=True)
+            await asyncio.to_thread(self.journal.reject, entry)
+            return 0
+        try:
+            await self._apply(adm, record, post_owed=bool(entry.get("post")), replay=True)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            log.critical("metering: journal entry %s failed to apply; kept in rejected.jsonl", adm.gen_id,
+                         exc_info=True)
+            await asyncio.to_thread(self.journal.reject, entry)
+            return 0
+        return 1
 
     # ---- release --------------------------------------------------------------------------------------------------
 
@@ -360,4 +423,11 @@ def _decision(limit: int | None, raw: list[Any]) -> Decision | None:
 
 
 def _json(d: dict[str, Any]) -> str:
-    return orjson.dumps(d).decode()
+    return orjson.dumps(d, default=str).decode()  # a stray non-JSON value in a record is kept as text
+
+
+def _dump(entry: Any) -> str:
+    try:
+        return _json(entry)
+    except Exception:
+        return repr(entry)
