@@ -15,7 +15,9 @@ import httpx
 import openai
 import pytest
 
+from therouter.config import StoreConfig
 from therouter.redisproc import RedisProcess
+from therouter.store import Store
 from tests.integration.conftest import (ADMIN_KEY, Fake, Gateway, gateway_config, make_key, post_raw, read_events,
                                        start_gateway, stop)
 
@@ -260,6 +262,63 @@ def test_admin_prices_and_price_versions(gateway: Gateway, api_key: str, client:
     assert bad.status_code == 400
     bad = httpx.put(gateway.url + "/admin/prices/" + MODEL, headers=admin, json={"input": "0.0000000001", "output": 1})
     assert bad.status_code == 400
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"input": "NaN", "output": 1}, "input"), ({"input": 1, "output": "Infinity"}, "output"),
+    ({"input": 1, "output": "-inf"}, "output"), ({"input": -1, "output": 1}, "input"),
+    ({"input": 1e30, "output": 1}, "input"), ({"input": 1, "cached_input": -0.01, "output": 1}, "cached_input"),
+    ({"input": 1, "output": [2]}, "output"), ({"input": True, "output": 1}, "input"),
+    ({"input": 1, "output": 1, "effective_at": -5}, "effective_at"),
+    ({"input": 1, "output": 1, "effective_at": 10**15}, "effective_at"),
+    ({"input": 1, "output": 1, "effective_at": 253402300800}, "effective_at"),  # year 10000
+    ({"input": 1, "output": 1, "effective_at": "tomorrow"}, "effective_at"),
+    (b'{"input": NaN, "output": 1}', None), (b'{"input": 1e400, "output": 1}', None),
+])
+def test_admin_price_input_is_bounded(gateway: Gateway, body: Any, param: str | None) -> None:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.put(gateway.url + "/admin/prices/test/vision-less", headers=admin, content=raw)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
+    assert err["type"] == "invalid_request_error" and err["message"]
+    prices = httpx.get(gateway.url + "/admin/prices", headers=admin).json()["data"]
+    assert all(v["source"] == "config" or v["input"] < 10**16 for row in prices for v in row["versions"])
+
+
+def test_bad_stored_price_versions_never_break_listings_or_requests(gateway: Gateway, api_key: str,
+                                                                    client: openai.OpenAI) -> None:
+    model = "selfhost/only-vllm"
+    hist = f"{gateway.prefix}pricehist:{{{model}}}"
+    garbage = {"not json": 1, '{"model": "selfhost/only-vllm", "version": "x"}': 2,
+               json.dumps({"model": model, "version": "9", "effective_at": "0", "input": "NaN",
+                           "cached_input": "1", "output": "1", "source": "operator"}): 3,
+               json.dumps({"model": model, "version": "10", "effective_at": "-7", "input": "-1",
+                           "cached_input": "1", "output": "1", "source": "operator"}): 4}
+
+    async def damage(add: bool) -> None:  # written straight into Redis, as by hand or by an older build
+        store = Store(StoreConfig(redis_url=gateway.redis_url, key_prefix=gateway.prefix))
+        try:
+            await (store.redis.zadd(hist, garbage) if add else store.redis.zrem(hist, *garbage))
+        finally:
+            await store.aclose()
+
+    asyncio.run(damage(True))
+    try:
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        r = httpx.get(gateway.url + "/admin/prices", headers=admin)
+        assert r.status_code == 200, r.text
+        row = next(row for row in r.json()["data"] if row["model"] == model)
+        assert row["current"]["input"] == P_IN and len(row["versions"]) == 1
+        models = httpx.get(gateway.v1 + "/models", headers={"Authorization": f"Bearer {api_key}"})
+        assert models.status_code == 200 and any(m["id"] == model for m in models.json()["data"])
+        one = httpx.get(gateway.v1 + "/models/" + model, headers={"Authorization": f"Bearer {api_key}"})
+        assert one.status_code == 200 and one.json()["pricing"]["input"] == "0.96"
+        assert client.chat.completions.create(model=model, messages=HELLO).id
+        assert "stored price version of selfhost/only-vllm is skipped" in gateway.logs()
+    finally:
+        asyncio.run(damage(False))
 
 
 def test_redis_restart_journal_replay_totals_exact(fakes: dict[str, Fake], tmp_path: Path) -> None:

@@ -388,6 +388,9 @@ class Meter:
             self._prices_at = time.monotonic()
         except StoreUnavailable:
             log.warning("metering: prices not loaded from the store (unavailable); using the local copy")
+        except Exception:  # e.g. a damaged price key: never block start-up, admissions or the journal's replay
+            self._prices_at = time.monotonic()
+            log.exception("metering: prices not loaded from the store; using the local copy")
 
     # ---- prices and reports (delegated) ---------------------------------------------------------------------------
 
