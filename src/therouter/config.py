@@ -36,6 +36,7 @@ class ServerConfig(_Strict):
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)  # all request headers together (names + values): else 431
     max_json_depth: int = Field(64, ge=4, le=1024)
     upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
     request_deadline: float = Field(300.0, gt=0)  # seconds, one overall deadline for a non-stream request

@@ -370,7 +370,7 @@ class Gateway:
             usage=usage, cost_nano=0, price_version=call.adm.price_version if call.adm else 0,
             created=call.created, latency_ms=int((self.clock() - call.started) * 1000), ttft_ms=ttft_ms,
             outcome=outcome, stream=stream, attempts=list(call.attempts),
-            skipped=[s.to_dict() for s in call.skipped],
+            skipped=[s.to_dict() for s in call.skipped], request_id=call.request_id,
         )
 
     async def _settle(self, call: Call, cand: Candidate | None, usage: Usage, outcome: str, stream: bool,

@@ -180,6 +180,32 @@ def test_generation_is_private_to_its_key(client: openai.OpenAI, gateway: Gatewa
     assert resp.status_code == 404
 
 
+def test_generation_found_by_the_clients_request_id(client: openai.OpenAI, gateway: Gateway, api_key: str) -> None:
+    rid = "my-req-" + uuid.uuid4().hex
+    r = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO,
+                                                         extra_headers={"x-request-id": rid})
+    assert r.headers["x-request-id"] == rid
+    gen_id = r.parse().id
+    auth = {"Authorization": f"Bearer {api_key}"}
+    found = httpx.get(gateway.v1 + "/generation", params={"request_id": rid}, headers=auth)
+    assert found.status_code == 200, found.text
+    assert found.json()["data"]["id"] == gen_id and found.json()["data"]["request_id"] == rid
+    assert generation(gateway, api_key, gen_id)["request_id"] == rid
+    # a stream is found the same way
+    srid = "my-stream-" + uuid.uuid4().hex
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, stream=True,
+                                                 extra_headers={"x-request-id": srid}))
+    got = httpx.get(gateway.v1 + "/generation", params={"request_id": srid}, headers=auth).json()["data"]
+    assert got["id"] == chunks[0].id
+    # never another key's record, even with the same request id
+    other = asyncio.run(make_key(gateway, "other-rid"))
+    miss = httpx.get(gateway.v1 + "/generation", params={"request_id": rid},
+                     headers={"Authorization": f"Bearer {other}"})
+    assert miss.status_code == 404 and miss.json()["error"]["param"] == "request_id"
+    bad = httpx.get(gateway.v1 + "/generation", params={"request_id": "a b"}, headers=auth)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "request_id"
+
+
 def test_budget_holds_under_concurrency(gateway: Gateway, fakes: dict[str, Fake]) -> None:
     fakes["deepseek"].configure(latency_ms=1500)  # all 50 arrive while the admitted ones are still in flight
     # worst case per request: prompt estimate x input + max_tokens x output. Budget fits exactly 10 of them.

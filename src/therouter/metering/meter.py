@@ -254,7 +254,8 @@ class Meter:
         the script had already run (its reply was lost in a stall) -- when the generation index shows they are
         missing."""
         rec_json = _json(record.to_dict())
-        res = await self.scripts.run("settle", self._settle_keys(adm), self._settle_args(adm, record, rec_json))
+        res = await self.scripts.run("settle", self._settle_keys(adm, record),
+                                     self._settle_args(adm, record, rec_json))
         first = int(res[0]) == 1
         if first or post_owed or replay:
             try:
@@ -262,18 +263,19 @@ class Meter:
             except Exception:
                 await self._journal(adm, record, post=True)
 
-    def _settle_keys(self, adm: Admission) -> list[str]:
+    def _settle_keys(self, adm: Admission, record: GenerationRecord) -> list[str]:
         lay, kid, gen, day = self.layout, adm.key_id, adm.gen_id, day_id(adm.admitted_at)
         return [lay.settled(kid, gen), lay.gen(kid, gen), lay.per(kid, "total"), lay.per(kid, "d:" + day),
                 lay.per(kid, "m:" + month_id(adm.admitted_at)), lay.bymodel(kid, day), lay.resv(kid),
                 lay.resvexp(kid), lay.stream(kid), lay.rl(kid, "t", adm.window),
-                lay.rl(kid, "t|" + adm.model, adm.window)]
+                lay.rl(kid, "t|" + adm.model, adm.window), lay.rid(kid, record.request_id)]
 
     def _settle_args(self, adm: Admission, record: GenerationRecord, rec_json: str) -> list[str | int]:
         c, o = record.counters(), self.options
         return [adm.gen_id, c["cost"], adm.model, *(c[f] for f in COUNTER_FIELDS[2:]), rec_json, o.settled_ttl,
                 o.record_ttl, o.day_ttl, o.month_ttl, o.stream_maxlen,
-                c["prompt_tokens"] + c["completion_tokens"], day_id(adm.admitted_at), month_id(adm.admitted_at)]
+                c["prompt_tokens"] + c["completion_tokens"], day_id(adm.admitted_at), month_id(adm.admitted_at),
+                record.request_id]
 
     async def _post(self, adm: Admission, rec_json: str, only_if_missing: bool = False) -> None:
         lay = self.layout
@@ -407,6 +409,10 @@ class Meter:
     async def generation(self, gen_id: str, key_id: str | None = None) -> dict[str, Any] | None:
         """A generation record; with the owner's key id it is one read in that key's slot (no index lookup)."""
         return await self.reports.generation(gen_id, key_id)
+
+    async def generation_by_request(self, request_id: str, key_id: str) -> dict[str, Any] | None:
+        """The key's newest generation record sent with that ``x-request-id`` (never another key's)."""
+        return await self.reports.generation_by_request(request_id, key_id)
 
     async def key_summary(self, key: KeyRecord) -> dict[str, Any]:
         return await self.reports.key_summary(key)
