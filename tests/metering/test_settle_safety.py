@@ -117,7 +117,7 @@ async def test_replay_posts_feed_and_index_when_the_settle_reply_was_lost(meter:
     blocker = aioredis.Redis.from_url(redis_proc.url, socket_timeout=30)
     probe = aioredis.Redis.from_url(redis_proc.url, socket_timeout=0.05)
     try:
-        stall = asyncio.ensure_future(blocker.eval(BUSY, 0, 1500))
+        stall = asyncio.ensure_future(blocker.eval(BUSY, 0, 2500))
         for _ in range(200):  # until the server is busy: a PING gets no answer
             try:
                 await probe.ping()
