@@ -22,6 +22,12 @@ Policies (reliability.md section 2/3):
   ``gen:ID`` lookup); it runs only after a first settlement, so the feed is at-least-once, never the counters.
   No additive command is ever re-sent after a timeout: an unknown outcome goes to the journal, whose replay runs
   the same idempotent script. ``settle`` never raises and runs shielded from the caller's cancellation.
+* **Upstream usage is bounded before it is priced** (:mod:`bounds`): bad counts become the gateway's estimate,
+  every count is clamped to the served model's card, and each anomaly is counted (``usage_anomalies``).
+* **Never lost**: a cost that cannot be computed is journalled unpriced (replay prices it again); a replayed entry
+  whose script had already run (its reply lost in a stall) still posts the feed and ``gen:ID`` when that index is
+  missing (``SET NX``: at most once more); an entry that can never be applied goes to ``rejected.jsonl`` and the
+  log instead of stopping the replay of the others.
 """
 
 from __future__ import annotations
