@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from therouter import __version__
 from therouter.api import admin, errors, ops
 from therouter.api import openai as openai_routes
-from therouter.api.middleware import RequestIdMiddleware
+from therouter.api.middleware import HeaderLimitMiddleware, RequestIdMiddleware
 from therouter.config import Settings
 from therouter.errors import GatewayError
 from therouter.observability import register_meter, setup_logging
@@ -44,6 +44,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="TheRouter", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.server.max_header_bytes)  # outermost: runs first
     errors.install(app)
     app.include_router(openai_routes.router)
     app.include_router(admin.router)

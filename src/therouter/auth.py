@@ -16,6 +16,7 @@ from therouter.keys import KeyRecord, hash_key
 from therouter.store import Store
 
 FRESH_SECONDS = 2.0  # served from the cache without asking the store (revocation is seen within this)
+INCORRECT_KEY = "Incorrect API key provided."
 
 
 def bearer(header: str | None) -> str:
@@ -58,10 +59,10 @@ class Authenticator:
                         self._cache.clear()
                     self._cache[h] = (found, now)
             if found is None:
-                raise AuthenticationFailed("Incorrect API key provided.")
+                raise AuthenticationFailed(INCORRECT_KEY)
             rec = found
-        if rec.revoked:
-            raise AuthenticationFailed("This API key has been revoked.")
+        if rec.revoked:  # exactly the unknown key's answer: a caller can't tell a revoked key from a made-up one
+            raise AuthenticationFailed(INCORRECT_KEY)
         return rec
 
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from typing import Any, Callable, Coroutine
 
 from therouter.config import ConfigError, Settings, load_settings
 
+# budgets are exact in the admission script's arithmetic up to 2**53 nano-USD (about 9 million USD)
+MAX_BUDGET_USD = 9_000_000
+KEY_ID = re.compile(r"key_[A-Za-z0-9]{1,64}")
 REDIS_HINT = ("start one with `redis-server --port 6379 --save '' --daemonize yes` (or `apt-get install -y "
               "redis-server`), then set REDIS_URL or store.redis_url")
 
@@ -100,15 +104,20 @@ async def _noop(store: Any) -> int:
 
 def cmd_keys(a: argparse.Namespace) -> int:
     from therouter.config import usd_to_nano
+    from therouter.keys import KEY_PREFIX
     from therouter.metering.prices import nano_to_usd
 
     s = _settings(a.config)
 
     async def create(store: Any) -> int:
         try:
-            budget = usd_to_nano(a.budget, "--budget") if a.budget is not None else None
+            budget = usd_to_nano(a.budget, "--budget", MAX_BUDGET_USD) if a.budget is not None else None
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        if budget == 0:
+            print("error: --budget must be more than 0 USD (leave it out for no budget; revoke a key to stop it)",
+                  file=sys.stderr)
             return 2
         models = tuple(m.strip() for m in (a.models or "").split(",") if m.strip())
         try:
@@ -135,6 +144,11 @@ def cmd_keys(a: argparse.Namespace) -> int:
         return 0
 
     async def revoke(store: Any) -> int:
+        if not KEY_ID.fullmatch(a.id):  # never echoed: it may be a plaintext key pasted by mistake
+            what = "an API key itself, not a key id" if a.id.startswith(KEY_PREFIX) else "not a key id"
+            print(f"error: that is {what}; revoke by the key id (key_..., shown by `therouter keys list`)",
+                  file=sys.stderr)
+            return 2
         if await store.revoke_key(a.id):
             print(f"revoked {a.id}")
             return 0
@@ -155,12 +169,23 @@ def _model_limit(spec: str) -> tuple[str, tuple[int | None, int | None]]:
     def num(v: str) -> int | None:
         if v.strip() == "-":
             return None
-        n = int(v)
-        if n < 0:
-            raise ValueError(f"{spec!r}: limits must not be negative")
-        return n
+        try:
+            return positive_int(v)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"{spec!r}: limits {e} ('-' for no limit)") from None
 
     return model, (num(rpm_s), num(tpm_s))
+
+
+def positive_int(v: str) -> int:
+    """A rate limit: a whole number >= 1 (no limit is written by leaving the option out)."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n} (leave it out for no limit)")
+    return n
 
 
 # ---- prices / usage ------------------------------------------------------------------------------------------
@@ -175,6 +200,8 @@ def _meter(settings: Settings, store: Any) -> Any:
 
 
 def cmd_prices(a: argparse.Namespace) -> int:
+    from therouter.errors import InvalidRequest
+
     s = _settings(a.config)
 
     async def run(store: Any) -> int:
@@ -185,8 +212,8 @@ def cmd_prices(a: argparse.Namespace) -> int:
                 return 2
             try:
                 pv = await meter.set_price(a.model, a.input, a.cached_input or a.input, a.output)
-            except ValueError as e:
-                print(f"error: {e}", file=sys.stderr)
+            except InvalidRequest as e:
+                print(f"error: {e.message}", file=sys.stderr)
                 return 2
             pub = pv.public()
             print(f"{a.model}: version {pv.version} (USD per 1M tokens: input {pub['input_usd']}, "
@@ -258,16 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     ks = k.add_subparsers(dest="keys_cmd", required=True)
     kc = ks.add_parser("create")
     kc.add_argument("--name", required=True)
-    kc.add_argument("--budget", help="spend limit in USD")
+    kc.add_argument("--budget", help=f"spend limit in USD (more than 0, at most {MAX_BUDGET_USD:,})")
     kc.add_argument("--budget-period", choices=["total", "day", "month"], default="total")
-    kc.add_argument("--rpm", type=int)
-    kc.add_argument("--tpm", type=int)
+    kc.add_argument("--rpm", type=positive_int, help="requests per minute (>= 1; default: no limit)")
+    kc.add_argument("--tpm", type=positive_int, help="tokens per minute (>= 1; default: no limit)")
     kc.add_argument("--models", help="comma-separated model ids this key may use (default: all)")
     kc.add_argument("--model-limit", action="append", metavar="MODEL=RPM/TPM",
                     help="a per-model override of the rate limits, on top of --rpm/--tpm ('-' for none); repeatable")
     ks.add_parser("list")
     kr = ks.add_parser("revoke")
-    kr.add_argument("id")
+    kr.add_argument("id", help="the key's id (key_..., see `keys list`), never the key itself")
     k.set_defaults(fn=cmd_keys)
 
     sub.add_parser("fake-upstream", help="run the DeepSeek / vLLM / SGLang simulator (see --help)", add_help=False)

@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 DEFAULT_CONFIG_PATH = "config/therouter.yaml"
 ProviderKind = Literal["deepseek", "vllm", "sglang", "openai"]
 NANO = 10**9  # money unit: nano-USD; prices are integers of nano-USD per 1M tokens
+# the dearest price accepted (USD per 1M tokens): far above any real model, and small enough that a worst-case
+# reservation stays exact in the budget script's arithmetic (2**53 nano-USD)
+MAX_PRICE_USD = Decimal(1_000_000)
 
 
 class ConfigError(Exception):
@@ -33,6 +36,7 @@ class ServerConfig(_Strict):
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)  # all request headers together (names + values): else 431
     max_json_depth: int = Field(64, ge=4, le=1024)
     upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
     request_deadline: float = Field(300.0, gt=0)  # seconds, one overall deadline for a non-stream request
@@ -121,7 +125,7 @@ class Pricing(_Strict):
             out["cached_input"] = out["input"]
         for k in ("input", "cached_input", "output"):
             if k in out:
-                out[k] = usd_to_nano(out[k], k)
+                out[k] = usd_to_nano(out[k], k, MAX_PRICE_USD)
         return out
 
 
@@ -136,15 +140,21 @@ class Deployment(_Strict):
     cost: Pricing | None = None  # what this deployment costs the operator per 1M tokens (`provider.sort: price`)
 
 
-def usd_to_nano(value: Any, what: str = "price") -> int:
-    if isinstance(value, bool):
+def usd_to_nano(value: Any, what: str = "price", maximum: Decimal | int | None = None) -> int:
+    """An amount of USD (a number or its decimal text) -> integer nano-USD. Raises ValueError naming ``what`` for
+    anything else: bools, non-numbers, NaN, infinities, negatives, more than 9 decimals, more than ``maximum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
         raise ValueError(f"{what} must be a number of USD")
     try:
-        d = Decimal(str(value))
+        d = Decimal(str(value).strip())
     except InvalidOperation:
-        raise ValueError(f"{what} must be a number of USD, got {value!r}") from None
+        raise ValueError(f"{what} must be a number of USD, got {str(value)[:40]!r}") from None
+    if not d.is_finite():
+        raise ValueError(f"{what} must be a finite number of USD")
     if d < 0:
         raise ValueError(f"{what} must not be negative")
+    if maximum is not None and d > maximum:
+        raise ValueError(f"{what} must be at most {maximum} USD")
     nano = d * NANO
     if nano != nano.to_integral_value():
         raise ValueError(f"{what} has more than 9 decimal places")

@@ -87,6 +87,12 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class RequestHeadersTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_headers_too_large"
+
+
 class BudgetExceeded(GatewayError):
     """402: SDKs do not retry it (they would retry a 429)."""
 

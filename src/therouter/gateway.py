@@ -253,7 +253,7 @@ class Gateway:
             self.router.state.observe_throughput(cand.key, usage.completion_tokens,
                                                  self.clock() - call.lease.started)
         call.done()
-        cost = await self._settle(call, cand, usage, "completed", stream=False)
+        cost = await self._settle(call, cand, usage, "completed", stream=False, estimate=_json_estimate(call, obj))
         obj["id"] = call.gen_id
         obj["model"] = cand.model_id
         obj["provider"] = cand.name
@@ -279,12 +279,7 @@ class Gateway:
         finally:
             await resp.close()
         u = obj.get("usage")
-        if isinstance(u, dict):
-            usage = p.usage(u)
-        else:
-            usage = Usage(prompt_tokens=call.checked.prompt_tokens,
-                          completion_tokens=_json_chars(obj) // 4 + 1, estimated=True)
-        return obj, usage
+        return obj, p.usage(u) if isinstance(u, dict) else _json_estimate(call, obj)
 
     # ---- stream -----------------------------------------------------------------------------------------------
 
@@ -389,7 +384,8 @@ class Gateway:
         elif outcome == "completed" and call.lease is not None:
             state.observe_throughput(cand.key, usage.completion_tokens, self.clock() - call.lease.started)
         call.done()
-        cost = await self._settle(call, cand, usage, outcome, stream=True)
+        cost = await self._settle(call, cand, usage, outcome, stream=True,
+                                  estimate=rw.estimate(call.checked.prompt_tokens))
         return usage, cost
 
     # ---- metering ---------------------------------------------------------------------------------------------
@@ -403,14 +399,15 @@ class Gateway:
             usage=usage, cost_nano=0, price_version=call.adm.price_version if call.adm else 0,
             created=call.created, latency_ms=int((self.clock() - call.started) * 1000), ttft_ms=ttft_ms,
             outcome=outcome, stream=stream, attempts=list(call.attempts),
-            skipped=[s.to_dict() for s in call.skipped],
+            skipped=[s.to_dict() for s in call.skipped], request_id=call.request_id,
         )
 
-    async def _settle(self, call: Call, cand: Candidate | None, usage: Usage, outcome: str, stream: bool) -> int:
+    async def _settle(self, call: Call, cand: Candidate | None, usage: Usage, outcome: str, stream: bool,
+                      estimate: Usage | None = None) -> int:
         call.settled = True
         assert call.adm is not None
         rec = self._record(call, cand, usage, outcome, stream)
-        return await asyncio.shield(self.meter.settle(call.adm, rec))
+        return await asyncio.shield(self.meter.settle(call.adm, rec, estimate, call.checked.sequences))
 
     async def _settle_failure(self, call: Call, exc: BaseException) -> None:
         """A request that produced no answer: release its reservation and keep a record of the attempts."""
@@ -426,7 +423,7 @@ class Gateway:
         else:
             outcome, usage = "failed", Usage()
         rec = self._record(call, None, usage, outcome, call.checked.stream)
-        await asyncio.shield(self.meter.settle(call.adm, rec))
+        await asyncio.shield(self.meter.settle(call.adm, rec, choices=call.checked.sequences))
 
 
 class _Stream:
@@ -465,9 +462,15 @@ def validate_needs(b: dict[str, Any], call: Call, rf: dict[str, Any], stop: Any)
     )
 
 
+def _json_estimate(call: Call, obj: dict[str, Any]) -> Usage:
+    """The gateway's own count of a non-stream answer: the prompt estimate and the answer's text / 4."""
+    return Usage(prompt_tokens=call.checked.prompt_tokens, completion_tokens=_json_chars(obj) // 4 + 1, estimated=True)
+
+
 def _json_chars(obj: dict[str, Any]) -> int:
     n = 0
-    for ch in obj.get("choices") or ():
+    choices = obj.get("choices")
+    for ch in choices if isinstance(choices, list) else ():
         msg = ch.get("message") if isinstance(ch, dict) else None
         if isinstance(msg, dict):
             n += len(str(msg.get("content") or "")) + len(str(msg.get("reasoning_content") or ""))

@@ -85,6 +85,12 @@ class _MeterCollector:
             ("therouter_journal_errors", "journal_errors_total", "Failures writing the local journal"),
         ):
             yield CounterMetricFamily(name, doc, value=int(getattr(self.meter, attr, 0)))
+        anomalies = CounterMetricFamily("therouter_usage_anomalies", "Upstream usage counts the meter replaced by "
+                                        "its own estimate or clamped to the model card, by provider and reason",
+                                        labels=["provider", "reason"])
+        for (provider, reason), n in sorted(getattr(self.meter, "usage_anomalies", {}).items()):
+            anomalies.add_metric([provider, reason], n)
+        yield anomalies
 
 
 def register_meter(metrics: Metrics, meter: object) -> None:

@@ -11,14 +11,39 @@ import time
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from therouter.config import StoreConfig
 from therouter.errors import StoreUnavailable
 from therouter.keys import KeyRecord, display, hash_key, new_key
 
 T = TypeVar("T")
+# Error replies that mean "the store cannot serve us right now", not "this command is wrong". redis-py turns most of
+# them into their own exception classes and strips the prefix from the message (OOM -> OutOfMemoryError, READONLY ->
+# ReadOnlyError, ...; LOADING -> BusyLoadingError, a ConnectionError, is an outage anyway); the rest (BUSY,
+# NOREPLICAS) stay plain ResponseErrors that keep their prefix.
+_OUTAGE_CLASSES: tuple[tuple[type[ResponseError], str], ...] = (
+    (OutOfMemoryError, "OOM"), (ReadOnlyError, "READONLY"), (TryAgainError, "TRYAGAIN"),
+    (ClusterDownError, "CLUSTERDOWN"),  # MasterDownError is a ClusterDownError
+)
 _OUTAGE_REPLIES = frozenset({"OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS"})
+
+
+def outage_reply(e: ResponseError) -> str | None:
+    """The reply code (``OOM``, ``READONLY``, ...) when an error reply means the store is out of service, else None."""
+    for cls, code in _OUTAGE_CLASSES:
+        if isinstance(e, cls):
+            return str(getattr(e, "status_code", None) or code)
+    prefix = str(e).split(" ", 1)[0]
+    return prefix if prefix in _OUTAGE_REPLIES else None
 
 
 class StoreBreaker:
@@ -83,9 +108,10 @@ class Store:
         try:
             result = await fn()
         except ResponseError as e:
-            if str(e).split(" ", 1)[0] in _OUTAGE_REPLIES:  # OOM, READONLY, LOADING...: the store cannot serve us
+            code = outage_reply(e)
+            if code is not None:  # OOM, READONLY, BUSY...: the store cannot serve us
                 self.breaker.failure()
-                raise StoreUnavailable(f"the store refused the operation ({str(e).split(' ', 1)[0]}); retry shortly",
+                raise StoreUnavailable(f"the store refused the operation ({code}); retry shortly",
                                        retry_after=2) from None
             self.breaker.success()  # the server answered: a script or command error, not an outage
             raise

@@ -158,6 +158,10 @@ class ChunkRewriter:
     def final_usage(self, prompt_estimate: int) -> Usage:
         if self.usage_raw is not None:
             return self.provider.usage(self.usage_raw)
+        return self.estimate(prompt_estimate)
+
+    def estimate(self, prompt_estimate: int) -> Usage:
+        """The gateway's own count: the prompt estimate and the relayed text / 4."""
         return Usage(prompt_tokens=prompt_estimate, completion_tokens=(self.chars + 3) // 4, estimated=True)
 
     def usage_event(self, usage: Usage, cost: dict[str, Any]) -> bytes:

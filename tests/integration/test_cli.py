@@ -112,6 +112,44 @@ def test_keys_create_bad_budget_and_model(gateway: Gateway) -> None:
     assert r.returncode == 2 and "no/such" in r.stderr
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--rpm", "-5"], "--rpm: must be at least 1"), (["--tpm", "0"], "--tpm: must be at least 1"),
+    (["--rpm", "ten"], "--rpm: must be a whole number"), (["--budget", "0"], "--budget must be more than 0"),
+    (["--budget", "-1"], "--budget must not be negative"), (["--budget", "NaN"], "--budget must be a finite"),
+    (["--budget", "1e30"], "--budget must be at most"),
+    (["--model-limit", f"{MODEL}=0/-"], "limits must be at least 1"),
+    (["--model-limit", f"{MODEL}=-/-3"], "limits must be at least 1"),
+])
+def test_keys_create_refuses_limits_that_mean_nothing(gateway: Gateway, args: list[str], needle: str) -> None:
+    before = therouter("keys", "--config", str(gateway.config_path), "list", env=gateway.env).stdout
+    r = therouter("keys", "--config", str(gateway.config_path), "create", "--name", "bad-limits", *args,
+                  env=gateway.env)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "tr-" not in r.stdout
+    assert therouter("keys", "--config", str(gateway.config_path), "list", env=gateway.env).stdout == before
+
+
+def test_keys_revoke_never_echoes_a_plaintext_key(gateway: Gateway) -> None:
+    cfg = str(gateway.config_path)
+    made = therouter("keys", "--config", cfg, "create", "--name", "pasted", env=gateway.env)
+    key = made.stdout.strip().splitlines()[-1]
+    for arg in (key, "tr-" + "x" * 40, "sk-not-a-key-id-12345"):
+        r = therouter("keys", "--config", cfg, "revoke", arg, env=gateway.env)
+        assert r.returncode == 2
+        assert arg not in r.stdout + r.stderr and arg[-8:] not in r.stdout + r.stderr
+        assert "key id" in r.stderr and "key_" in r.stderr
+    client = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+    assert client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}]).id  # not revoked
+
+
+def test_prices_set_refuses_absurd_prices(gateway: Gateway) -> None:
+    cfg = str(gateway.config_path)
+    for price, needle in (("NaN", "finite"), ("1e30", "at most"), ("-2", "negative")):
+        r = therouter("prices", "--config", cfg, "set", "test/vision-less", "--input", price, "--output", "1",
+                      env=gateway.env)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_health_and_ready(gateway: Gateway) -> None:
     assert httpx.get(gateway.url + "/health").json() == {"status": "ok"}
     r = httpx.get(gateway.url + "/ready")

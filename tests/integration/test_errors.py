@@ -60,8 +60,24 @@ def test_revoked_key_401(gateway: Gateway) -> None:
         return key, rec.id
 
     key, _ = asyncio.run(mk())
-    r = post(gateway, key, {"model": MODEL, "messages": HELLO})
+    r = post(gateway, key, {"model": MODEL, "messages": HELLO}, **{"x-request-id": "req-same"})
     assert r.status_code == 401 and _shape(r.json())["code"] == "invalid_api_key"
+    # exactly what a made-up key gets: a caller cannot tell that the key once existed
+    unknown = post(gateway, "tr-" + "q" * 43, {"model": MODEL, "messages": HELLO}, **{"x-request-id": "req-same"})
+    assert (unknown.status_code, unknown.content) == (r.status_code, r.content)
+    assert {k: v for k, v in unknown.headers.items() if k != "date"} == \
+        {k: v for k, v in r.headers.items() if k != "date"}
+
+
+def test_request_headers_over_the_bound_get_431(gateway: Gateway, api_key: str) -> None:
+    big = {"x-padding": "a" * (65 * 1024)}  # default server.max_header_bytes: 64 KiB, all headers together
+    r = post(gateway, api_key, {"model": MODEL, "messages": HELLO}, **big)
+    assert r.status_code == 431
+    assert _shape(r.json())["code"] == "request_headers_too_large"
+    r = httpx.get(gateway.url + "/health", headers={f"x-p{i}": "b" * 8000 for i in range(9)})  # 72 KB in 9 headers
+    assert r.status_code == 431 and _shape(r.json())["type"] == "invalid_request_error"
+    ok = post(gateway, api_key, {"model": MODEL, "messages": HELLO}, **{"x-padding": "a" * (60 * 1024)})
+    assert ok.status_code == 200, ok.text
 
 
 def test_unknown_model_404(client: openai.OpenAI) -> None:

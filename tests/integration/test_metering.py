@@ -16,7 +16,9 @@ import httpx
 import openai
 import pytest
 
+from therouter.config import StoreConfig
 from therouter.redisproc import RedisProcess
+from therouter.store import Store
 from tests.integration.conftest import (ADMIN_KEY, Fake, Gateway, gateway_config, make_key, post_raw, read_events,
                                        start_gateway, stop)
 
@@ -109,6 +111,31 @@ def test_generation_record_and_exact_cost(client: openai.OpenAI, gateway: Gatewa
     assert u.model_extra.get("prompt_cache_hit_tokens") == 3
 
 
+def test_absurd_upstream_usage_is_bounded_estimated_and_counted(client: openai.OpenAI, gateway: Gateway,
+                                                                 api_key: str, fakes: dict[str, Fake]) -> None:
+    fakes["deepseek"].configure(usage_patch={"prompt_tokens": 10**12, "completion_tokens": "12"})
+    r = client.chat.completions.create(model=MODEL, messages=HELLO)
+    assert r.usage is not None
+    completion = len(r.choices[0].message.content or "") // 4 + 1  # the gateway's own count of the answer
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (4096, completion)  # the card's context length
+    assert r.usage.model_extra["estimated"] is True
+    rec = generation(gateway, api_key, r.id)
+    assert rec["usage"]["prompt_tokens"] == 4096 and rec["usage"]["completion_tokens"] == completion
+    assert rec["usage"]["estimated"] is True and rec["cost_nano"] == expected_cost(4096, 0, completion)
+    assert Decimal(str(r.usage.model_extra["cost"])) * 10**9 == rec["cost_nano"]
+
+    fakes["deepseek"].configure(usage_patch={"prompt_tokens": 20, "completion_tokens": -5})
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    usage = chunks[-1].usage
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (20, (len(text) + 3) // 4)
+    assert generation(gateway, api_key, chunks[0].id)["cost_nano"] == expected_cost(20, 0, (len(text) + 3) // 4)
+    metrics = httpx.get(gateway.url + "/metrics").text
+    for reason in ("prompt_over_context", "not_a_number", "negative"):
+        assert f'therouter_usage_anomalies_total{{provider="deepseek",reason="{reason}"}}' in metrics
+
+
 def test_stream_metered_even_without_include_usage(client: openai.OpenAI, gateway: Gateway, api_key: str,
                                                    fakes: dict[str, Fake]) -> None:
     chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, stream=True))
@@ -164,6 +191,32 @@ def test_generation_is_private_to_its_key(client: openai.OpenAI, gateway: Gatewa
     other = asyncio.run(make_key(gateway, "other"))
     resp = httpx.get(gateway.v1 + "/generation", params={"id": r.id}, headers={"Authorization": f"Bearer {other}"})
     assert resp.status_code == 404
+
+
+def test_generation_found_by_the_clients_request_id(client: openai.OpenAI, gateway: Gateway, api_key: str) -> None:
+    rid = "my-req-" + uuid.uuid4().hex
+    r = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO,
+                                                         extra_headers={"x-request-id": rid})
+    assert r.headers["x-request-id"] == rid
+    gen_id = r.parse().id
+    auth = {"Authorization": f"Bearer {api_key}"}
+    found = httpx.get(gateway.v1 + "/generation", params={"request_id": rid}, headers=auth)
+    assert found.status_code == 200, found.text
+    assert found.json()["data"]["id"] == gen_id and found.json()["data"]["request_id"] == rid
+    assert generation(gateway, api_key, gen_id)["request_id"] == rid
+    # a stream is found the same way
+    srid = "my-stream-" + uuid.uuid4().hex
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, stream=True,
+                                                 extra_headers={"x-request-id": srid}))
+    got = httpx.get(gateway.v1 + "/generation", params={"request_id": srid}, headers=auth).json()["data"]
+    assert got["id"] == chunks[0].id
+    # never another key's record, even with the same request id
+    other = asyncio.run(make_key(gateway, "other-rid"))
+    miss = httpx.get(gateway.v1 + "/generation", params={"request_id": rid},
+                     headers={"Authorization": f"Bearer {other}"})
+    assert miss.status_code == 404 and miss.json()["error"]["param"] == "request_id"
+    bad = httpx.get(gateway.v1 + "/generation", params={"request_id": "a b"}, headers=auth)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "request_id"
 
 
 def test_budget_holds_under_concurrency(gateway: Gateway, fakes: dict[str, Fake]) -> None:
@@ -248,6 +301,63 @@ def test_admin_prices_and_price_versions(gateway: Gateway, api_key: str, client:
     assert bad.status_code == 400
     bad = httpx.put(gateway.url + "/admin/prices/" + MODEL, headers=admin, json={"input": "0.0000000001", "output": 1})
     assert bad.status_code == 400
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"input": "NaN", "output": 1}, "input"), ({"input": 1, "output": "Infinity"}, "output"),
+    ({"input": 1, "output": "-inf"}, "output"), ({"input": -1, "output": 1}, "input"),
+    ({"input": 1e30, "output": 1}, "input"), ({"input": 1, "cached_input": -0.01, "output": 1}, "cached_input"),
+    ({"input": 1, "output": [2]}, "output"), ({"input": True, "output": 1}, "input"),
+    ({"input": 1, "output": 1, "effective_at": -5}, "effective_at"),
+    ({"input": 1, "output": 1, "effective_at": 10**15}, "effective_at"),
+    ({"input": 1, "output": 1, "effective_at": 253402300800}, "effective_at"),  # year 10000
+    ({"input": 1, "output": 1, "effective_at": "tomorrow"}, "effective_at"),
+    (b'{"input": NaN, "output": 1}', None), (b'{"input": 1e400, "output": 1}', None),
+])
+def test_admin_price_input_is_bounded(gateway: Gateway, body: Any, param: str | None) -> None:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.put(gateway.url + "/admin/prices/test/vision-less", headers=admin, content=raw)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
+    assert err["type"] == "invalid_request_error" and err["message"]
+    prices = httpx.get(gateway.url + "/admin/prices", headers=admin).json()["data"]
+    assert all(v["source"] == "config" or v["input"] < 10**16 for row in prices for v in row["versions"])
+
+
+def test_bad_stored_price_versions_never_break_listings_or_requests(gateway: Gateway, api_key: str,
+                                                                    client: openai.OpenAI) -> None:
+    model = "selfhost/only-vllm"
+    hist = f"{gateway.prefix}pricehist:{{{model}}}"
+    garbage = {"not json": 1, '{"model": "selfhost/only-vllm", "version": "x"}': 2,
+               json.dumps({"model": model, "version": "9", "effective_at": "0", "input": "NaN",
+                           "cached_input": "1", "output": "1", "source": "operator"}): 3,
+               json.dumps({"model": model, "version": "10", "effective_at": "-7", "input": "-1",
+                           "cached_input": "1", "output": "1", "source": "operator"}): 4}
+
+    async def damage(add: bool) -> None:  # written straight into Redis, as by hand or by an older build
+        store = Store(StoreConfig(redis_url=gateway.redis_url, key_prefix=gateway.prefix))
+        try:
+            await (store.redis.zadd(hist, garbage) if add else store.redis.zrem(hist, *garbage))
+        finally:
+            await store.aclose()
+
+    asyncio.run(damage(True))
+    try:
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        r = httpx.get(gateway.url + "/admin/prices", headers=admin)
+        assert r.status_code == 200, r.text
+        row = next(row for row in r.json()["data"] if row["model"] == model)
+        assert row["current"]["input"] == P_IN and len(row["versions"]) == 1
+        models = httpx.get(gateway.v1 + "/models", headers={"Authorization": f"Bearer {api_key}"})
+        assert models.status_code == 200 and any(m["id"] == model for m in models.json()["data"])
+        one = httpx.get(gateway.v1 + "/models/" + model, headers={"Authorization": f"Bearer {api_key}"})
+        assert one.status_code == 200 and one.json()["pricing"]["input"] == "0.96"
+        assert client.chat.completions.create(model=model, messages=HELLO).id
+        assert "stored price version of selfhost/only-vllm is skipped" in gateway.logs()
+    finally:
+        asyncio.run(damage(False))
 
 
 def test_redis_restart_journal_replay_totals_exact(fakes: dict[str, Fake], tmp_path: Path) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from decimal import Decimal
 from pathlib import Path
 from typing import Callable
 
+import orjson
 import pytest
 
 from tests.metering._helpers import FakeClock, gen, make_settings, record
@@ -82,3 +84,55 @@ async def test_request_settles_at_the_price_captured_at_admission(meter: Meter,
     assert rec is not None and rec["price_version"] == 1 and rec["cost_nano"] == 280_000
     later = await meter.admit(key, "deepseek-chat", 100, 10, gen())
     assert later.price_version == 2
+
+
+@pytest.mark.parametrize("field,value", [
+    ("input", "NaN"), ("input", "Infinity"), ("output", "-inf"), ("output", -1), ("cached_input", "-0.5"),
+    ("input", 1e30), ("output", "1000000.000000001"), ("input", True), ("input", [1]), ("input", {"usd": 1}),
+    ("input", None), ("effective_at", -1), ("effective_at", "1700000000"), ("effective_at", 1.5),
+    ("effective_at", True), ("effective_at", 10**20), ("effective_at", 253402300800),  # year 10000
+])
+async def test_set_price_names_the_field_of_bad_input(meter: Meter, clock: FakeClock, field: str,
+                                                      value: object) -> None:
+    args: dict[str, object] = {"input": "1", "cached_input": "1", "output": "1", "effective_at": None, field: value}
+    with pytest.raises(InvalidRequest) as e:
+        await meter.set_price("qwen", args["input"], args["cached_input"], args["output"],
+                              args["effective_at"])  # type: ignore[arg-type]
+    assert e.value.param == field and e.value.status == 400
+    assert (await meter.get_price("qwen")).version == 1  # type: ignore[union-attr]  # nothing was written
+
+
+async def test_price_bounds_are_inclusive(meter: Meter, clock: FakeClock) -> None:
+    p = await meter.set_price("qwen", "1000000", 0, "0.000000001", effective_at=int(clock()) + 10 * 365 * 86_400)
+    assert (p.input, p.cached_input, p.output) == (10**15, 0, 1)
+    assert (await meter.set_price("qwen", 1, 1, 1, effective_at=0)).effective_at == 0
+
+
+async def test_bad_stored_versions_are_skipped(meter: Meter, store: Store, clock: FakeClock,
+                                               caplog: pytest.LogCaptureFixture,
+                                               make_key: Callable[..., KeyRecord]) -> None:
+    """Versions written by hand or an older build: they never break a listing, a price lookup or a request."""
+    r, hist = store.redis, meter.layout.pricehist("qwen")
+    good = (await meter.get_price("qwen")).to_dict()  # type: ignore[union-attr]
+    garbage = ["not json", "[1, 2]", "{}", '{"model": "qwen"}',
+               orjson.dumps({**good, "version": 7, "input": "NaN"}).decode(),
+               orjson.dumps({**good, "version": 8, "output": "-5"}).decode(),
+               orjson.dumps({**good, "version": 9, "input": str(10**30)}).decode(),
+               orjson.dumps({**good, "version": 10, "effective_at": "soon"}).decode(),
+               orjson.dumps({**good, "version": 11, "model": "deepseek-chat"}).decode(),
+               orjson.dumps({**good, "version": True}).decode()]
+    await r.zadd(hist, {m: int(clock()) - 10 + i for i, m in enumerate(garbage)})
+    await r.hset(meter.layout.price("qwen"), "version", "garbage")  # the newest-version hash, damaged too
+    with caplog.at_level(logging.WARNING, logger="therouter.metering"):
+        rows = {row["model"]: row for row in await meter.list_prices()}
+        assert rows["qwen"]["current"]["version"] == 1 and len(rows["qwen"]["versions"]) == 1
+        assert (await meter.get_price("qwen")).version == 1  # type: ignore[union-attr]
+        await meter.maintain()  # the background reload
+    assert sum("skipped" in rec.getMessage() for rec in caplog.records) == len(garbage)  # once each
+    key = make_key(budget_nano=10**9)
+    g = gen()
+    adm = await meter.admit(key, "qwen", 10, 10, g)
+    assert adm.price_version == 1 and await meter.settle(adm, record(g)) > 0
+    # a new operator price still gets a fresh version number, above every stored entry
+    p = await meter.set_price("qwen", "2", "2", "2")
+    assert p.version > len(garbage) and (await meter.get_price("qwen")) == p

@@ -167,3 +167,26 @@ async def test_every_counter_and_reservation_key_has_a_ttl(meter: Meter, make_ke
     assert no_ttl == []
     for part in (":rl:r:", ":rl:t:", ":resv", ":resvexp", ":settled:", ":gen:", ":per:d:", ":per:m:", ":bymodel:"):
         assert any(part in k for k in seen), part
+
+
+async def test_generation_by_request_id_is_per_key_and_expires_with_the_record(meter: Meter,
+                                                                               make_key: MakeKey) -> None:
+    k1, k2 = make_key(), make_key()
+    found = {}
+    for key in (k1, k2):  # two keys, one request id
+        g = gen()
+        rec = record(g)
+        rec.request_id = "req-shared"
+        await meter.settle(await meter.admit(key, "qwen", 10, 10, g), rec)
+        found[key.id] = g
+    for key in (k1, k2):
+        got = await meter.generation_by_request("req-shared", key.id)
+        assert got is not None and (got["id"], got["key_id"], got["request_id"]) == (found[key.id], key.id,
+                                                                                     "req-shared")
+    r, lay = meter.store.redis, meter.layout
+    assert 0 < await r.ttl(lay.rid(k1.id, "req-shared")) <= meter.options.record_ttl
+    assert await r.ttl(lay.rid(k1.id, "req-shared")) >= await r.ttl(lay.gen(k1.id, found[k1.id])) - 1
+    assert await meter.generation_by_request("req-other", k1.id) is None
+    g = gen()  # no request id: no index key
+    await meter.settle(await meter.admit(k1, "qwen", 10, 10, g), record(g))
+    assert await r.exists(lay.rid(k1.id, "")) == 0

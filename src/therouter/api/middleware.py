@@ -1,4 +1,5 @@
-"""x-request-id on every response: the client's (when it is a sane token) or a new one."""
+"""Pure ASGI middleware: request headers bounded (431), and x-request-id on every response (the client's when it is
+a sane token, or a new one)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-_SANE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+from therouter.api.errors import error_response
+from therouter.errors import RequestHeadersTooLarge
+
+SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")  # a client's x-request-id is kept only if it matches
 
 
 class RequestIdMiddleware:
@@ -22,7 +26,7 @@ class RequestIdMiddleware:
         for k, v in scope["headers"]:
             if k == b"x-request-id":
                 s = v.decode("latin-1")
-                rid = s if _SANE.match(s) else None
+                rid = s if SANE_REQUEST_ID.match(s) else None
                 break
         rid = rid or "req_" + uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
@@ -36,3 +40,22 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class HeaderLimitMiddleware:
+    """Outermost: a request whose headers (names + values, all together) exceed ``max_bytes`` gets 431 in OpenAI's
+    error shape before anything else runs -- no key lookup, no body read."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(k) + len(v) for k, v in scope["headers"])
+            if size > self.max_bytes:
+                err = RequestHeadersTooLarge(f"The request headers are {size} bytes; the limit is {self.max_bytes} "
+                                             "bytes.")
+                await error_response(err, extra_headers={"Connection": "close"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

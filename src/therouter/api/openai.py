@@ -10,8 +10,15 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from therouter.api.deps import KeyDep, ServicesDep
+from therouter.api.middleware import SANE_REQUEST_ID
 from therouter.api.streaming import SSEResponse
-from therouter.errors import GatewayError, ModelNotFound, NotFound, PayloadTooLarge
+from therouter.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    PayloadTooLarge,
+)
 from therouter.gateway import StreamAnswer
 
 router = APIRouter(prefix="/v1")
@@ -110,10 +117,18 @@ async def get_model(model_id: str, key: KeyDep, services: ServicesDep) -> Respon
 
 
 @router.get("/generation")
-async def generation(key: KeyDep, services: ServicesDep, id: str = "") -> Response:
-    rec = await services.meter.generation(id, key.id) if id else None
+async def generation(key: KeyDep, services: ServicesDep, id: str = "", request_id: str = "") -> Response:
+    """A generation record of the caller's key, by its id or by the ``x-request-id`` the request was sent with."""
+    if request_id and not id:
+        if not SANE_REQUEST_ID.match(request_id):
+            raise InvalidRequest("request_id must be 1-128 characters of A-Z a-z 0-9 . _ : -", param="request_id")
+        rec = await services.meter.generation_by_request(request_id, key.id)
+        param, what = "request_id", f"request id `{request_id}`"
+    else:
+        rec = await services.meter.generation(id, key.id) if id else None
+        param, what = "id", f"id `{id}`"
     if rec is None or rec.get("key_id") != key.id:
-        raise NotFound(f"No generation with id `{id}` for this key.", param="id")
+        raise NotFound(f"No generation with {what} for this key.", param=param)
     return Response(orjson.dumps({"data": rec}), media_type="application/json")
 
 

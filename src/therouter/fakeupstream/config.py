@@ -7,8 +7,10 @@ is the typed, user-facing way to build the server-wide defaults.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+import orjson
 
 FLAVORS: tuple[str, ...] = ("deepseek", "vllm", "sglang")
 
@@ -55,6 +57,7 @@ KNOB_DEFAULTS: dict[str, Any] = {
     "health_status": 200,
     "queue_depth": 0,
     "kv_cache_usage": 0.0,
+    "usage_patch": {},
 }
 
 
@@ -135,6 +138,20 @@ def _to_tool_call(v: Any) -> str:
     return s
 
 
+def _to_json_object(v: Any) -> dict[str, Any]:
+    """A JSON object, given as one or as its text ("" or null: none)."""
+    if v is None or v == "":
+        return {}
+    if isinstance(v, (str, bytes)):
+        try:
+            v = orjson.loads(v)
+        except orjson.JSONDecodeError:
+            raise KnobError("expected a JSON object") from None
+    if not isinstance(v, dict):
+        raise KnobError("expected a JSON object")
+    return dict(v)
+
+
 KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
     "latency_ms": _to_float,
     "ttft_ms": _to_float,
@@ -158,6 +175,7 @@ KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
     "health_status": _to_pos_int,
     "queue_depth": _to_int,
     "kv_cache_usage": _to_rate,
+    "usage_patch": _to_json_object,
 }
 
 KNOB_HELP: dict[str, str] = {
@@ -183,6 +201,7 @@ KNOB_HELP: dict[str, str] = {
     "health_status": "HTTP status returned by /health and /health_generate",
     "queue_depth": "/metrics: reported waiting requests",
     "kv_cache_usage": "/metrics: reported KV cache usage 0..1",
+    "usage_patch": "JSON object whose fields replace the reported usage's (absurd or wrong-typed counts)",
 }
 
 
@@ -258,6 +277,7 @@ class FakeConfig:
     health_status: int = 200
     queue_depth: int = 0
     kv_cache_usage: float = 0.0
+    usage_patch: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.flavor = self.flavor.strip().lower()

@@ -21,8 +21,14 @@ def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
+def usage_of(flavor: Flavor, plan: Plan, patch: dict[str, Any] | None) -> dict[str, Any]:
+    """The flavor's usage object, with the ``usage_patch`` knob's fields put over it."""
+    return {**flavor.usage(plan), **(patch or {})}
+
+
 def response_body(
-    flavor: Flavor, plan: Plan, *, chat: bool, rid: str, created: int, model: str, send_usage: bool
+    flavor: Flavor, plan: Plan, *, chat: bool, rid: str, created: int, model: str, send_usage: bool,
+    usage_patch: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": 0}
     if chat:
@@ -40,7 +46,7 @@ def response_body(
         "choices": [choice],
     }
     if send_usage:
-        body["usage"] = flavor.usage(plan)
+        body["usage"] = usage_of(flavor, plan, usage_patch)
     body.update(flavor.response_extra)
     return body
 
@@ -55,6 +61,7 @@ def stream_events(
     model: str,
     include_usage: bool,
     send_usage: bool,
+    usage_patch: dict[str, Any] | None = None,
 ) -> list[Event]:
     """All SSE events of a successful stream, ``[DONE]`` excluded."""
     base: dict[str, Any] = {
@@ -102,7 +109,7 @@ def stream_events(
         for text, n in plan.content:
             events.append((chunk({"text": text}), n, True))
 
-    usage = flavor.usage(plan) if send_usage else None
+    usage = usage_of(flavor, plan, usage_patch) if send_usage else None
     finish = plan.finish_reason
     empty = wrap({"content": ""}) if chat else {"text": ""}
     if flavor.finish_mode == "empty_content":

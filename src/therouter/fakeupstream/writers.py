@@ -45,7 +45,7 @@ async def write_json(
 ) -> None:
     payload = orjson.dumps(
         response_body(flavor, plan, chat=chat, rid=rid, created=created, model=ex.entry["model"],
-                      send_usage=fault != "no_usage")
+                      send_usage=fault != "no_usage", usage_patch=knobs.get("usage_patch"))
     )
     if fault == "bad_json":
         payload = b"{not json"
@@ -85,6 +85,7 @@ async def write_stream(
     events: list[Event] = stream_events(
         flavor, plan, chat=chat, rid=rid, created=created, model=entry["model"],
         include_usage=flavor.include_usage(body), send_usage=fault != "no_usage",
+        usage_patch=knobs.get("usage_patch"),
     )
     cut_at = _position_after_gen(events, knobs["cut_after"]) if fault == "cut" else -1
     stall_at = _position_after_gen(events, knobs["stall_after"]) if fault == "stall" else -1

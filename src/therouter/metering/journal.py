@@ -8,7 +8,8 @@
   deleted before every entry of the file was acknowledged by Redis (no destructive drain, M5); a replay that stops
   half way leaves the file, and the next replay applies it again -- harmless, settle counts a generation once.
 * A line that is not valid JSON (a write torn by a crash) is copied to ``rejected.jsonl`` for an operator, never
-  silently dropped.
+  silently dropped. A torn last line has no trailing newline: the next append then starts with one, so the torn
+  bytes stay a line of their own and never swallow the good entry written after them.
 
 Several worker processes may share one folder: an append takes an exclusive ``flock`` on the file and re-opens it if
 a replay renamed it meanwhile, and a replay takes the same lock before renaming, so no line can land in a file that a
@@ -35,7 +36,7 @@ class Journal:
         self._lock = asyncio.Lock()
 
     async def append(self, entry: dict[str, Any]) -> None:
-        line = orjson.dumps(entry) + b"\n"
+        line = orjson.dumps(entry, default=str) + b"\n"
         async with self._lock:
             await asyncio.to_thread(self._append_sync, self.path, line)
 
@@ -66,7 +67,7 @@ class Journal:
 
     def reject(self, entry: dict[str, Any]) -> None:
         """Keep an entry that can't be applied (malformed) for an operator."""
-        self._append_sync(self.rejected, orjson.dumps(entry) + b"\n")
+        self._append_sync(self.rejected, orjson.dumps(entry, default=str) + b"\n")
 
     def done(self, path: Path) -> None:
         path.unlink(missing_ok=True)
@@ -78,7 +79,7 @@ class Journal:
         self.dir.mkdir(parents=True, exist_ok=True)
         is_new = not path.exists()
         while True:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 same = os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -88,6 +89,9 @@ class Journal:
                 break
             os.close(fd)  # a replay renamed the file between our open and our lock: append to the new one
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # the last line was torn (a crash mid-append): end it first
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]

@@ -15,6 +15,7 @@ Per API key (slot ``{k:ID}``)                     TTL
   P{k:ID}:rl:t:WINDOW        str   tokens admitted in a window                      2 windows
   P{k:ID}:settled:GEN        str   settle-once marker                               settled_ttl (48 h)
   P{k:ID}:gen:GEN            str   generation record JSON                           record_ttl (30 d)
+  P{k:ID}:rid:REQUEST_ID     str   the key's newest GEN with that x-request-id       record_ttl
   P{k:ID}:usage              stream the key's records (exactly once; rebuild source)  none, MAXLEN ~ stream_maxlen
 Global
   P price:{MODEL}            hash  newest price version (+ source)                  none (catalogue)
@@ -93,6 +94,9 @@ class Layout:
 
     def gen(self, key_id: str, gen_id: str) -> str:
         return self._key(key_id, "gen", gen_id)
+
+    def rid(self, key_id: str, request_id: str) -> str:
+        return self._key(key_id, "rid", request_id)
 
     def stream(self, key_id: str) -> str:
         return self._key(key_id, "usage")

@@ -26,6 +26,12 @@ Policies (reliability.md section 2/3):
 * **Crash recovery** (:mod:`instance`): every request in flight is registered under this process's instance id
   (for a reservation, in the admission's round trip) and checkpointed; requests of an instance that stopped
   heartbeating are settled by the survivors as ``gateway_lost``.
+* **Upstream usage is bounded before it is priced** (:mod:`bounds`): bad counts become the gateway's estimate,
+  every count is clamped to the served model's card, and each anomaly is counted (``usage_anomalies``).
+* **Never lost**: a cost that cannot be computed is journalled unpriced (replay prices it again); a replayed entry
+  whose script had already run (its reply lost in a stall) still posts the feed and ``gen:ID`` when that index is
+  missing (``SET NX``: at most once more); an entry that can never be applied goes to ``rejected.jsonl`` and the
+  log instead of stopping the replay of the others.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -43,6 +50,7 @@ from therouter.config import Settings
 from therouter.errors import BudgetExceeded, GatewayError, RateLimited, StoreUnavailable
 from therouter.keys import KeyRecord
 from therouter.metering.admission import Admission, MeterOptions
+from therouter.metering.bounds import Bounds, bound_usage
 from therouter.metering.instance import Instance
 from therouter.metering.journal import Journal
 from therouter.metering.layout import Layout, day_id, month_id, period_id, period_label
@@ -77,6 +85,7 @@ class Meter:
         self.fail_open_total = 0
         self.journal_writes_total = 0
         self.journal_errors_total = 0
+        self.usage_anomalies: Counter[tuple[str, str]] = Counter()  # (provider, reason): see bounds.py
         self._orphans: dict[str, tuple[str, int, str]] = {}  # gen id -> (key id, window, model): releases owed
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: asyncio.Task[None] | None = None
@@ -232,21 +241,52 @@ class Meter:
 
     # ---- settlement -----------------------------------------------------------------------------------------------
 
-    async def settle(self, adm: Admission, record: GenerationRecord, *, only_if_reserved: bool = False) -> int:
+    async def settle(self, adm: Admission, record: GenerationRecord, estimate: Usage | None = None,
+                     choices: int = 1, *, only_if_reserved: bool = False) -> int:
         """Record the true cost once; returns it in nano-USD. Never raises; survives the caller's cancellation.
-        ``only_if_reserved``: only while the admission's reservation exists (the reaper's lost requests)."""
+
+        The upstream's usage is bounded first (:mod:`bounds`): counts it got wrong are replaced by ``estimate`` (the
+        gateway's own count) and every count is clamped to the served model's card (``choices`` x its max output)
+        and to the request's own bounds (what its reservation covered). The record is priced at the model that
+        served. ``record.usage`` is updated in place, so the answer shows what was billed. A record whose cost cannot
+        be computed is journalled unpriced (replay prices it again) and logged; one that cannot be stored is
+        journalled. ``only_if_reserved``: only while the admission's reservation exists (the reaper's lost requests).
+        """
         self.instance.done(adm.gen_id, removed=True)
-        record.id, record.key_id = adm.gen_id, adm.key_id
-        record.model = record.model or adm.model  # the model that served (a `models` fallback may differ)
-        price = adm.price_for(record.model)  # ... and it is settled at that model's price
-        record.usage = billable(record.usage, adm.max_prompt_tokens, adm.max_completion_tokens)
-        record.cost_nano = cost_nano(record.usage, price)
-        record.price_version = price.version
-        task = asyncio.ensure_future(self._settle(adm, record, only_if_reserved))
+        try:
+            record.id, record.key_id = adm.gen_id, adm.key_id
+            record.model = record.model or adm.model  # the model that served (a `models` fallback may differ)
+            self._bound(record, estimate, choices)
+            self._price(adm, record)
+            work = self._settle(adm, record, only_if_reserved)
+        except Exception:
+            log.exception("metering: the cost of %s could not be computed; journalled unpriced", adm.gen_id)
+            record.cost_nano = 0
+            work = self._journal(adm, record, post=False, priced=False, only_if_reserved=only_if_reserved)
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         await asyncio.shield(task)
         return record.cost_nano
+
+    def _bound(self, record: GenerationRecord, estimate: Usage | None, choices: int) -> None:
+        card = self.settings.models.get(record.model)
+        limits = None if card is None else Bounds(card.context_length, card.max_output_tokens * max(choices, 1))
+        usage, reasons = bound_usage(record.usage, limits, estimate)
+        if reasons:
+            for reason in reasons:
+                self.usage_anomalies[(record.provider, reason)] += 1
+            log.warning("metering: usage of %s from %s bounded (%s)", record.id, record.provider or "-",
+                        ", ".join(reasons))
+        _assign(record.usage, usage)  # in place: the caller renders the same object in its answer
+        record.usage.rejected = {}
+
+    def _price(self, adm: Admission, record: GenerationRecord) -> None:
+        """Priced at the model that served, within the bounds its reservation covered."""
+        price = adm.price_for(record.model)
+        _assign(record.usage, billable(record.usage, adm.max_prompt_tokens, adm.max_completion_tokens))
+        record.cost_nano = cost_nano(record.usage, price)
+        record.price_version = price.version
 
     async def _settle(self, adm: Admission, record: GenerationRecord, only_if_reserved: bool = False) -> None:
         try:
@@ -256,33 +296,40 @@ class Meter:
                 log.exception("metering: settle failed unexpectedly; journalling %s", adm.gen_id)
             await self._journal(adm, record, post=False, only_if_reserved=only_if_reserved)
 
-    async def _apply(self, adm: Admission, record: GenerationRecord, post_owed: bool,
+    async def _apply(self, adm: Admission, record: GenerationRecord, post_owed: bool, replay: bool = False,
                      only_if_reserved: bool = False) -> None:
-        """The settle script, then (after a first settlement, or when owed) the cross-slot extras."""
+        """The settle script, then the cross-slot extras: after a first settlement, when owed, or -- on replay, when
+        the script had already run (its reply was lost in a stall) -- when the generation index shows they are
+        missing."""
         rec_json = _json(record.to_dict())
         args = [*self._settle_args(adm, record, rec_json), 1 if only_if_reserved else 0]
-        res = await self.scripts.run("settle", self._settle_keys(adm), args)
-        if int(res[0]) == 1 or post_owed:
+        res = await self.scripts.run("settle", self._settle_keys(adm, record), args)
+        first = int(res[0]) == 1
+        if first or post_owed or (replay and not only_if_reserved):
             try:
-                await self.store.call(lambda: self._post(adm, rec_json))
+                await self.store.call(lambda: self._post(adm, rec_json, only_if_missing=not (first or post_owed)))
             except Exception:
                 await self._journal(adm, record, post=True)
 
-    def _settle_keys(self, adm: Admission) -> list[str]:
+    def _settle_keys(self, adm: Admission, record: GenerationRecord) -> list[str]:
         lay, kid, gen, day = self.layout, adm.key_id, adm.gen_id, day_id(adm.admitted_at)
         return [lay.settled(kid, gen), lay.gen(kid, gen), lay.per(kid, "total"), lay.per(kid, "d:" + day),
                 lay.per(kid, "m:" + month_id(adm.admitted_at)), lay.bymodel(kid, day), lay.resv(kid),
                 lay.resvexp(kid), lay.stream(kid), lay.rl(kid, "t", adm.window),
-                lay.rl(kid, "t|" + adm.model, adm.window)]
+                lay.rl(kid, "t|" + adm.model, adm.window), lay.rid(kid, record.request_id)]
 
     def _settle_args(self, adm: Admission, record: GenerationRecord, rec_json: str) -> list[str | int]:
         c, o = record.counters(), self.options
         return [adm.gen_id, c["cost"], record.model, *(c[f] for f in COUNTER_FIELDS[2:]), rec_json, o.settled_ttl,
                 o.record_ttl, o.day_ttl, o.month_ttl, o.stream_maxlen,
-                c["prompt_tokens"] + c["completion_tokens"], day_id(adm.admitted_at), month_id(adm.admitted_at)]
+                c["prompt_tokens"] + c["completion_tokens"], day_id(adm.admitted_at), month_id(adm.admitted_at),
+                record.request_id]
 
-    async def _post(self, adm: Admission, rec_json: str) -> None:
+    async def _post(self, adm: Admission, rec_json: str, only_if_missing: bool = False) -> None:
         lay = self.layout
+        if only_if_missing and not await self.store.redis.set(lay.gen_index(adm.gen_id), adm.key_id,
+                                                              ex=self.options.record_ttl, nx=True):
+            return  # the extras were posted when the script first ran
         async with self.store.redis.pipeline(transaction=False) as pipe:
             pipe.xadd(lay.feed(), {"gen": adm.gen_id, "key": adm.key_id, "rec": rec_json},
                       maxlen=self.options.feed_maxlen, approximate=True)
@@ -291,17 +338,22 @@ class Meter:
             pipe.hdel(self.instance.key, adm.gen_id)  # no longer in flight
             await pipe.execute()
 
-    async def _journal(self, adm: Admission, record: GenerationRecord, post: bool,
+    async def _journal(self, adm: Admission, record: GenerationRecord, post: bool, priced: bool = True,
                        only_if_reserved: bool = False) -> None:
-        entry = {"v": 1, "adm": adm.to_dict(), "record": record.to_dict(), "post": post}
+        """Keep a record Redis could not take (never raises: a record that cannot be written goes to the log)."""
+        entry: dict[str, Any] = {"v": 1, "adm": adm, "record": record, "post": post}
         if only_if_reserved:
             entry["if_reserved"] = True
         try:
+            entry.update(adm=adm.to_dict(), record=record.to_dict())
+            if not priced:
+                entry["priced"] = False  # replay computes the cost again
             await self.journal.append(entry)
             self.journal_writes_total += 1
         except Exception:
             self.journal_errors_total += 1
-            log.critical("metering: usage record %s could not be journalled: %s", adm.gen_id, _json(entry))
+            log.critical("metering: usage record %s could not be journalled: %s", adm.gen_id, _dump(entry),
+                         exc_info=True)
 
     async def replay_journal(self) -> int:
         """Settle every journalled record (idempotently); returns how many entries were applied. Raises
@@ -310,17 +362,34 @@ class Meter:
             applied = 0
             for path in await self.journal.take():
                 for entry in await asyncio.to_thread(self.journal.read, path):
-                    try:
-                        adm = Admission.from_dict(entry["adm"])
-                        record = GenerationRecord.from_dict(entry["record"])
-                    except (KeyError, TypeError, ValueError):
-                        await asyncio.to_thread(self.journal.reject, entry)
-                        continue
-                    await self._apply(adm, record, post_owed=bool(entry.get("post")),
-                                      only_if_reserved=bool(entry.get("if_reserved")))
-                    applied += 1
+                    applied += await self._replay_entry(entry)
                 await asyncio.to_thread(self.journal.done, path)
             return applied
+
+    async def _replay_entry(self, entry: dict[str, Any]) -> int:
+        """Apply one journal entry (1) or move it to ``rejected.jsonl`` with a log line (0). Only an unavailable store
+        stops the replay (the file is kept and applied again later: settle is idempotent)."""
+        try:
+            adm = Admission.from_dict(entry["adm"])
+            record = GenerationRecord.from_dict(entry["record"])
+            if entry.get("priced") is False:
+                self._price(adm, record)
+        except Exception:
+            log.critical("metering: journal entry cannot be applied (malformed or unpriceable); kept in "
+                         "rejected.jsonl: %s", _dump(entry), exc_info=True)
+            await asyncio.to_thread(self.journal.reject, entry)
+            return 0
+        try:
+            await self._apply(adm, record, post_owed=bool(entry.get("post")), replay=True,
+                              only_if_reserved=bool(entry.get("if_reserved")))
+        except StoreUnavailable:
+            raise
+        except Exception:
+            log.critical("metering: journal entry %s failed to apply; kept in rejected.jsonl", adm.gen_id,
+                         exc_info=True)
+            await asyncio.to_thread(self.journal.reject, entry)
+            return 0
+        return 1
 
     # ---- release --------------------------------------------------------------------------------------------------
 
@@ -397,6 +466,9 @@ class Meter:
             self._prices_at = time.monotonic()
         except StoreUnavailable:
             log.warning("metering: prices not loaded from the store (unavailable); using the local copy")
+        except Exception:  # e.g. a damaged price key: never block start-up, admissions or the journal's replay
+            self._prices_at = time.monotonic()
+            log.exception("metering: prices not loaded from the store; using the local copy")
 
     # ---- prices and reports (delegated) ---------------------------------------------------------------------------
 
@@ -413,6 +485,10 @@ class Meter:
     async def generation(self, gen_id: str, key_id: str | None = None) -> dict[str, Any] | None:
         """A generation record; with the owner's key id it is one read in that key's slot (no index lookup)."""
         return await self.reports.generation(gen_id, key_id)
+
+    async def generation_by_request(self, request_id: str, key_id: str) -> dict[str, Any] | None:
+        """The key's newest generation record sent with that ``x-request-id`` (never another key's)."""
+        return await self.reports.generation_by_request(request_id, key_id)
 
     async def key_summary(self, key: KeyRecord) -> dict[str, Any]:
         return await self.reports.key_summary(key)
@@ -432,4 +508,17 @@ def _decision(limit: int | None, raw: list[Any]) -> Decision | None:
 
 
 def _json(d: dict[str, Any]) -> str:
-    return orjson.dumps(d).decode()
+    return orjson.dumps(d, default=str).decode()  # a stray non-JSON value in a record is kept as text
+
+
+def _dump(entry: Any) -> str:
+    try:
+        return _json(entry)
+    except Exception:
+        return repr(entry)
+
+
+def _assign(target: Usage, source: Usage) -> None:
+    target.prompt_tokens, target.completion_tokens = source.prompt_tokens, source.completion_tokens
+    target.cached_tokens, target.reasoning_tokens = source.cached_tokens, source.reasoning_tokens
+    target.estimated = source.estimated

@@ -7,6 +7,9 @@
 -- Returns {written (1|0), version}.
 local cur = redis.call('HMGET', KEYS[1], 'version', 'source', 'input', 'cached_input', 'output')
 local version = tonumber(cur[1] or '0')
+if not version or version < 0 or version ~= math.floor(version) then
+  version = redis.call('ZCARD', KEYS[2]) -- a damaged hash (by hand): one version per history entry
+end
 if ARGV[1] == 'config' and version > 0 then
   if cur[2] ~= 'config' then
     return {0, version}

@@ -13,20 +13,56 @@ Rules:
 * **Request path.** Admission reads the local copy only (no extra round trip); the background task refreshes it
   every ``refresh`` seconds and ``set_price`` updates it at once, so another process sees an operator's change
   within ``refresh`` seconds. Before Redis was ever reached, the copy holds the config prices as version 0.
+* **Bounded input.** An operator's price is a finite number of USD per 1M tokens from 0 to ``MAX_PRICE_USD``
+  (1,000,000) with at most 9 decimals; ``effective_at`` is whole unix seconds from 0 to 10 years ahead of now.
+  Anything else is a 400 naming the field. A stored version that is not what this build writes (by hand, by an
+  older build) is skipped with a warning, so it can never break a listing, ``/v1/models`` or a request.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from dataclasses import replace
 from typing import Any, Callable
 
 import orjson
 
-from therouter.config import Settings, usd_to_nano
+from therouter.config import MAX_PRICE_USD, Settings, usd_to_nano
 from therouter.errors import InvalidRequest, ModelNotFound
 from therouter.metering.layout import Layout
 from therouter.metering.prices import PriceVersion, price_at
 from therouter.metering.scripts import Scripts
 from therouter.store import Store
+
+log = logging.getLogger("therouter.metering")
+MAX_AHEAD = 10 * 366 * 86_400  # s: how far ahead a price may be scheduled
+_MAX_WARNED = 1_000
+
+
+def price_input(input_usd: Any, cached_input_usd: Any, output_usd: Any, effective_at: Any,
+                now: float) -> tuple[int, int, int, int]:
+    """An operator's price -> (input, cached_input, output in nano-USD per 1M tokens, effective_at in unix s).
+    Raises InvalidRequest naming the offending field (see the module rule)."""
+    nano = []
+    for value, what in ((input_usd, "input"), (cached_input_usd, "cached_input"), (output_usd, "output")):
+        try:
+            nano.append(usd_to_nano(value, what, MAX_PRICE_USD))
+        except ValueError as e:
+            raise InvalidRequest(f"{e} (per 1M tokens).", param=what, code="invalid_value") from None
+    return nano[0], nano[1], nano[2], _effective_at(effective_at, now)
+
+
+def _effective_at(v: Any, now: float) -> int:
+    if v is None:
+        return int(now)
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        v = int(v)
+    latest = int(now) + MAX_AHEAD
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= latest:
+        raise InvalidRequest(f"effective_at must be whole unix seconds from 0 to {latest} (10 years from now).",
+                             param="effective_at", code="invalid_value")
+    return v
 
 
 class PriceBook:
@@ -38,6 +74,7 @@ class PriceBook:
             for name, m in settings.models.items()
         }
         self._versions: dict[str, list[PriceVersion]] = {name: [p] for name, p in self._config.items()}
+        self._warned: set[str] = set()  # bad stored versions already logged
 
     @property
     def models(self) -> list[str]:
@@ -66,24 +103,32 @@ class PriceBook:
                 return list(await pipe.execute())
 
         for name, members in zip(names, await self._store.call(read), strict=True):
-            versions = [PriceVersion.from_dict(orjson.loads(m)) for m in members]
+            versions = [v for v in (self._parse(name, m) for m in members) if v is not None]
             if versions:
                 self._versions[name] = versions
+
+    def _parse(self, model: str, member: str) -> PriceVersion | None:
+        try:
+            v = PriceVersion.from_dict(orjson.loads(member))
+            if v.model != model:
+                raise ValueError(f"it names the model {v.model!r}")
+            return v
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            if member not in self._warned and len(self._warned) < _MAX_WARNED:
+                self._warned.add(member)
+                log.warning("metering: a stored price version of %s is skipped (%s): %.200s", model,
+                            f"{type(e).__name__}: {e}", member)
+            return None
 
     async def set(self, model: str, input_usd: Any, cached_input_usd: Any, output_usd: Any,
                   effective_at: int | None = None) -> PriceVersion:
         if model not in self._config:
             raise ModelNotFound(f"The model `{model}` is not in the catalogue", param="model")
-        try:
-            nano = [usd_to_nano(v, what) for v, what in
-                    ((input_usd, "input"), (cached_input_usd, "cached_input"), (output_usd, "output"))]
-        except ValueError as e:
-            raise InvalidRequest(str(e)) from None
-        when = int(self._clock()) if effective_at is None else int(effective_at)
-        p = PriceVersion(model, 0, when, nano[0], nano[1], nano[2], "operator")
+        inp, cached, out, when = price_input(input_usd, cached_input_usd, output_usd, effective_at, self._clock())
+        p = PriceVersion(model, 0, when, inp, cached, out, "operator")
         version = await self._write(p, "operator", when)
         await self.refresh([model])
-        return next(v for v in self._versions[model] if v.version == version)
+        return next((v for v in self._versions[model] if v.version == version), replace(p, version=version))
 
     async def get(self, model: str) -> PriceVersion | None:
         if model not in self._config:

@@ -19,11 +19,12 @@ from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any, Iterable
 
-from therouter.config import NANO
+from therouter.config import MAX_PRICE_USD, NANO
 from therouter.protocol.usage import Usage
 
 PER_TOKENS = 1_000_000  # prices are quoted per 1M tokens
 _HALF = PER_TOKENS // 2
+MAX_PRICE_NANO = int(MAX_PRICE_USD) * NANO  # nano-USD per 1M tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,10 +42,17 @@ class PriceVersion:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PriceVersion:
+        """Strict: a version written by hand or by an older build that is not what this build writes (whole
+        non-negative numbers, prices at most MAX_PRICE_USD) raises KeyError, TypeError or ValueError."""
+        model = d["model"]
+        if not isinstance(model, str) or not model:
+            raise ValueError("model must be a non-empty string")
         return cls(
-            model=str(d["model"]), version=int(d["version"]), effective_at=int(d["effective_at"]),
-            input=int(d["input"]), cached_input=int(d["cached_input"]), output=int(d["output"]),
-            source=str(d.get("source") or "config"),
+            model=model, version=_whole(d["version"], "version"),
+            effective_at=_whole(d["effective_at"], "effective_at"),
+            input=_whole(d["input"], "input", MAX_PRICE_NANO),
+            cached_input=_whole(d["cached_input"], "cached_input", MAX_PRICE_NANO),
+            output=_whole(d["output"], "output", MAX_PRICE_NANO), source=str(d.get("source") or "config"),
         )
 
     def same_numbers(self, other: PriceVersion) -> bool:
@@ -112,3 +120,16 @@ def nano_to_usd(nano: int) -> str:
     whole, frac = text.split(".")
     frac = frac.rstrip("0")
     return f"{whole}.{frac.ljust(2, '0')}"
+
+
+def _whole(v: Any, what: str, maximum: int | None = None) -> int:
+    """A stored whole number: an int or its decimal digits (the price scripts store strings)."""
+    if isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= 19:
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{what} is not a whole number")
+    if v < 0:
+        raise ValueError(f"{what} is negative")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{what} is above {maximum}")
+    return v

@@ -37,6 +37,7 @@ class GenerationRecord:
     price_version: int = 0  # filled by Meter.settle
     attempts: list[dict[str, Any]] = field(default_factory=list)  # {provider, outcome, latency_ms, status?, error?,
     skipped: list[dict[str, Any]] = field(default_factory=list)  # possibly_accepted?} / {provider, reason}
+    request_id: str = ""  # the client's x-request-id (or the one the gateway gave the request)
 
     def counters(self) -> dict[str, int]:
         """What this record adds to each counter hash (settle and rebuild both use it)."""
@@ -57,6 +58,7 @@ class GenerationRecord:
             "cost_usd": nano_to_usd(self.cost_nano), "price_version": self.price_version, "created": self.created,
             "latency_ms": self.latency_ms, "ttft_ms": self.ttft_ms, "outcome": self.outcome, "stream": self.stream,
             "attempts": [dict(a) for a in self.attempts], "skipped": [dict(s) for s in self.skipped],
+            "request_id": self.request_id,
         }
 
     @classmethod
@@ -74,4 +76,5 @@ class GenerationRecord:
             stream=bool(d.get("stream", False)), cost_nano=int(d.get("cost_nano", 0)),
             price_version=int(d.get("price_version", 0)),
             attempts=[dict(a) for a in d.get("attempts") or []], skipped=[dict(s) for s in d.get("skipped") or []],
+            request_id=str(d.get("request_id") or ""),
         )

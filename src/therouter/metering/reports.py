@@ -45,6 +45,11 @@ class Reports:
         raw = await self._store.call(lambda: r.get(lay.gen(kid, gen_id)))
         return orjson.loads(raw) if raw else None
 
+    async def generation_by_request(self, request_id: str, key_id: str) -> dict[str, Any] | None:
+        r, lay = self._r, self._layout
+        gen_id = await self._store.call(lambda: r.get(lay.rid(key_id, request_id)))
+        return await self.generation(gen_id, key_id) if gen_id else None
+
     async def key_summary(self, key: KeyRecord) -> dict[str, Any]:
         lay, pid = self._layout, period_id(key.budget_period, self._clock())
 

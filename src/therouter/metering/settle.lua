@@ -1,17 +1,18 @@
 -- settle.lua: apply one generation record exactly once (idempotent by gen id).
 -- KEYS: 1 settled marker, 2 record, 3 per:total, 4 per:d:DAY, 5 per:m:MONTH, 6 bymodel:DAY, 7 resv, 8 resvexp,
 --       9 the key's usage stream, 10 the TPM window counter charged at admission, 11 the per-model override's
---       TPM window counter (absent unless the key has one)                         (all in the key's slot {k:ID})
+--       TPM window counter (absent unless the key has one), 12 the request-id index   (all in the key's slot {k:ID})
 -- ARGV: 1 gen, 2 cost nano, 3 model, 4 prompt, 5 completion, 6 cached, 7 reasoning, 8 record JSON,
 --       9 marker ttl s, 10 record ttl s, 11 day ttl s, 12 month ttl s, 13 stream maxlen, 14 actual tokens,
---       15 day id, 16 month id, 17 '1': settle only if the reservation still exists (the reaper's orphans: a
---       request that admission refused, or that was settled or released meanwhile, is never settled again)
--- Returns {1, stream id} the first time, {0} for a repeat (or a reservation that is gone, with ARGV[17] = '1').
+--       15 day id, 16 month id, 17 request id ('' for none), 18 '1': settle only if the reservation still exists
+--       (the reaper's orphans: a request that admission refused, or that was settled or released meanwhile, is
+--       never settled again)
+-- Returns {1, stream id} the first time, {0} for a repeat (or a reservation that is gone, with ARGV[18] = '1').
 local gen = ARGV[1]
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {0}
 end
-if ARGV[17] == '1' and redis.call('HEXISTS', KEYS[7], 'g:' .. gen) == 0 then
+if ARGV[18] == '1' and redis.call('HEXISTS', KEYS[7], 'g:' .. gen) == 0 then
   return {0}
 end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[9]) then
@@ -39,6 +40,9 @@ redis.call('EXPIRE', KEYS[4], ARGV[11])
 redis.call('EXPIRE', KEYS[5], ARGV[12])
 redis.call('EXPIRE', KEYS[6], ARGV[11])
 redis.call('SET', KEYS[2], ARGV[8], 'EX', ARGV[10])
+if ARGV[17] and ARGV[17] ~= '' then
+  redis.call('SET', KEYS[12], gen, 'EX', ARGV[10])
+end
 local id = redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[13], '*',
                       'gen', gen, 'd', ARGV[15], 'm', ARGV[16], 'rec', ARGV[8])
 return {1, id}

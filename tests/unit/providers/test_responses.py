@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from therouter.errors import UpstreamBadResponse
+from therouter.metering.bounds import bound_usage
 from therouter.protocol.usage import Usage
 
 from ._helpers import make_provider
@@ -144,11 +145,13 @@ def test_total_is_recomputed_not_copied() -> None:
     assert Usage.from_openai(raw).to_openai(raw)["total_tokens"] == 15
 
 
-def test_cached_never_exceeds_prompt_and_garbage_counts_are_zero() -> None:
+def test_garbage_counts_are_zero_and_named_and_cached_is_clamped_when_billed() -> None:
     u = Usage.from_openai({"prompt_tokens": 5, "completion_tokens": "7", "prompt_tokens_details": {"cached_tokens": 9}})
-    assert u.cached_tokens == 5 and u.completion_tokens == 0
+    assert u.completion_tokens == 0 and u.rejected == {"completion_tokens": "not_a_number"}
+    assert bound_usage(u, None)[0].cached_tokens == 5  # the meter clamps (and counts) cached > prompt
     u = Usage.from_openai({"prompt_tokens": -3, "completion_tokens": True})
     assert u.prompt_tokens == 0 and u.completion_tokens == 0
+    assert u.rejected == {"prompt_tokens": "negative", "completion_tokens": "not_a_number"}
 
 
 def test_estimated_flag_reaches_the_client() -> None:
@@ -170,9 +173,9 @@ def test_usage_invariants(prompt, completion, cached, hit, reasoning, top_reason
         raw["reasoning_tokens"] = reasoning
     else:
         raw["completion_tokens_details"] = {"reasoning_tokens": reasoning}
-    out = Usage.from_openai(raw).to_openai(raw)
+    out = bound_usage(Usage.from_openai(raw), None)[0].to_openai(raw)  # what a client is shown: billed usage
     assert out["total_tokens"] == out["prompt_tokens"] + out["completion_tokens"]
     assert out["prompt_tokens"] == prompt and out["completion_tokens"] == completion
     assert 0 <= out["prompt_tokens_details"]["cached_tokens"] <= prompt
-    assert out["completion_tokens_details"]["reasoning_tokens"] == reasoning
+    assert out["completion_tokens_details"]["reasoning_tokens"] == min(reasoning, completion)  # part of completion
     assert all(isinstance(out[k], int) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
