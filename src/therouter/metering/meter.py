@@ -256,7 +256,7 @@ class Meter:
         try:
             record.id, record.key_id = adm.gen_id, adm.key_id
             record.model = record.model or adm.model  # the model that served (a `models` fallback may differ)
-            self._bound(record, estimate, choices)
+            self._bound(adm, record, estimate, choices)
             self._price(adm, record)
             work = self._settle(adm, record, only_if_reserved)
         except Exception:
@@ -269,9 +269,14 @@ class Meter:
         await asyncio.shield(task)
         return record.cost_nano
 
-    def _bound(self, record: GenerationRecord, estimate: Usage | None, choices: int) -> None:
+    def _bound(self, adm: Admission, record: GenerationRecord, estimate: Usage | None, choices: int) -> None:
+        """Within the served model's card, and within what the request could send and was reserved for."""
         card = self.settings.models.get(record.model)
         limits = None if card is None else Bounds(card.context_length, card.max_output_tokens * max(choices, 1))
+        if limits is not None and adm.max_prompt_tokens > 0:
+            limits = Bounds(min(limits.context, adm.max_prompt_tokens), limits.max_output)
+        if limits is not None and adm.max_completion_tokens > 0:
+            limits = Bounds(limits.context, min(limits.max_output, adm.max_completion_tokens))
         usage, reasons = bound_usage(record.usage, limits, estimate)
         if reasons:
             for reason in reasons:
