@@ -30,7 +30,7 @@ from therouter.errors import (
 from therouter.keys import KeyRecord
 from therouter.metering.meter import Admission, Meter
 from therouter.metering.prices import nano_to_usd
-from therouter.metering.records import GenerationRecord
+from therouter.metering.records import GenerationRecord, Outcome
 from therouter.observability import Metrics
 from therouter.protocol.usage import Usage
 from therouter.routing.attempts import AttemptPolicy, Exhausted, all_failed
@@ -243,7 +243,7 @@ class Gateway:
         try:
             try:
                 async with asyncio.timeout(budget):
-                    raw = await resp.read()
+                    raw = await resp.read(self.settings.server.max_upstream_body_bytes)
             except TimeoutError:
                 raise UpstreamTimeout("upstream did not finish its answer in time", sent=True) from None
             if resp.status != 200:
@@ -284,14 +284,14 @@ class Gateway:
         if resp.status != 200:
             try:
                 async with asyncio.timeout(5):
-                    raw = await resp.read()
+                    raw = await resp.read(self.settings.server.max_upstream_body_bytes)
             except (TimeoutError, GatewayError):
                 raw = b""
             finally:
                 await resp.close()
             raise p.map_error(resp.status, raw, resp.headers)
         events = UpstreamEvents(resp, first_token=first_token, idle=t.idle, total=t.total, clock=self.clock,
-                                started=sent_at)
+                                started=sent_at, max_event_bytes=self.settings.server.max_upstream_event_bytes)
         rw = ChunkRewriter(p, gen_id=call.gen_id, model=c.model_id, created=call.created,
                            object_=call.object, include_usage=call.checked.include_usage)
         first: list[bytes] = []
@@ -321,18 +321,19 @@ class Gateway:
                 yield b
             async for obj in events:
                 err = cand.provider.in_band_error(obj)
-                if err is not None:
-                    raise UpstreamStreamError(f"upstream failed mid-stream: {err.message}", sent=True)
+                if err is not None:  # the upstream's words go to the log and the record, never to the client
+                    raise UpstreamError(f"Provider `{cand.name}` reported an error mid-stream.", sent=True,
+                                        code="upstream_in_band_error", detail=err.detail)
                 out = rw.rewrite(obj)
                 if out:
                     yield out
             if not events.saw_done and rw.finish_reason is None:
-                raise UpstreamStreamError("upstream closed the stream before it finished", sent=True,
-                                          code="upstream_cut")
+                raise UpstreamStreamError(f"Provider `{cand.name}` closed the stream before it finished.",
+                                          sent=True, code="upstream_cut")
             outcome = "completed"
         except GatewayError as e:
-            outcome, error = "upstream_cut", e
-            log.warning("stream %s from %s broke: %s", call.gen_id, cand.name, e.message)
+            outcome, error = _broken_stream_outcome(e), e
+            log.warning("stream %s from %s broke: %s: %s", call.gen_id, cand.name, e.code, e.detail or e.message)
         finally:
             usage, cost = await asyncio.shield(asyncio.ensure_future(
                 self._finish_stream(call, cand, events, rw, outcome, error)))
@@ -434,6 +435,12 @@ def validate_needs(b: dict[str, Any], call: Call, rf: dict[str, Any], stop: Any)
         stops=len(stop) if isinstance(stop, list) else (1 if stop else 0),
         stream=call.checked.stream,
     )
+
+
+def _broken_stream_outcome(e: GatewayError) -> Outcome:
+    """A stream that failed after its first byte: its connection broke or stalled (``upstream_cut``), or the provider
+    sent something unusable: an in-band error, a malformed or oversized event, a chunk of the wrong shape."""
+    return "upstream_cut" if isinstance(e, (UpstreamStreamError, UpstreamTimeout)) else "upstream_error"
 
 
 def _json_chars(obj: dict[str, Any]) -> int:

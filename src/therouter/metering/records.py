@@ -13,8 +13,10 @@ from typing import Any, Literal
 from therouter.metering.prices import nano_to_usd
 from therouter.protocol.usage import Usage
 
-Outcome = Literal["completed", "client_cancelled", "upstream_cut", "rejected", "failed"]
-OUTCOMES: tuple[str, ...] = ("completed", "client_cancelled", "upstream_cut", "rejected", "failed")
+# upstream_cut: a stream's connection broke or stalled after its first byte; upstream_error: the provider sent
+# something unusable after it (an in-band error, a malformed, oversized or wrong-shaped event)
+Outcome = Literal["completed", "client_cancelled", "upstream_cut", "upstream_error", "rejected", "failed"]
+OUTCOMES: tuple[str, ...] = ("completed", "client_cancelled", "upstream_cut", "upstream_error", "rejected", "failed")
 # the fields of every counter hash (per:total, per:d:*, per:m:*; "MODEL|field" in bymodel:*), in settle.lua's order
 COUNTER_FIELDS = ("cost", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
 
