@@ -703,14 +703,14 @@ async def test_real_subprocess_server() -> None:
 async def test_echo_request_dumps_headers_and_internals_into_error_bodies(flavor: str, kind: str) -> None:
     key = "sk-fake-echo-0123456789"
     async with client(flavor, api_key=key) as c:
-        r = await post(c, "/chat/completions", chat_body(flavor),
+        r = await post(c, "/chat/completions", chat_body(flavor, messages=[{"role": "user", "content": "my key tr-x"}]),
                        headers={"authorization": f"Bearer {key}", "x-fault": f"error_kind={kind};echo_request=1"})
     body = r.json()
     msg = body["message"] if flavor == "sglang" else body["error"]["message"]
     assert key in msg  # the careless part: our key comes back
     assert base64.b64encode(key.encode()).decode() in msg
     for part in ("http://10.20.30.40:8000/", "10.20.30.40:8000", "/srv/fake-upstream/config/server.yaml",
-                 "Traceback (most recent call last):", '"host":"fake"'):  # URL, IP:port, path, traceback, headers
+                 "Traceback (most recent call last):", '"host":"fake"', "my key tr-x"):  # ..., headers, prompt
         assert part in msg, part
 
 
@@ -775,10 +775,10 @@ async def test_huge_line_and_huge_body() -> None:
 
 @pytest.mark.parametrize("stream", [True, False])
 async def test_gzip_bomb(stream: bool) -> None:
-    async with client("deepseek", bomb_bytes=50 * 1024 * 1024) as c:
-        async with c.stream("POST", "/chat/completions", json=chat_body("deepseek", stream=stream),
-                            headers={"x-fault": "error_kind=gzip_bomb"}) as r:
-            raw = b"".join([b async for b in r.aiter_raw()])
+    async with client("deepseek", bomb_bytes=50 * 1024 * 1024) as c, \
+            c.stream("POST", "/chat/completions", json=chat_body("deepseek", stream=stream),
+                     headers={"x-fault": "error_kind=gzip_bomb"}) as r:
+        raw = b"".join([b async for b in r.aiter_raw()])
     assert r.headers["content-encoding"] == "gzip"
     assert len(raw) < 200_000  # small on the wire...
     inflated = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw, 1024)
@@ -804,9 +804,9 @@ async def test_encoding_knob_compresses_every_answer(encoding: str) -> None:
 
 
 async def test_encoding_br_is_a_label_only() -> None:
-    async with client("deepseek", encoding="br") as c:
-        async with c.stream("POST", "/chat/completions", json=chat_body("deepseek")) as r:
-            raw = b"".join([b async for b in r.aiter_raw()])
+    async with client("deepseek", encoding="br") as c, \
+            c.stream("POST", "/chat/completions", json=chat_body("deepseek")) as r:
+        raw = b"".join([b async for b in r.aiter_raw()])
     assert r.headers["content-encoding"] == "br" and json.loads(raw)["choices"]
 
 

@@ -309,7 +309,9 @@ class FakeUpstream:
             ex.encoder = BodyEncoder(knobs["encoding"])
 
         def echo(spec: ErrorSpec) -> ErrorSpec:
-            return spec._replace(message=echo_message(spec.message, raw_headers)) if knobs["echo_request"] else spec
+            if not knobs["echo_request"]:
+                return spec
+            return spec._replace(message=echo_message(spec.message, raw_headers, body))
 
         if err is None:
             rate = knobs["error_rate"]

@@ -28,18 +28,25 @@ ECHO_TRACEBACK = (
 )
 
 
-def echo_message(message: str, headers: Headers) -> str:
+def echo_message(message: str, headers: Headers, body: dict[str, Any]) -> str:
     """``message`` plus everything a careless server dumps: the request's headers as received (Authorization
-    included, and its token base64- and URL-encoded as debug dumps do), a URL, an IP:port, a file path, a
-    traceback."""
+    included, and its token base64- and URL-encoded as debug dumps do), the start of the prompt, a URL, an IP:port,
+    a file path, a traceback."""
     hdrs = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
     token = hdrs.get("authorization", "").removeprefix("Bearer ")
     dump = orjson.dumps(hdrs).decode()
     return (
-        f"{message}. Request headers: {dump}. "
+        f"{message}. Request headers: {dump}. Prompt: {_prompt(body)[:200]!r}. "
         f"auth_b64={base64.b64encode(token.encode()).decode()} auth_url={quote(token, safe='')} "
         f"while calling {ECHO_URL} (peer {ECHO_PEER}), config {ECHO_PATH}\n{ECHO_TRACEBACK}"
     )
+
+
+def _prompt(body: dict[str, Any]) -> str:
+    msgs = body.get("messages")
+    if isinstance(msgs, list) and msgs and isinstance(msgs[0], dict):
+        return str(msgs[0].get("content"))
+    return str(body.get("prompt", ""))
 
 
 # ---- wrong shapes ------------------------------------------------------------------------------------------------
