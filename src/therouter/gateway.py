@@ -356,6 +356,9 @@ class Gateway:
         if error is not None:
             usage.estimated = usage.estimated or rw.usage_raw is None
             state.observe_stream_break(cand.key, f"{error.code}: {error.message}")
+            if call.attempts:  # the serving attempt passed the gate, then broke: the record says how, in full
+                call.attempts[-1]["stream_error"] = {"code": error.code,
+                                                     "error": (error.detail or error.message)[:2000]}
             if self.metrics is not None:
                 self.metrics.stream_errors.labels(cand.name, error.code or "upstream_error").inc()
         elif outcome == "completed" and call.lease is not None:
