@@ -69,3 +69,16 @@ def test_unset_variable_without_default_is_named() -> None:
     raw["store"]["redis_url"] = "${NOPE_NOT_SET}"
     with pytest.raises(ConfigError, match=r"store.redis_url: is empty"):
         parse_settings(raw, "x.yaml", env={})
+
+
+def test_upstream_read_limits() -> None:
+    s = parse_settings(shipped(), "x.yaml", env={})
+    assert s.server.max_upstream_event_bytes == 1024 * 1024  # an SSE line / event
+    assert s.server.max_upstream_body_bytes == 32 * 1024 * 1024  # a non-stream body, after content-decoding
+    raw = shipped()
+    raw["server"] = {**raw["server"], "max_upstream_event_bytes": 65536, "max_upstream_body_bytes": 1 << 20}
+    s = parse_settings(raw, "x.yaml", env={})
+    assert (s.server.max_upstream_event_bytes, s.server.max_upstream_body_bytes) == (65536, 1 << 20)
+    raw["server"]["max_upstream_event_bytes"] = 10
+    with pytest.raises(ConfigError, match=r"server.max_upstream_event_bytes"):
+        parse_settings(raw, "x.yaml", env={})
