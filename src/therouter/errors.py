@@ -172,7 +172,7 @@ class UpstreamStreamError(UpstreamError):
 
 
 class UpstreamRequestRejected(GatewayError):
-    """The upstream refused the request itself (4xx): returned to the client as-is, no fallback."""
+    """The upstream refused the request itself (4xx): its explanation, sanitised, goes to the client; no fallback."""
 
     status = 400
     type = "invalid_request_error"

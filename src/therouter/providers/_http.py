@@ -310,8 +310,10 @@ def error_from_upstream(
     redacted, rides in ``detail`` for the log and the attempt record.
     """
     low = message.lower()
-    code = code if code and _TOKEN.fullmatch(code) else None  # an upstream's code / param reach the client as-is:
-    param = param if param and _PARAM.fullmatch(param) else None  # only identifier-shaped ones do
+    # an upstream's code / param reach the client (and code a metric label) as they are: only identifier-shaped,
+    # secret-free ones do
+    code = code if code and _TOKEN.fullmatch(code) and redact(code, secrets) == code else None
+    param = param if param and _PARAM.fullmatch(param) and redact(param, secrets) == param else None
     how = f"error {status} in its stream" if in_stream else f"HTTP {status}"
     detail = redact(f"{how}: {message}" if message else how, secrets)
     if status in (401, 403, 402):

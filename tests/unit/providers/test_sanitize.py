@@ -207,6 +207,9 @@ def test_upstream_code_and_param_reach_the_client_only_when_identifier_shaped() 
     body = orjson.dumps({"error": {"message": "bad", "code": "see http://10.0.0.1/", "param": "/etc/passwd x"}})
     err = make_provider("deepseek").map_error(400, body, {})
     assert err.code == "invalid_request_error" and err.param is None
+    body = orjson.dumps({"error": {"message": "bad", "code": CLIENT_KEY, "param": KEY}})  # secret-shaped
+    err = make_provider("deepseek").map_error(400, body, {})
+    assert err.code == "invalid_request_error" and err.param is None
     body = orjson.dumps({"error": {"message": "bad", "code": "invalid_value", "param": "messages[0].content"}})
     err = make_provider("deepseek").map_error(400, body, {})
     assert err.code == "invalid_value" and err.param == "messages[0].content"
