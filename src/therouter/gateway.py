@@ -322,14 +322,14 @@ class Gateway:
             async for obj in events:
                 err = cand.provider.in_band_error(obj)
                 if err is not None:  # the upstream's words go to the log and the record, never to the client
-                    raise UpstreamError(f"Provider `{cand.name}` reported an error mid-stream.", sent=True,
+                    raise UpstreamError("The provider reported an error in its stream.", sent=True,
                                         code="upstream_in_band_error", detail=err.detail)
                 out = rw.rewrite(obj)
                 if out:
                     yield out
             if not events.saw_done and rw.finish_reason is None:
-                raise UpstreamStreamError(f"Provider `{cand.name}` closed the stream before it finished.",
-                                          sent=True, code="upstream_cut")
+                raise UpstreamStreamError("upstream closed the stream before it finished", sent=True,
+                                          code="upstream_cut")
             outcome = "completed"
         except GatewayError as e:
             outcome, error = _broken_stream_outcome(e), e
@@ -338,7 +338,9 @@ class Gateway:
             usage, cost = await asyncio.shield(asyncio.ensure_future(
                 self._finish_stream(call, cand, events, rw, outcome, error)))
         if error is not None:
-            yield b"data: " + orjson.dumps({"error": {"message": error.message, "type": error.type,
+            # our words only (the upstream's are in the log and the record), naming the provider by its config name
+            message = f"Provider `{cand.name}` failed mid-stream: {error.message}"
+            yield b"data: " + orjson.dumps({"error": {"message": message, "type": error.type,
                                                       "param": None, "code": error.code}}) + b"\n\n"
             return
         if call.checked.include_usage:

@@ -155,7 +155,7 @@ def test_an_in_band_error_mid_stream_is_our_words_and_the_record_keeps_theirs(gw
     r, events = stream_raw(gw, key, {"model": MODEL, "messages": prompt(key)})
     assert r.status_code == 200
     err = error_event(events)
-    assert err["message"] == "Provider `deepseek` reported an error mid-stream."
+    assert err["message"] == "Provider `deepseek` failed mid-stream: The provider reported an error in its stream."
     assert err["code"] == "upstream_in_band_error"
     content = [json.loads(e) for e in events[:-1]]
     assert any(c["choices"] and c["choices"][0]["delta"].get("content") for c in content)  # it had started
