@@ -12,7 +12,14 @@ from urllib.parse import quote
 
 import httpx
 
-from tests.integration.conftest import ADMIN_KEY, CANARY, Fake, Gateway, gateway_config, start_gateway
+from tests.integration.conftest import (
+    ADMIN_KEY,
+    CANARY,
+    Fake,
+    Gateway,
+    gateway_config,
+    start_gateway,
+)
 
 MODEL = "deepseek/deepseek-v3.2"  # deepseek (CANARY key) first, then vllm-local, then sglang-local
 NOWHERE_MODEL = "test/only-nowhere"  # one deployment on a closed port, no health check: every request tries it
