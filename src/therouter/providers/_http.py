@@ -22,9 +22,10 @@ import email.utils
 import math
 import re
 from abc import ABC, abstractmethod
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import AsyncIterator, Mapping
+from typing import AsyncGenerator, AsyncIterator, Mapping
 
 import aiohttp
 import httpx
@@ -44,6 +45,7 @@ from therouter.providers._decode import ACCEPT_ENCODING, ContentDecoder
 from therouter.providers._sanitize import redact, sanitize
 
 DEFAULT_MAX_BODY = 32 * 1024 * 1024  # bytes of a decoded non-stream body (server.max_upstream_body_bytes)
+
 
 @dataclass(slots=True)
 class UpstreamRequest:
@@ -66,10 +68,15 @@ class UpstreamResponse(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The decoded body, in pieces of bounded size however well it was compressed."""
+    async def chunks(self, raw_limit: int | None = None) -> AsyncGenerator[bytes, None]:
+        """The decoded body, in pieces of bounded size however well it was compressed (and UpstreamBadResponse once
+        more than ``raw_limit`` bytes came off the wire)."""
         decoder = ContentDecoder(self.headers.get("content-encoding"))
+        raw_size = 0
         async for raw in self.raw_chunks():
+            raw_size += len(raw)
+            if raw_limit is not None and raw_size > raw_limit:
+                raise _too_large(f"body is over the {raw_limit}-byte limit ({decoder.encoding})")
             for piece in decoder.feed(raw):
                 yield piece
         for piece in decoder.flush():
@@ -81,23 +88,14 @@ class UpstreamResponse(ABC):
         declared = self.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise _too_large(f"content-length {declared} is over the {limit}-byte limit")
-        decoder = ContentDecoder(self.headers.get("content-encoding"))
         parts: list[bytes] = []
-        size = raw_size = 0
-        async for raw in self.raw_chunks():
-            raw_size += len(raw)
-            if raw_size > limit:
-                raise _too_large(f"body is over the {limit}-byte limit ({decoder.encoding})")
-            for piece in decoder.feed(raw):
+        size = 0
+        async with aclosing(self.chunks(raw_limit=limit)) as pieces:
+            async for piece in pieces:
                 size += len(piece)
                 if size > limit:
-                    raise _too_large(f"decoded body is over the {limit}-byte limit ({decoder.encoding})")
+                    raise _too_large(f"decoded body is over the {limit}-byte limit")
                 parts.append(piece)
-        for piece in decoder.flush():
-            size += len(piece)
-            if size > limit:
-                raise _too_large(f"decoded body is over the {limit}-byte limit ({decoder.encoding})")
-            parts.append(piece)
         return b"".join(parts)
 
 
