@@ -39,6 +39,10 @@ class ServerConfig(_Strict):
     max_header_bytes: int = Field(64 * 1024, ge=1024)  # all request headers together (names + values): else 431
     max_json_depth: int = Field(64, ge=4, le=1024)
     upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
+    # an upstream SSE line / event, and a non-stream upstream body (after content-decoding), over these end the
+    # attempt as a provider fault; the gateway never holds more of them in memory
+    max_upstream_event_bytes: int = Field(1024 * 1024, ge=1024)
+    max_upstream_body_bytes: int = Field(32 * 1024 * 1024, ge=64 * 1024)
     request_deadline: float = Field(300.0, gt=0)  # seconds, one overall deadline for a non-stream request
     stream_write_timeout: float = Field(60.0, gt=0)  # a client that reads nothing for this long is disconnected
     model_check_interval: float = Field(600.0, ge=0)  # seconds between GET /models checks of hosted providers; 0 = off

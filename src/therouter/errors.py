@@ -7,7 +7,9 @@ the offending `param`, and two routing flags:
 - ``fallback_ok``: another deployment may succeed (the fault is the provider's, not the request's).
 
 `api/errors.py` is the one place that renders these as OpenAI JSON (or as an SSE error event mid-stream).
-Messages never contain secrets: they are written here or taken from upstream bodies after redaction.
+What reaches the client is ``message`` only: our own words, or an upstream 4xx explanation after
+``providers._sanitize.sanitize``. ``detail`` is internal (the full upstream text with secrets redacted): it goes to the
+log and the attempt record, never into a response.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ class GatewayError(Exception):
         status: int | None = None,
         headers: dict[str, str] | None = None,
         retry_after: float | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.detail = detail  # internal only: never rendered (see body())
         self.param = param
         if code is not None:
             self.code = code
@@ -162,17 +166,19 @@ class UpstreamAuthError(UpstreamError):
 
 
 class UpstreamBadResponse(UpstreamError):
+    """An answer we cannot use: wrong shape, not JSON, over a size limit, undecodable content-encoding."""
+
     code = "bad_upstream_response"
 
 
 class UpstreamStreamError(UpstreamError):
-    """The stream broke after it started (cut, stall, malformed event, in-band error)."""
+    """The stream's connection broke or closed early after it started."""
 
     code = "upstream_stream_error"
 
 
 class UpstreamRequestRejected(GatewayError):
-    """The upstream refused the request itself (4xx): returned to the client as-is, no fallback."""
+    """The upstream refused the request itself (4xx): its explanation, sanitised, goes to the client; no fallback."""
 
     status = 400
     type = "invalid_request_error"

@@ -30,7 +30,7 @@ from therouter.errors import (
 from therouter.keys import KeyRecord
 from therouter.metering.meter import Admission, Meter
 from therouter.metering.prices import nano_to_usd
-from therouter.metering.records import GenerationRecord
+from therouter.metering.records import GenerationRecord, Outcome
 from therouter.observability import Metrics
 from therouter.protocol.usage import Usage
 from therouter.providers._http import UpstreamRequest
@@ -270,7 +270,7 @@ class Gateway:
         try:
             try:
                 async with asyncio.timeout(budget):
-                    raw = await resp.read()
+                    raw = await resp.read(self.settings.server.max_upstream_body_bytes)
             except TimeoutError:
                 raise UpstreamTimeout("upstream did not finish its answer in time", sent=True) from None
             if resp.status != 200:
@@ -305,14 +305,14 @@ class Gateway:
         if resp.status != 200:
             try:
                 async with asyncio.timeout(5):
-                    raw = await resp.read()
+                    raw = await resp.read(self.settings.server.max_upstream_body_bytes)
             except (TimeoutError, GatewayError):
                 raw = b""
             finally:
                 await resp.close()
             raise p.map_error(resp.status, raw, resp.headers)
         events = UpstreamEvents(resp, first_token=first_token, idle=t.idle, total=t.total, clock=self.clock,
-                                started=sent_at)
+                                started=sent_at, max_event_bytes=self.settings.server.max_upstream_event_bytes)
         rw = ChunkRewriter(p, gen_id=call.gen_id, model=c.model_id, created=call.created,
                            object_=call.object, include_usage=call.checked.include_usage)
         # checkpoints read the rewriter's own counters: what a lost instance's stream is billed for
@@ -345,8 +345,9 @@ class Gateway:
                 yield b
             async for obj in events:
                 err = cand.provider.in_band_error(obj)
-                if err is not None:
-                    raise UpstreamStreamError(f"upstream failed mid-stream: {err.message}", sent=True)
+                if err is not None:  # the upstream's words go to the log and the record, never to the client
+                    raise UpstreamError("The provider reported an error in its stream.", sent=True,
+                                        code="upstream_in_band_error", detail=err.detail)
                 out = rw.rewrite(obj)
                 if out:
                     yield out
@@ -355,13 +356,15 @@ class Gateway:
                                           code="upstream_cut")
             outcome = "completed"
         except GatewayError as e:
-            outcome, error = "upstream_cut", e
-            log.warning("stream %s from %s broke: %s", call.gen_id, cand.name, e.message)
+            outcome, error = _broken_stream_outcome(e), e
+            log.warning("stream %s from %s broke: %s: %s", call.gen_id, cand.name, e.code, e.detail or e.message)
         finally:
             usage, cost = await asyncio.shield(asyncio.ensure_future(
                 self._finish_stream(call, cand, events, rw, outcome, error)))
         if error is not None:
-            yield b"data: " + orjson.dumps({"error": {"message": error.message, "type": error.type,
+            # our words only (the upstream's are in the log and the record), naming the provider by its config name
+            message = f"Provider `{cand.name}` failed mid-stream: {error.message}"
+            yield b"data: " + orjson.dumps({"error": {"message": message, "type": error.type,
                                                       "param": None, "code": error.code}}) + b"\n\n"
             return
         if call.checked.include_usage:
@@ -379,6 +382,9 @@ class Gateway:
         if error is not None:
             usage.estimated = usage.estimated or rw.usage_raw is None
             state.observe_stream_break(cand.key, f"{error.code}: {error.message}")
+            if call.attempts:  # the serving attempt passed the gate, then broke: the record says how, in full
+                call.attempts[-1]["stream_error"] = {"code": error.code,
+                                                     "error": (error.detail or error.message)[:2000]}
             if self.metrics is not None:
                 self.metrics.stream_errors.labels(cand.name, error.code or "upstream_error").inc()
         elif outcome == "completed" and call.lease is not None:
@@ -465,6 +471,12 @@ def validate_needs(b: dict[str, Any], call: Call, rf: dict[str, Any], stop: Any)
 def _json_estimate(call: Call, obj: dict[str, Any]) -> Usage:
     """The gateway's own count of a non-stream answer: the prompt estimate and the answer's text / 4."""
     return Usage(prompt_tokens=call.checked.prompt_tokens, completion_tokens=_json_chars(obj) // 4 + 1, estimated=True)
+
+
+def _broken_stream_outcome(e: GatewayError) -> Outcome:
+    """A stream that failed after its first byte: its connection broke or stalled (``upstream_cut``), or the provider
+    sent something unusable: an in-band error, a malformed or oversized event, a chunk of the wrong shape."""
+    return "upstream_cut" if isinstance(e, (UpstreamStreamError, UpstreamTimeout)) else "upstream_error"
 
 
 def _json_chars(obj: dict[str, Any]) -> int:

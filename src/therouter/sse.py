@@ -3,6 +3,11 @@
 The decoder follows the SSE spec as far as the OpenAI-style streams need: events end at a blank line (LF, CRLF or
 CR line endings, split anywhere across network chunks); ``:`` lines are comments (DeepSeek's ``: keep-alive``);
 several ``data:`` lines in one event are joined with ``\\n``; ``event:``/``id:``/``retry:`` are ignored.
+
+Memory is bounded: with ``max_event_bytes`` set, a line or an event's data longer than that raises
+:class:`EventTooLarge` as soon as the decoder has seen that many bytes of it (an upstream that never sends a line
+break cannot make it buffer without end). Pieces of a line that is still open are kept aside, not re-joined on
+every read, so a long line arriving in small reads costs linear time.
 """
 
 from __future__ import annotations
@@ -23,22 +28,45 @@ def encode_raw(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
+class EventTooLarge(ValueError):
+    """A line or an event's data passed the decoder's ``max_event_bytes``."""
+
+
 class SSEDecoder:
     """Incremental decoder: ``feed(bytes)`` yields the ``data`` payload of every complete event (bytes)."""
 
-    __slots__ = ("_buf", "_data", "_has_data", "_pending_cr", "comments")
+    __slots__ = ("_buf", "_data", "_has_data", "_max", "_open", "_open_len", "_pending_cr", "_size", "comments")
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int | None = None) -> None:
         self._buf = b""
+        self._open: list[bytes] = []  # later pieces of the unterminated line that starts in _buf
+        self._open_len = 0
         self._data: list[bytes] = []
+        self._size = 0  # bytes of data in the current event
         self._has_data = False
         self._pending_cr = False
+        self._max = max_event_bytes
         self.comments = 0
+
+    def _too_large(self, what: str, n: int) -> EventTooLarge:
+        return EventTooLarge(f"{what} of at least {n} bytes is over the {self._max}-byte limit")
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
         if not chunk:
             return  # an empty read must not drop a pending CR (the LF of a split CRLF may come next)
-        buf = self._buf + chunk if self._buf else chunk
+        if b"\n" not in chunk and b"\r" not in chunk and (self._buf or self._open):
+            # the middle of a long line: set the piece aside and count it, nothing to decode yet
+            self._pending_cr = False
+            self._open.append(chunk)
+            self._open_len += len(chunk)
+            if self._max is not None and len(self._buf) + self._open_len > self._max:
+                raise self._too_large("a line", len(self._buf) + self._open_len)
+            return
+        if self._open:
+            buf = self._buf + b"".join(self._open) + chunk
+            self._open, self._open_len = [], 0
+        else:
+            buf = self._buf + chunk if self._buf else chunk
         if self._pending_cr:
             # a CR ended the previous chunk: a following LF belongs to it
             self._pending_cr = False
@@ -59,17 +87,22 @@ class SSEDecoder:
                 end, nxt = lf, lf + 1
             else:
                 break
+            if self._max is not None and end - start > self._max:
+                raise self._too_large("a line", end - start)
             ev = self._line(buf[start:end])
             if ev is not None:
                 yield ev
             start = nxt
         self._buf = buf[start:]
+        if self._max is not None and len(self._buf) > self._max:
+            raise self._too_large("a line", len(self._buf))
 
     def _line(self, line: bytes) -> bytes | None:
         if not line:
             if self._has_data:
                 data = b"\n".join(self._data)
                 self._data = []
+                self._size = 0
                 self._has_data = False
                 return data
             return None
@@ -80,17 +113,22 @@ class SSEDecoder:
         if sep and value.startswith(b" "):
             value = value[1:]
         if name == b"data":
+            self._size += len(value) + (1 if self._has_data else 0)
+            if self._max is not None and self._size > self._max:
+                raise self._too_large("an event", self._size)
             self._data.append(value)
             self._has_data = True
         return None
 
     def flush(self) -> Iterator[bytes]:
         """At EOF: an event not terminated by a blank line still counts (servers that close right after data)."""
-        if self._buf:
-            rest, self._buf = self._buf, b""
+        if self._buf or self._open:
+            rest = self._buf + b"".join(self._open)
+            self._buf, self._open, self._open_len = b"", [], 0
             yield from self.feed(rest + b"\n")
         if self._has_data:
             data = b"\n".join(self._data)
             self._data = []
+            self._size = 0
             self._has_data = False
             yield data

@@ -17,20 +17,28 @@ from typing import Any
 
 import orjson
 
-from therouter.errors import GatewayError, UpstreamStreamError, UpstreamTimeout
+from therouter.errors import GatewayError, UpstreamBadResponse, UpstreamTimeout
 from therouter.protocol.usage import Usage
 from therouter.providers._http import UpstreamResponse
 from therouter.providers.base import Provider
-from therouter.sse import SSEDecoder
+from therouter.sse import EventTooLarge, SSEDecoder
+
+DEFAULT_MAX_EVENT = 1024 * 1024  # server.max_upstream_event_bytes
+
 
 class UpstreamEvents:
-    """Async iterator of parsed JSON objects (dicts); ends after ``[DONE]`` or EOF (``saw_done`` tells which)."""
+    """Async iterator of parsed JSON objects (dicts); ends after ``[DONE]`` or EOF (``saw_done`` tells which).
+
+    What is not an event we can use is the provider's fault (:class:`UpstreamBadResponse`): a payload that is not
+    JSON, JSON that is not an object, a line or event over ``max_event_bytes``.
+    """
 
     def __init__(self, resp: UpstreamResponse, *, first_token: float, idle: float, total: float,
-                 clock: Any = time.monotonic, started: float | None = None) -> None:
+                 clock: Any = time.monotonic, started: float | None = None,
+                 max_event_bytes: int = DEFAULT_MAX_EVENT) -> None:
         self.resp = resp
         self._chunks = resp.chunks().__aiter__()
-        self._decoder = SSEDecoder()
+        self._decoder = SSEDecoder(max_event_bytes)
         self._pending: list[bytes] = []
         self._clock = clock
         self._start = clock() if started is None else started  # the attempt's send time
@@ -55,11 +63,12 @@ class UpstreamEvents:
                 try:
                     obj = orjson.loads(payload)
                 except orjson.JSONDecodeError:
-                    raise UpstreamStreamError("upstream sent a malformed stream event", sent=True,
-                                              code="malformed_stream_event") from None
+                    raise UpstreamBadResponse("The provider sent a stream event that is not JSON.", sent=True,
+                                              code="malformed_stream_event",
+                                              detail=payload[:200].decode("utf-8", "replace")) from None
                 if not isinstance(obj, dict):
-                    raise UpstreamStreamError("upstream sent a malformed stream event", sent=True,
-                                              code="malformed_stream_event")
+                    raise UpstreamBadResponse("The provider sent a response of the wrong shape.", sent=True,
+                                              detail=f"stream event is {type(obj).__name__}, not an object")
                 self.events += 1
                 now = self._clock()
                 self._deadline = min(now + self._idle, self._cap)
@@ -77,11 +86,14 @@ class UpstreamEvents:
                 chunk = await self._chunks.__anext__()
         except StopAsyncIteration:
             self._eof = True
-            self._pending.extend(self._decoder.flush())
-            return
+            chunk = None
         except TimeoutError:
             raise self._timeout() from None
-        self._pending.extend(self._decoder.feed(chunk))
+        try:
+            self._pending.extend(self._decoder.flush() if chunk is None else self._decoder.feed(chunk))
+        except EventTooLarge as e:
+            raise UpstreamBadResponse("The provider sent a stream event larger than the gateway accepts.",
+                                      sent=True, code="upstream_event_too_large", detail=str(e)) from None
 
     def _timeout(self) -> GatewayError:
         if self._clock() >= self._cap - 1e-6:

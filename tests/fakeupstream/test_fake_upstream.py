@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -691,3 +693,126 @@ async def test_real_subprocess_server() -> None:
         assert proc.stdout is not None and proc.stderr is not None
         proc.stdout.close()
         proc.stderr.close()
+
+
+# --------------------------------------------------------------------------- misbehaving upstreams (issue 7)
+
+
+@pytest.mark.parametrize("kind", ["400", "503", "context_length"])
+@pytest.mark.parametrize("flavor", FLAVORS)
+async def test_echo_request_dumps_headers_and_internals_into_error_bodies(flavor: str, kind: str) -> None:
+    key = "sk-fake-echo-0123456789"
+    async with client(flavor, api_key=key) as c:
+        r = await post(c, "/chat/completions", chat_body(flavor, messages=[{"role": "user", "content": "my key tr-x"}]),
+                       headers={"authorization": f"Bearer {key}", "x-fault": f"error_kind={kind};echo_request=1"})
+    body = r.json()
+    msg = body["message"] if flavor == "sglang" else body["error"]["message"]
+    assert key in msg  # the careless part: our key comes back
+    assert base64.b64encode(key.encode()).decode() in msg
+    for part in ("http://10.20.30.40:8000/", "10.20.30.40:8000", "/srv/fake-upstream/config/server.yaml",
+                 "Traceback (most recent call last):", '"host":"fake"', "my key tr-x"):  # ..., headers, prompt
+        assert part in msg, part
+
+
+async def test_echo_request_in_band_errors() -> None:
+    async with client("vllm", api_key="sk-fake-echo-0123456789") as c:
+        r = await post(c, "/chat/completions", chat_body("vllm", stream=True),
+                       headers={"authorization": "Bearer sk-fake-echo-0123456789",
+                                "x-fault": "error_kind=in_band_mid;cut_after=2;echo_request=true"})
+    chunks, done = sse_json(r.text)
+    assert done and "error" in chunks[-1] and "sk-fake-echo-0123456789" in chunks[-1]["error"]["message"]
+    content = [ch for ch in chunks[:-1] if ch["choices"] and ch["choices"][0]["delta"].get("content")]
+    assert len(content) == 2  # real content first, then the error
+
+
+@pytest.mark.parametrize("shape,check", [
+    ("choices_int", lambda e: e["choices"] == 5),
+    ("choice_not_object", lambda e: e["choices"] == [5]),
+    ("delta_not_object", lambda e: e["choices"][0]["delta"] == 5),
+    ("content_int", lambda e: e["choices"][0]["delta"]["content"] == 5),
+    ("tool_calls_int", lambda e: e["choices"][0]["delta"]["tool_calls"] == 5),
+    ("tool_call_not_object", lambda e: e["choices"][0]["delta"]["tool_calls"] == [5]),
+    ("chunk_int", lambda e: e == 5),
+    ("chunk_str", lambda e: e == "x"),
+    ("chunk_list", lambda e: e == []),
+    ("usage_int", lambda e: e["usage"] == 5),
+])
+@pytest.mark.parametrize("at", [0, 2])
+async def test_bad_shape_stream_event(shape: str, check: Any, at: int) -> None:
+    async with client("deepseek") as c:
+        r = await post(c, "/chat/completions", chat_body("deepseek", stream=True),
+                       headers={"x-fault": f"error_kind=bad_shape;shape={shape};fault_at={at}"})
+    events = [json.loads(e) for e in sse_events(r.text) if e != "[DONE]"]
+    assert check(events[at])
+    assert all(isinstance(e, dict) and isinstance(e.get("choices"), list) for i, e in enumerate(events) if i != at)
+
+
+@pytest.mark.parametrize("shape,check", [
+    ("choices_int", lambda b: b["choices"] == 5),
+    ("delta_not_object", lambda b: b["choices"][0]["message"] == 5),
+    ("content_int", lambda b: b["choices"][0]["message"]["content"] == 5),
+    ("tool_calls_int", lambda b: b["choices"][0]["message"]["tool_calls"] == 5),
+    ("chunk_list", lambda b: b == []),
+    ("usage_int", lambda b: b["usage"] == 5),
+])
+async def test_bad_shape_body(shape: str, check: Any) -> None:
+    async with client("vllm") as c:
+        r = await post(c, "/chat/completions", chat_body("vllm"),
+                       headers={"x-fault": f"error_kind=bad_shape;shape={shape}"})
+    assert r.status_code == 200 and check(r.json())
+
+
+async def test_huge_line_and_huge_body() -> None:
+    async with client("deepseek", huge_bytes=300_000) as c:
+        r = await post(c, "/chat/completions", chat_body("deepseek", stream=True),
+                       headers={"x-fault": "error_kind=huge"})
+        j = await post(c, "/chat/completions", chat_body("deepseek"), headers={"x-fault": "error_kind=huge"})
+    first = r.text.split("\n\n", 1)[0]
+    assert len(first) >= 299_000 and "\n" not in first
+    assert json.loads(first[len("data: "):])["choices"][0]["delta"]["content"].startswith("AAAA")
+    assert len(j.content) >= 299_000 and j.json()["choices"][0]["message"]["content"].startswith("AAAA")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_gzip_bomb(stream: bool) -> None:
+    async with client("deepseek", bomb_bytes=50 * 1024 * 1024) as c, \
+            c.stream("POST", "/chat/completions", json=chat_body("deepseek", stream=stream),
+                     headers={"x-fault": "error_kind=gzip_bomb"}) as r:
+        raw = b"".join([b async for b in r.aiter_raw()])
+    assert r.headers["content-encoding"] == "gzip"
+    assert len(raw) < 200_000  # small on the wire...
+    inflated = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw, 1024)
+    assert inflated.startswith(b"data: 000" if stream else b'{"id":"bomb"')
+    z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    total = 0
+    while raw:
+        total += len(z.decompress(raw, 1 << 20))
+        raw = z.unconsumed_tail
+    assert total >= 50 * 1024 * 1024  # ...huge once inflated
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_encoding_knob_compresses_every_answer(encoding: str) -> None:
+    async with client("deepseek", encoding=encoding) as c:
+        j = await post(c, "/chat/completions", chat_body("deepseek"))
+        s = await post(c, "/chat/completions", chat_body("deepseek", stream=True))
+        e = await post(c, "/chat/completions", chat_body("deepseek"), headers={"x-fault": "error_kind=503"})
+    assert j.headers["content-encoding"] == encoding and j.json()["choices"][0]["message"]["content"]
+    chunks, done = sse_json(s.text)  # httpx decoded it
+    assert s.headers["content-encoding"] == encoding and done and chunks
+    assert e.status_code == 503 and e.headers["content-encoding"] == encoding and e.json()["error"]
+
+
+async def test_encoding_br_is_a_label_only() -> None:
+    async with client("deepseek", encoding="br") as c, \
+            c.stream("POST", "/chat/completions", json=chat_body("deepseek")) as r:
+        raw = b"".join([b async for b in r.aiter_raw()])
+    assert r.headers["content-encoding"] == "br" and json.loads(raw)["choices"]
+
+
+def test_new_knobs_parse_and_reject_bad_values() -> None:
+    k = merge_knobs({}, {"echo_request": "yes", "shape": "TOOL_CALLS_INT", "encoding": "gzip", "fault_at": "3"})
+    assert k == {"echo_request": True, "shape": "tool_calls_int", "encoding": "gzip", "fault_at": 3}
+    for bad in ({"echo_request": "maybe"}, {"shape": "nope"}, {"encoding": "zstd"}, {"bomb_bytes": 0}):
+        with pytest.raises(KnobError):
+            merge_knobs({}, bad)

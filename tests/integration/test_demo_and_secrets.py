@@ -62,14 +62,14 @@ def test_canary_secret_never_leaks(gateway: Gateway, api_key: str, client: opena
     provider key and the client key everywhere a user or an operator can see."""
     seen: list[str] = []
     msgs = [{"role": "user", "content": "hi"}]
-    for kind in ("500", "401", "402", "429", "400", "cut", "in_band", "bad_json"):
-        fakes["deepseek"].configure(error_kind=kind)
+    for kind in ("500", "401", "402", "429", "400", "cut", "in_band", "in_band_mid", "bad_json"):
+        fakes["deepseek"].configure(error_kind=kind, echo_request=True)  # careless bodies: our key comes back
         for stream in (False, True):
             r = httpx.post(gateway.v1 + "/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
                            json={"model": "deepseek/deepseek-v3.2", "messages": msgs, "stream": stream})
             seen.append(r.text + str(dict(r.headers)))
     for f in fakes.values():
-        f.configure(error_kind="503")
+        f.configure(error_kind="503", echo_request=True)
     r = httpx.post(gateway.v1 + "/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
                    json={"model": "deepseek/deepseek-v3.2", "messages": msgs})
     seen.append(r.text + str(dict(r.headers)))

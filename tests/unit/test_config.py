@@ -85,3 +85,16 @@ def test_metering_section_is_typed_strict_and_wired_into_the_meter() -> None:
         raw["metering"] = bad
         with pytest.raises(ConfigError, match=r"x.yaml: metering\.(checkpoint_interval|heartbeat_intervall)"):
             parse_settings(raw, "x.yaml", env={})
+
+
+def test_upstream_read_limits() -> None:
+    s = parse_settings(shipped(), "x.yaml", env={})
+    assert s.server.max_upstream_event_bytes == 1024 * 1024  # an SSE line / event
+    assert s.server.max_upstream_body_bytes == 32 * 1024 * 1024  # a non-stream body, after content-decoding
+    raw = shipped()
+    raw["server"] = {**raw["server"], "max_upstream_event_bytes": 65536, "max_upstream_body_bytes": 1 << 20}
+    s = parse_settings(raw, "x.yaml", env={})
+    assert (s.server.max_upstream_event_bytes, s.server.max_upstream_body_bytes) == (65536, 1 << 20)
+    raw["server"]["max_upstream_event_bytes"] = 10
+    with pytest.raises(ConfigError, match=r"server.max_upstream_event_bytes"):
+        parse_settings(raw, "x.yaml", env={})

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from therouter.sse import DONE, KEEPALIVE, SSEDecoder, encode, encode_raw
+from therouter.sse import DONE, KEEPALIVE, EventTooLarge, SSEDecoder, encode, encode_raw
 
 ENDINGS = (b"\n", b"\r\n", b"\r")
 
@@ -169,3 +170,86 @@ def test_encode_round_trips_through_the_decoder() -> None:
     assert raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.count(b"\n") == 2  # one line: \n is escaped
     assert [orjson.loads(x) for x in decode([raw])] == [obj]
     assert encode_raw(b"[DONE]") == DONE
+
+
+# ---- bounded memory: max_event_bytes --------------------------------------------------------------------------------
+
+LIMIT = 1000
+
+
+def decode_limited(pieces: list[bytes], limit: int = LIMIT) -> list[bytes]:
+    d = SSEDecoder(limit)
+    out: list[bytes] = []
+    for p in pieces:
+        out.extend(d.feed(p))
+    out.extend(d.flush())
+    return out
+
+
+def fed_until_refused(raw: bytes, piece: int, limit: int = LIMIT) -> int:
+    """Feed ``raw`` in pieces of ``piece`` bytes; how many bytes went in before the decoder refused."""
+    d = SSEDecoder(limit)
+    fed = 0
+    with pytest.raises(EventTooLarge):
+        for i in range(0, len(raw), piece):
+            fed += len(raw[i:i + piece])
+            list(d.feed(raw[i:i + piece]))
+        list(d.flush())
+    return fed
+
+
+@pytest.mark.parametrize("piece", [1, 3, 7, 64, 999, 1000, 1001, 4096, 100_000])
+@pytest.mark.parametrize("eol", ENDINGS)
+def test_a_line_that_never_ends_is_refused_once_it_passes_the_limit(piece: int, eol: bytes) -> None:
+    raw = b"data: {\"choices\": [{\"delta\": {\"content\": \"" + b"A" * 50_000  # no line break, ever
+    first = b"data: ok" + eol + eol
+    fed = fed_until_refused(first + raw, piece)
+    assert fed <= len(first) + LIMIT + piece  # refused as soon as it could tell: never held past limit + one read
+
+
+@pytest.mark.parametrize("piece", [1, 5, 333, 5000])
+def test_a_long_comment_line_is_refused_too(piece: int) -> None:
+    assert fed_until_refused(b": " + b"k" * 5000 + b"\n\n", piece) <= LIMIT + piece + 2
+
+
+@pytest.mark.parametrize("piece", [1, 7, 100, 10_000])
+def test_an_event_made_of_many_short_data_lines_is_refused(piece: int) -> None:
+    raw = b"".join(b"data: " + b"x" * 90 + b"\n" for _ in range(50)) + b"\n"  # 50 lines of 96 bytes, 4.5 KB of data
+    assert fed_until_refused(raw, piece) <= LIMIT + 2 * 96 + piece
+
+
+def test_at_the_limit_is_fine_and_one_more_is_not() -> None:
+    payload = b"y" * (LIMIT - len(b"data: "))
+    assert decode_limited([b"data: " + payload + b"\n\n"]) == [payload]
+    with pytest.raises(EventTooLarge):
+        decode_limited([b"data: " + payload + b"y\n\n"])
+    # an event of several lines: their data joined with LF counts
+    half = b"z" * (LIMIT // 2 - 1)
+    assert decode_limited([b"data: " + half + b"\ndata: " + half + b"\n\n"]) == [half + b"\n" + half]
+    with pytest.raises(EventTooLarge):
+        decode_limited([b"data: " + half + b"z\ndata: " + half + b"zz\n\n"])
+
+
+def test_a_line_over_the_limit_at_eof_is_refused() -> None:
+    d = SSEDecoder(LIMIT)
+    with pytest.raises(EventTooLarge):
+        list(d.feed(b"data: " + b"q" * (LIMIT + 5)))
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(events=st.lists(_event, max_size=6), eol=st.sampled_from(ENDINGS), terminate_last=st.booleans(),
+       data=st.data())
+def test_a_limit_above_every_line_changes_nothing(events, eol, terminate_last, data) -> None:
+    raw = serialize(events, eol, terminate_last)
+    points = data.draw(st.lists(st.integers(0, len(raw)), max_size=12), label="cuts")
+    assert decode_limited(split_at(raw, points), limit=max(len(raw), 1)) == expected(events)
+
+
+def test_a_long_line_in_small_reads_is_not_rejoined_on_every_read() -> None:
+    """Pieces of an open line are set aside, not concatenated per read: a 1 MB line in 1-byte-ish reads is linear."""
+    line = b"data: " + b"w" * 200_000 + b"\n\n"
+    d = SSEDecoder(1024 * 1024)
+    out: list[bytes] = []
+    for i in range(0, len(line), 3):
+        out.extend(d.feed(line[i:i + 3]))
+    assert out == [b"w" * 200_000]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 from typing import Any, AsyncIterator, Mapping
 
@@ -10,7 +11,7 @@ import orjson
 import pytest
 
 from therouter.config import ProviderConfig
-from therouter.errors import UpstreamStreamError, UpstreamTimeout
+from therouter.errors import UpstreamBadResponse, UpstreamTimeout
 from therouter.providers import Provider, Transport, UpstreamRequest, UpstreamResponse, build_provider
 from therouter.streaming import ChunkRewriter, UpstreamEvents
 
@@ -37,7 +38,7 @@ class ScriptedResponse(UpstreamResponse):
         self.closed = False
         self.sent = 0
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def raw_chunks(self) -> AsyncIterator[bytes]:
         for delay, data in self.script:
             if self.real:
                 await asyncio.sleep(delay)
@@ -47,9 +48,6 @@ class ScriptedResponse(UpstreamResponse):
             yield data
         if self.then_hang:
             await asyncio.sleep(30)
-
-    async def read(self) -> bytes:
-        return b"".join(d for _, d in self.script)
 
     async def close(self) -> None:
         self.closed = True
@@ -160,16 +158,26 @@ async def test_total_cap_shorter_than_first_token() -> None:
 # ---- UpstreamEvents: content ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", [b"data: {\"choices\": [\n\n", b"data: not json\n\n", b"data: [1, 2]\n\n",
-                                 b"data: \"str\"\n\n", b"data:\n\n"])
-async def test_malformed_event(bad: bytes) -> None:
+@pytest.mark.parametrize("bad,code", [
+    (b"data: {\"choices\": [\n\n", "malformed_stream_event"),
+    (b"data: not json\n\n", "malformed_stream_event"),
+    (b"data:\n\n", "malformed_stream_event"),
+    (b"data: [1, 2]\n\n", "bad_upstream_response"),  # JSON, but not an object: the wrong shape
+    (b"data: []\n\n", "bad_upstream_response"),
+    (b"data: \"str\"\n\n", "bad_upstream_response"),
+    (b"data: 5\n\n", "bad_upstream_response"),
+    (b"data: null\n\n", "bad_upstream_response"),
+])
+async def test_malformed_event(bad: bytes, code: str) -> None:
+    """What is not a usable event is the provider's fault (falls back before the first byte, recorded as
+    upstream_error after it), never a TypeError downstream."""
     resp = ScriptedResponse([(0, ev(CHUNK)), (0, bad), (0, b"data: [DONE]\n\n")])
     events = UpstreamEvents(resp, first_token=5, idle=5, total=10)
     assert await events.__anext__() == CHUNK
-    with pytest.raises(UpstreamStreamError) as ei:
+    with pytest.raises(UpstreamBadResponse) as ei:
         await events.__anext__()
-    assert ei.value.code == "malformed_stream_event"
-    assert ei.value.sent is True
+    assert ei.value.code == code
+    assert ei.value.sent is True and ei.value.fallback_ok is True
 
 
 async def test_eof_without_done() -> None:
@@ -346,3 +354,32 @@ def test_usage_event_is_openai_shaped() -> None:
     assert usage["prompt_cache_miss_tokens"] == 11  # DeepSeek originals kept
     assert usage["completion_tokens_details"]["reasoning_tokens"] == 38
     assert usage["cost"] == {"total": "0.0001"}
+
+
+# ---- UpstreamEvents: bounded events ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("piece", [1000, 65536])
+async def test_an_oversized_event_is_a_provider_fault(piece: int) -> None:
+    huge = b"data: " + orjson.dumps({"choices": [{"delta": {"content": "A" * 300_000}}]}) + b"\n\n"
+    resp = ScriptedResponse([(0, ev(CHUNK))] + [(0, huge[i:i + piece]) for i in range(0, len(huge), piece)])
+    events = UpstreamEvents(resp, first_token=5, idle=5, total=10, max_event_bytes=100_000)
+    assert await events.__anext__() == CHUNK
+    with pytest.raises(UpstreamBadResponse) as ei:
+        await events.__anext__()
+    assert ei.value.code == "upstream_event_too_large" and ei.value.fallback_ok
+    assert resp.sent * piece <= 100_000 + 2 * piece + len(ev(CHUNK))  # it stopped reading at the limit
+
+
+async def test_a_gzip_stream_is_decoded_and_its_events_bounded() -> None:
+    raw = gzip.compress(ev(CHUNK) + b"data: [DONE]\n\n")
+    resp = ScriptedResponse([(0, raw[:10]), (0, raw[10:])])
+    resp.headers = {"content-encoding": "gzip"}
+    events = UpstreamEvents(resp, first_token=5, idle=5, total=10)
+    assert await drain(events) == [CHUNK] and events.saw_done
+    line = gzip.compress(b"data: " + b"x" * 5_000_000)  # a compressed line that inflates past the limit
+    resp = ScriptedResponse([(0, line)])
+    resp.headers = {"content-encoding": "gzip"}
+    with pytest.raises(UpstreamBadResponse) as ei:
+        await drain(UpstreamEvents(resp, first_token=5, idle=5, total=10, max_event_bytes=1024 * 1024))
+    assert ei.value.code == "upstream_event_too_large"

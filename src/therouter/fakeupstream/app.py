@@ -12,7 +12,9 @@ from typing import Any
 import orjson
 
 from therouter.fakeupstream.asgi import (
+    BodyEncoder,
     Exchange,
+    Headers,
     Receive,
     Scope,
     Send,
@@ -44,8 +46,9 @@ from therouter.fakeupstream.flavors import (
     get_flavor,
     missing_field,
 )
+from therouter.fakeupstream.misbehave import echo_message, gzip_bomb
 from therouter.fakeupstream.stats import Stats
-from therouter.fakeupstream.writers import write_error, write_json, write_stream
+from therouter.fakeupstream.writers import write_bomb, write_error, write_json, write_stream
 
 HTTP_ERROR_KINDS = frozenset({"400", "401", "402", "408", "429", "500", "503", "context_length"})
 CHAT_ROUTES = frozenset({ROUTE_CHAT, ROUTE_BETA_CHAT})
@@ -74,6 +77,7 @@ class FakeUpstream:
         self.stats = Stats()
         self.rng = random.Random(config.seed)
         self.started_at = int(time.time())
+        self.bombs: dict[tuple[int, bool], bytes] = {}  # (inflated size, stream) -> gzip body, built once
         self.set_models(list(config.models or []))
         self.set_api_key(config.api_key)
         routes: dict[str, tuple[str, Handler]] = {
@@ -230,7 +234,7 @@ class FakeUpstream:
             if entry["stream"] or knobs["latency_ms"] > 0 or knobs["error_rate"] > 0 or knobs["keepalive_comments"]:
                 ex.task = asyncio.current_task()
                 watcher = asyncio.ensure_future(watch_disconnect(receive, ex))
-            await self._respond(ex, route, knobs, body, err)
+            await self._respond(ex, route, knobs, body, err, scope["headers"])
         except asyncio.CancelledError:
             if not ex.client_gone or ex.task is None:
                 raise
@@ -296,10 +300,19 @@ class FakeUpstream:
         return int(r)
 
     async def _respond(
-        self, ex: Exchange, route: str, knobs: dict[str, Any], body: dict[str, Any], err: ErrorSpec | None
+        self, ex: Exchange, route: str, knobs: dict[str, Any], body: dict[str, Any], err: ErrorSpec | None,
+        raw_headers: Headers,
     ) -> None:
         flavor = self.flavor
         fault: str | None = None
+        if knobs["encoding"] != "identity":
+            ex.encoder = BodyEncoder(knobs["encoding"])
+
+        def echo(spec: ErrorSpec) -> ErrorSpec:
+            if not knobs["echo_request"]:
+                return spec
+            return spec._replace(message=echo_message(spec.message, raw_headers, body))
+
         if err is None:
             rate = knobs["error_rate"]
             if rate > 0 and (rate >= 1 or self.rng.random() < rate):
@@ -308,7 +321,7 @@ class FakeUpstream:
         if knobs["latency_ms"] > 0:
             await asyncio.sleep(knobs["latency_ms"] / 1000)
         if err is not None:
-            await write_error(flavor, ex, err)
+            await write_error(flavor, ex, echo(err))
             return
         stream = ex.entry["stream"]
         if fault in HTTP_ERROR_KINDS:
@@ -319,14 +332,20 @@ class FakeUpstream:
                 spec = FAULT_ERRORS[fault]
             retry = knobs["retry_after"]
             extra = [(b"retry-after", _retry_after(retry))] if fault == "429" and retry > 0 else []
-            await write_error(flavor, ex, spec, extra)
+            await write_error(flavor, ex, echo(spec), extra)
             return
         if fault == "redirect":
             await ex.start(302, [(b"location", REDIRECT_LOCATION), (b"content-length", b"0")])
             await ex.finish()
             return
-        if fault == "in_band" and not stream:
-            await write_error(flavor, ex, FAULT_ERRORS["in_band"])
+        if fault in ("in_band", "in_band_mid") and not stream:
+            await write_error(flavor, ex, echo(FAULT_ERRORS["in_band"]))
+            return
+        if fault == "gzip_bomb":
+            size = knobs["bomb_bytes"]
+            if (size, stream) not in self.bombs:
+                self.bombs[(size, stream)] = gzip_bomb(size, stream=stream)
+            await write_bomb(ex, self.bombs[(size, stream)], stream=stream)
             return
         if fault == "hang":
             await asyncio.sleep(knobs["stall_ms"] / 1000)
@@ -342,7 +361,8 @@ class FakeUpstream:
         rid = flavor.chat_id() if chat else flavor.completion_id()
         created = int(time.time())
         if stream:
-            await write_stream(flavor, ex, knobs, body, plan, fault, chat=chat, rid=rid, created=created)
+            await write_stream(flavor, ex, knobs, body, plan, fault, chat=chat, rid=rid, created=created,
+                               in_band=echo(FAULT_ERRORS["in_band"]))
         else:
             await write_json(flavor, ex, knobs, plan, fault, chat=chat, rid=rid, created=created)
 

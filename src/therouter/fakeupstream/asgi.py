@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,10 +33,28 @@ class FakeConnectionCut(httpx.RemoteProtocolError):
         super().__init__("peer closed connection without sending complete message body (fake upstream cut)")
 
 
+class BodyEncoder:
+    """Content-encoding of one response (knob ``encoding``): each write is compressed and flushed at once, so a
+    compressed stream still arrives event by event. ``br`` only labels the body (it is sent as is)."""
+
+    __slots__ = ("_z", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(name)
+        self._z = zlib.compressobj(6, zlib.DEFLATED, wbits) if wbits is not None else None
+
+    def write(self, data: bytes) -> bytes:
+        return self._z.compress(data) + self._z.flush(zlib.Z_SYNC_FLUSH) if self._z is not None else data
+
+    def finish(self, data: bytes) -> bytes:
+        return self._z.compress(data) + self._z.flush() if self._z is not None else data
+
+
 class Exchange:
     """One generation request: response helpers, its log entry and disconnect bookkeeping."""
 
-    __slots__ = ("send", "entry", "client_gone", "finished", "task")
+    __slots__ = ("client_gone", "encoder", "entry", "finished", "send", "task")
 
     def __init__(self, send: Send, entry: dict[str, Any]) -> None:
         self.send = send
@@ -43,18 +62,26 @@ class Exchange:
         self.client_gone = False
         self.finished = False
         self.task: asyncio.Task[Any] | None = None
+        self.encoder: BodyEncoder | None = None  # set before start() to content-encode the answer
 
     async def start(self, status: int, headers: Headers) -> None:
         self.entry["status"] = status
         self.entry["t_first_byte"] = time.time()
+        if self.encoder is not None:  # the length changes: sent chunked, labelled with its encoding
+            headers = [(k, v) for k, v in headers if k != b"content-length"]
+            headers.append((b"content-encoding", self.encoder.name.encode()))
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def write(self, data: bytes) -> None:
         """Send one piece of the body immediately (each SSE event is its own write)."""
+        if self.encoder is not None:
+            data = self.encoder.write(data)
         await self.send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def finish(self, data: bytes = b"") -> None:
         self.finished = True
+        if self.encoder is not None:
+            data = self.encoder.finish(data)
         await self.send({"type": "http.response.body", "body": data, "more_body": False})
 
 

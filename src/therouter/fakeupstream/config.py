@@ -25,8 +25,20 @@ ERROR_KINDS: frozenset[str] = frozenset(
         "500", "503", "429", "400", "401", "402", "408",
         "context_length", "in_band", "cut", "stall", "bad_json", "no_done",
         "no_usage", "hang", "redirect", "empty_json",
+        # misbehaving upstreams (issue 7, point 8)
+        "bad_shape", "huge", "gzip_bomb", "in_band_mid",
     }
 )
+
+#: how ``error_kind=bad_shape`` mis-shapes the data event at ``fault_at`` (stream) or the body (non-stream)
+SHAPES: tuple[str, ...] = (
+    "choices_int", "choice_not_object", "delta_not_object", "content_int", "tool_calls_int", "tool_call_not_object",
+    "chunk_int", "chunk_str", "chunk_list", "usage_int",
+)
+
+#: content-encodings the fake can put on its answers; ``br`` is a label only (the body is not brotli): an encoding
+#: the gateway never asked for
+ENCODINGS: tuple[str, ...] = ("identity", "gzip", "deflate", "br")
 
 TOOL_CALL_MODES: frozenset[str] = frozenset({"auto", "always", "never"})
 
@@ -58,6 +70,12 @@ KNOB_DEFAULTS: dict[str, Any] = {
     "queue_depth": 0,
     "kv_cache_usage": 0.0,
     "usage_patch": {},
+    "echo_request": False,
+    "shape": "choices_int",
+    "fault_at": 0,
+    "huge_bytes": 2 * 1024 * 1024,
+    "bomb_bytes": 256 * 1024 * 1024,
+    "encoding": "identity",
 }
 
 
@@ -125,6 +143,27 @@ def _to_reasoning(v: Any) -> int | None:
     return _to_int(v)
 
 
+def _to_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in _TRUE:
+        return True
+    if s in _FALSE:
+        return False
+    raise KnobError("expected a boolean")
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        s = str(v).strip().lower()
+        if s not in choices:
+            raise KnobError(f"expected one of {list(choices)}")
+        return s
+
+    return parse
+
+
 def _to_tool_call(v: Any) -> str:
     if isinstance(v, bool):
         return "always" if v else "never"
@@ -176,6 +215,12 @@ KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
     "queue_depth": _to_int,
     "kv_cache_usage": _to_rate,
     "usage_patch": _to_json_object,
+    "echo_request": _to_bool,
+    "shape": _one_of(SHAPES),
+    "fault_at": _to_int,
+    "huge_bytes": _to_pos_int,
+    "bomb_bytes": _to_pos_int,
+    "encoding": _one_of(ENCODINGS),
 }
 
 KNOB_HELP: dict[str, str] = {
@@ -202,6 +247,13 @@ KNOB_HELP: dict[str, str] = {
     "queue_depth": "/metrics: reported waiting requests",
     "kv_cache_usage": "/metrics: reported KV cache usage 0..1",
     "usage_patch": "JSON object whose fields replace the reported usage's (absurd or wrong-typed counts)",
+    "echo_request": "error bodies (4xx, 5xx, in-band) echo the request headers (Authorization too) plus a URL, an "
+                    "IP:port, a file path and a Python traceback, as careless servers do",
+    "shape": "bad_shape: which field goes wrong: " + ", ".join(SHAPES),
+    "fault_at": "bad_shape / huge: 0-based index of the data event affected (streams)",
+    "huge_bytes": "huge: size of the oversized SSE line (stream) or body (non-stream)",
+    "bomb_bytes": "gzip_bomb: how large the gzip body inflates (its compressed size is ~1/1000 of it)",
+    "encoding": "content-encoding of every answer: " + ", ".join(ENCODINGS) + " (br: a label we never decode)",
 }
 
 
@@ -278,6 +330,12 @@ class FakeConfig:
     queue_depth: int = 0
     kv_cache_usage: float = 0.0
     usage_patch: dict[str, Any] = field(default_factory=dict)
+    echo_request: bool = False
+    shape: str = "choices_int"
+    fault_at: int = 0
+    huge_bytes: int = 2 * 1024 * 1024
+    bomb_bytes: int = 256 * 1024 * 1024
+    encoding: str = "identity"
 
     def __post_init__(self) -> None:
         self.flavor = self.flavor.strip().lower()

@@ -19,6 +19,7 @@ from therouter.fakeupstream.asgi import (
 )
 from therouter.fakeupstream.content import Plan
 from therouter.fakeupstream.flavors import FAULT_ERRORS, ErrorSpec, Flavor
+from therouter.fakeupstream.misbehave import huge_body, huge_event_pieces, misshape_body, misshape_event
 from therouter.fakeupstream.render import BAD_JSON, DONE, Event, response_body, sse, stream_events
 
 KEEPALIVE = b": keep-alive\n\n"
@@ -27,6 +28,15 @@ KEEPALIVE = b": keep-alive\n\n"
 async def _sleep_ms(ms: float) -> None:
     if ms > 0:
         await asyncio.sleep(ms / 1000)
+
+
+async def write_bomb(ex: Exchange, payload: bytes, *, stream: bool) -> None:
+    """A gzip bomb, sent as is in network-sized pieces (never through the exchange's own encoder)."""
+    ex.encoder = None
+    await ex.start(200, (SSE_HEADERS if stream else JSON_HEADERS) + [(b"content-encoding", b"gzip")])
+    for i in range(0, len(payload), 65536):
+        await ex.write(payload[i:i + 65536])
+    await ex.finish()
 
 
 async def write_error(flavor: Flavor, target: Exchange | Send, err: ErrorSpec, extra: Headers | None = None) -> None:
@@ -49,6 +59,10 @@ async def write_json(
     )
     if fault == "bad_json":
         payload = b"{not json"
+    elif fault == "bad_shape":
+        payload = misshape_body(payload, knobs["shape"])
+    elif fault == "huge":
+        payload = huge_body(knobs["huge_bytes"])
     if fault == "cut":
         await ex.start(200, JSON_HEADERS + [content_length(payload)])
         await ex.write(payload[: len(payload) // 2])
@@ -70,7 +84,7 @@ async def write_json(
 
 async def write_stream(
     flavor: Flavor, ex: Exchange, knobs: dict[str, Any], body: dict[str, Any], plan: Plan, fault: str | None,
-    *, chat: bool, rid: str, created: int,
+    *, chat: bool, rid: str, created: int, in_band: ErrorSpec = FAULT_ERRORS["in_band"],
 ) -> None:
     entry = ex.entry
     await ex.start(200, SSE_HEADERS)
@@ -79,7 +93,7 @@ async def write_stream(
         await _sleep_ms(knobs["keepalive_ms"])
     await _sleep_ms(knobs["ttft_ms"])
     if fault == "in_band":
-        await ex.write(sse(flavor.stream_error(FAULT_ERRORS["in_band"])))
+        await ex.write(sse(flavor.stream_error(in_band)))
         await ex.finish(DONE)
         return
     events: list[Event] = stream_events(
@@ -87,17 +101,28 @@ async def write_stream(
         include_usage=flavor.include_usage(body), send_usage=fault != "no_usage",
         usage_patch=knobs.get("usage_patch"),
     )
-    cut_at = _position_after_gen(events, knobs["cut_after"]) if fault == "cut" else -1
+    cut_at = _position_after_gen(events, knobs["cut_after"]) if fault in ("cut", "in_band_mid") else -1
     stall_at = _position_after_gen(events, knobs["stall_after"]) if fault == "stall" else -1
     if fault == "bad_json" and knobs["bad_json_at"] < len(events):
         idx = knobs["bad_json_at"]
         events[idx] = (BAD_JSON, 0, events[idx][2])
+    at = min(knobs["fault_at"], len(events) - 1)
+    if fault == "bad_shape" and at >= 0:
+        events[at] = (misshape_event(events[at][0], knobs["shape"]), 0, events[at][2])
+    huge_at = at if fault == "huge" else -1
     delay = knobs["chunk_delay_ms"] / 1000
     seen_gen = False
     tokens = 0
     for i, (data, n, gen) in enumerate(events):
+        if i == cut_at and fault == "in_band_mid":
+            await ex.write(sse(flavor.stream_error(in_band)))  # an error event after real content
+            await ex.finish(DONE)
+            return
         if i == cut_at:
             raise FakeConnectionCut()  # no finish chunk, no [DONE]
+        if i == huge_at:
+            for piece in huge_event_pieces(entry["model"], knobs["huge_bytes"]):  # one endless line
+                await ex.write(piece)
         if i == stall_at:
             await _sleep_ms(knobs["stall_ms"])
         if gen:

@@ -13,9 +13,13 @@ from typing import Any, Literal
 from therouter.metering.prices import nano_to_usd
 from therouter.protocol.usage import Usage
 
-# gateway_lost: the gateway process serving it died; settled by another instance from its last checkpoint
-Outcome = Literal["completed", "client_cancelled", "upstream_cut", "rejected", "failed", "gateway_lost"]
-OUTCOMES: tuple[str, ...] = ("completed", "client_cancelled", "upstream_cut", "rejected", "failed", "gateway_lost")
+# upstream_cut: a stream's connection broke or stalled after its first byte; upstream_error: the provider sent
+# something unusable after it (an in-band error, a malformed, oversized or wrong-shaped event); gateway_lost: the
+# gateway process serving it died, and another instance settled it from its last checkpoint
+Outcome = Literal["completed", "client_cancelled", "upstream_cut", "upstream_error", "rejected", "failed",
+                  "gateway_lost"]
+OUTCOMES: tuple[str, ...] = ("completed", "client_cancelled", "upstream_cut", "upstream_error", "rejected", "failed",
+                             "gateway_lost")
 # the fields of every counter hash (per:total, per:d:*, per:m:*; "MODEL|field" in bymodel:*), in settle.lua's order
 COUNTER_FIELDS = ("cost", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
 

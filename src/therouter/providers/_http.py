@@ -7,7 +7,12 @@ Two interchangeable transports sit behind :class:`Transport`:
 - :class:`HttpxTransport`: ``httpx.AsyncClient``; used where respx serves best (adapter unit tests) and available by
   config (``server.upstream_client: httpx``).
 
-Redirects are never followed. Responses are exposed as raw byte chunks; nothing here parses JSON or SSE.
+Redirects are never followed. Content-encoding is undone here, by us (``_decode``), never by the client library, so
+a compressed body never inflates past the limit its reader sets. Responses are exposed as decoded byte chunks;
+nothing here parses JSON or SSE.
+
+Errors carry our own words in ``message`` (what a client may see) and the foreign text in ``detail`` (logs and
+attempt records only): an OS error can name addresses, an upstream body can hold anything.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import email.utils
 import math
 import re
 from abc import ABC, abstractmethod
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import AsyncIterator, Mapping
+from typing import AsyncGenerator, AsyncIterator, Mapping
 
 import aiohttp
 import httpx
@@ -35,6 +41,10 @@ from therouter.errors import (
     UpstreamStreamError,
     UpstreamTimeout,
 )
+from therouter.providers._decode import ACCEPT_ENCODING, ContentDecoder
+from therouter.providers._sanitize import redact, sanitize
+
+DEFAULT_MAX_BODY = 32 * 1024 * 1024  # bytes of a decoded non-stream body (server.max_upstream_body_bytes)
 
 
 @dataclass(slots=True)
@@ -52,13 +62,57 @@ class UpstreamResponse(ABC):
     headers: Mapping[str, str]
 
     @abstractmethod
-    def chunks(self) -> AsyncIterator[bytes]: ...
-
-    @abstractmethod
-    async def read(self) -> bytes: ...
+    def raw_chunks(self) -> AsyncIterator[bytes]:
+        """The body as it came off the wire (content-encoding not undone); a broken connection raises."""
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    async def chunks(self, raw_limit: int | None = None) -> AsyncGenerator[bytes, None]:
+        """The decoded body, in pieces of bounded size however well it was compressed (and UpstreamBadResponse once
+        more than ``raw_limit`` bytes came off the wire)."""
+        decoder = ContentDecoder(self.headers.get("content-encoding"))
+        raw_size = 0
+        async for raw in self.raw_chunks():
+            raw_size += len(raw)
+            if raw_limit is not None and raw_size > raw_limit:
+                raise _too_large(f"body is over the {raw_limit}-byte limit ({decoder.encoding})")
+            for piece in decoder.feed(raw):
+                yield piece
+        for piece in decoder.flush():
+            yield piece
+
+    async def read(self, limit: int = DEFAULT_MAX_BODY) -> bytes:
+        """The whole decoded body, or UpstreamBadResponse as soon as it (or its compressed form) passes ``limit``:
+        at most ``limit`` bytes plus one piece are ever held."""
+        declared = self.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise _too_large(f"content-length {declared} is over the {limit}-byte limit")
+        parts: list[bytes] = []
+        size = 0
+        async with aclosing(self.chunks(raw_limit=limit)) as pieces:
+            async for piece in pieces:
+                size += len(piece)
+                if size > limit:
+                    raise _too_large(f"decoded body is over the {limit}-byte limit")
+                parts.append(piece)
+        return b"".join(parts)
+
+
+def _too_large(detail: str) -> UpstreamBadResponse:
+    return UpstreamBadResponse("The provider sent a response larger than the gateway accepts.", sent=True,
+                               code="upstream_response_too_large", detail=detail)
+
+
+def _broke(e: BaseException) -> UpstreamStreamError:
+    return UpstreamStreamError("The connection to the provider broke.", sent=True, detail=f"{type(e).__name__}: {e}")
+
+
+def _wire_headers(req: UpstreamRequest) -> dict[str, str]:
+    """What is sent: the request's headers, advertising only the content-encodings we decode ourselves."""
+    h = {k: v for k, v in req.headers.items() if k.lower() != "accept-encoding"}
+    h["accept-encoding"] = ACCEPT_ENCODING
+    return h
 
 
 class Transport(ABC):
@@ -68,6 +122,14 @@ class Transport(ABC):
 
     @abstractmethod
     async def aclose(self) -> None: ...
+
+
+# our words for transport failures (the foreign text goes to ``detail``)
+_CONNECT = "Could not connect to the provider."
+_CONNECT_TIMEOUT = "Connecting to the provider timed out."
+_NO_ANSWER = "The provider did not answer in time."
+_CLOSED = "The provider closed the connection."
+_FAILED = "The request to the provider failed."
 
 
 # ---- aiohttp --------------------------------------------------------------------------------------------------------
@@ -81,18 +143,12 @@ class _AiohttpResponse(UpstreamResponse):
         self.status = resp.status
         self.headers = resp.headers
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def raw_chunks(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._resp.content.iter_any():
                 yield chunk
         except (aiohttp.ClientError, ConnectionError, OSError) as e:
-            raise UpstreamStreamError(f"upstream connection broke: {type(e).__name__}", sent=True) from None
-
-    async def read(self) -> bytes:
-        try:
-            return await self._resp.read()
-        except (aiohttp.ClientError, ConnectionError, OSError) as e:
-            raise UpstreamStreamError(f"upstream connection broke: {type(e).__name__}", sent=True) from None
+            raise _broke(e) from None
 
     async def close(self) -> None:
         self._resp.close()  # drops the connection if the body was not fully read: cancels the upstream work
@@ -108,7 +164,7 @@ class AiohttpTransport(Transport):
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._max, ttl_dns_cache=300, enable_cleanup_closed=True),
                 timeout=aiohttp.ClientTimeout(total=None),
-                auto_decompress=True,
+                auto_decompress=False,  # ours to do, bounded (_decode)
                 skip_auto_headers=("User-Agent",),
             )
         return self._session
@@ -119,20 +175,20 @@ class AiohttpTransport(Transport):
         try:
             async with asyncio.timeout(headers_timeout):
                 resp = await session.request(
-                    req.method, req.url, data=req.body or None, headers=req.headers,
+                    req.method, req.url, data=req.body or None, headers=_wire_headers(req),
                     allow_redirects=False, timeout=timeout,
                 )
         except aiohttp.ServerTimeoutError:
             # before TimeoutError: aiohttp's connect timeout subclasses it, but nothing was sent (no sock_read is set)
-            raise UpstreamConnectError("upstream connect timed out") from None
+            raise UpstreamConnectError(_CONNECT_TIMEOUT, detail="connect timed out") from None
         except TimeoutError:
-            raise UpstreamTimeout("upstream did not answer in time", sent=True) from None
+            raise UpstreamTimeout(_NO_ANSWER, sent=True, detail="no response headers in time") from None
         except aiohttp.ClientConnectorError as e:
-            raise UpstreamConnectError(f"cannot connect to upstream: {_oserror(e.os_error)}") from None
+            raise UpstreamConnectError(_CONNECT, detail=_oserror(e.os_error)) from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as e:
-            raise UpstreamConnectError(f"upstream closed the connection: {type(e).__name__}", sent=True) from None
+            raise UpstreamConnectError(_CLOSED, sent=True, detail=f"{type(e).__name__}: {e}") from None
         except aiohttp.ClientError as e:
-            raise UpstreamConnectError(f"upstream request failed: {type(e).__name__}", sent=True) from None
+            raise UpstreamConnectError(_FAILED, sent=True, detail=f"{type(e).__name__}: {e}") from None
         return _AiohttpResponse(resp)
 
     async def aclose(self) -> None:
@@ -152,18 +208,12 @@ class _HttpxResponse(UpstreamResponse):
         self.status = resp.status_code
         self.headers = resp.headers
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def raw_chunks(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._resp.aiter_bytes():
+            async for chunk in self._resp.aiter_raw():  # not aiter_bytes: decoding is ours, bounded
                 yield chunk
         except httpx.HTTPError as e:
-            raise UpstreamStreamError(f"upstream connection broke: {type(e).__name__}", sent=True) from None
-
-    async def read(self) -> bytes:
-        try:
-            return await self._resp.aread()
-        except httpx.HTTPError as e:
-            raise UpstreamStreamError(f"upstream connection broke: {type(e).__name__}", sent=True) from None
+            raise _broke(e) from None
 
     async def close(self) -> None:
         await self._resp.aclose()
@@ -179,22 +229,22 @@ class HttpxTransport(Transport):
 
     async def send(self, req: UpstreamRequest, *, connect: float, headers_timeout: float) -> UpstreamResponse:
         request = self._client.build_request(
-            req.method, req.url, content=req.body or None, headers=req.headers,
+            req.method, req.url, content=req.body or None, headers=_wire_headers(req),
             timeout=httpx.Timeout(None, connect=connect),
         )
         try:
             async with asyncio.timeout(headers_timeout):
                 resp = await self._client.send(request, stream=True, follow_redirects=False)
         except TimeoutError:
-            raise UpstreamTimeout("upstream did not answer in time", sent=True) from None
+            raise UpstreamTimeout(_NO_ANSWER, sent=True, detail="no response headers in time") from None
         except httpx.ConnectTimeout:
-            raise UpstreamConnectError("upstream connect timed out") from None
+            raise UpstreamConnectError(_CONNECT_TIMEOUT, detail="connect timed out") from None
         except httpx.ConnectError as e:
-            raise UpstreamConnectError(f"cannot connect to upstream: {type(e).__name__}") from None
+            raise UpstreamConnectError(_CONNECT, detail=f"{type(e).__name__}: {e}") from None
         except httpx.TimeoutException:
-            raise UpstreamTimeout("upstream did not answer in time", sent=True) from None
+            raise UpstreamTimeout(_NO_ANSWER, sent=True, detail="no response headers in time") from None
         except httpx.HTTPError as e:
-            raise UpstreamConnectError(f"upstream request failed: {type(e).__name__}", sent=True) from None
+            raise UpstreamConnectError(_FAILED, sent=True, detail=f"{type(e).__name__}: {e}") from None
         return _HttpxResponse(resp)
 
     async def aclose(self) -> None:
@@ -210,19 +260,13 @@ def make_transport(kind: str, max_connections: int) -> Transport:
 def _oserror(e: OSError | None) -> str:
     if e is None:
         return "connection failed"
-    return e.strerror or type(e).__name__
+    return f"{type(e).__name__}: {e.strerror or e}"  # strerror may name the address: detail only
 
 
 # ---- upstream status + body -> GatewayError ----------------------------------------------------------------------
 
-_SECRETISH = re.compile(r"(?i)(bearer\s+)?\b(sk|tr|key)-[A-Za-z0-9_\-]{6,}")
-
-
-def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
-    for s in secrets:
-        if s:
-            text = text.replace(s, "[redacted]")
-    return _SECRETISH.sub("[redacted]", text)[:2000]
+# The one sanitiser of upstream text (``sanitize``, for the client) and ``redact`` (for logs and records) live in
+# ``_sanitize`` and are used here and by ``base.Provider``.
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
@@ -248,30 +292,49 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+_TOKEN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_PARAM = re.compile(r"[A-Za-z0-9_.\[\]\-]{1,128}")
+
+
 def error_from_upstream(
-    status: int, message: str, code: str | None, param: str | None, headers: Mapping[str, str]
+    status: int, message: str, code: str | None, param: str | None, headers: Mapping[str, str], *,
+    secrets: tuple[str, ...] = (), in_stream: bool = False,
 ) -> GatewayError:
-    """One readable table: which upstream answers are the client's fault and which are the provider's."""
+    """One readable table: which upstream answers are the client's fault and which are the provider's.
+
+    ``message`` is the upstream's own text, untrusted. Only a 4xx that explains the client's mistake shows it to the
+    client, sanitised; every other answer gets our own words (the provider is named by its config name where the
+    error is rendered: ``routing.attempts.all_failed``, the gateway's mid-stream event). The full text, secrets
+    redacted, rides in ``detail`` for the log and the attempt record.
+    """
     low = message.lower()
+    # an upstream's code / param reach the client (and code a metric label) as they are: only identifier-shaped,
+    # secret-free ones do
+    code = code if code and _TOKEN.fullmatch(code) and redact(code, secrets) == code else None
+    param = param if param and _PARAM.fullmatch(param) and redact(param, secrets) == param else None
+    how = f"error {status} in its stream" if in_stream else f"HTTP {status}"
+    detail = redact(f"{how}: {message}" if message else how, secrets)
     if status in (401, 403, 402):
         # our credentials or our balance at the provider: fall back, alert, never show the client a 401/402
-        return UpstreamAuthError(f"provider refused our credentials or account (HTTP {status})", sent=True)
+        return UpstreamAuthError(f"The provider refused the gateway's credentials or account ({how}).", sent=True,
+                                 detail=detail)
     if status == 429:
-        return UpstreamRateLimited(
-            "upstream rate limit reached", sent=True, retry_after=retry_after_seconds(headers)
-        )
+        return UpstreamRateLimited(f"The provider is rate limiting the gateway ({how}).", sent=True, detail=detail,
+                                   retry_after=retry_after_seconds(headers))
     if status == 408 or status >= 500:
-        return UpstreamError(f"upstream error (HTTP {status}): {message}"[:500], sent=True,
+        return UpstreamError(f"The provider failed ({how}).", sent=True, detail=detail,
                              retry_after=retry_after_seconds(headers))
     if status == 404 or "model not exist" in low or "model_not_found" in (code or ""):
         # the deployment names a model the host does not serve: a config fault, another deployment may work
-        err = UpstreamError(f"upstream does not serve the configured model: {message}"[:500], sent=True)
+        err = UpstreamError(f"The provider does not serve the configured model ({how}).", sent=True, detail=detail)
         err.retryable = False
         return err
     if 400 <= status < 500:
+        shown = sanitize(message, secrets)
         if "maximum context length" in low or "context length" in low or "context_length" in (code or ""):
-            return UpstreamRequestRejected(message, code="context_length_exceeded", param=param or "messages")
-        return UpstreamRequestRejected(message or f"upstream rejected the request (HTTP {status})",
+            return UpstreamRequestRejected(shown or "The request is longer than the model's context length.",
+                                           code="context_length_exceeded", param=param or "messages", detail=detail)
+        return UpstreamRequestRejected(shown or f"The provider rejected the request ({how}).",
                                        code=code or "invalid_request_error", param=param,
-                                       status=413 if status == 413 else 400)
-    return UpstreamBadResponse(f"unexpected upstream status {status}", sent=True)
+                                       status=413 if status == 413 else 400, detail=detail)
+    return UpstreamBadResponse(f"The provider answered with an unexpected status ({how}).", sent=True, detail=detail)

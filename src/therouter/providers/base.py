@@ -15,7 +15,9 @@ from therouter import __version__
 from therouter.config import Deployment, ProviderConfig
 from therouter.errors import GatewayError, InvalidRequest, UpstreamBadResponse
 from therouter.protocol.usage import Usage
-from therouter.providers._http import Transport, UpstreamRequest, error_from_upstream, redact
+from therouter.providers._http import Transport, UpstreamRequest, error_from_upstream
+from therouter.providers._sanitize import MAX_INPUT, secret_forms
+from therouter.providers.shapes import check_chunk, check_completion
 
 JSON_INSTRUCTION = (
     "Respond only with a JSON object that conforms to this JSON Schema (no prose, no code fences):\n"
@@ -35,6 +37,7 @@ class Provider:
         self.config = config
         self.transport = transport
         self._secret = config.api_key.get_secret_value() if config.api_key else ""
+        self._secret_forms = secret_forms(self._secret)  # every spelling of our key an upstream might echo
         self._headers = {
             "content-type": "application/json",
             "accept": "application/json, text/event-stream",
@@ -53,7 +56,8 @@ class Provider:
         return True, ""
 
     def secrets(self) -> tuple[str, ...]:
-        return (self._secret,) if self._secret else ()
+        """Our key for this provider in every encoding an upstream might echo it in (for redaction)."""
+        return self._secret_forms
 
     def health_url(self) -> str | None:
         path = self.config.health_path or self.default_health_path
@@ -152,26 +156,29 @@ class Provider:
         try:
             obj = orjson.loads(raw.strip())
         except orjson.JSONDecodeError:
-            raise UpstreamBadResponse("upstream sent a body that is not JSON", sent=True) from None
+            raise UpstreamBadResponse("The provider sent a body that is not JSON.", sent=True,
+                                      detail=raw[:200].decode("utf-8", "replace")) from None
         if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
-            raise UpstreamBadResponse("upstream answer has no choices", sent=True)
+            raise UpstreamBadResponse("The provider sent an answer without choices.", sent=True,
+                                      detail=f"body is {type(obj).__name__} without a choices list")
+        check_completion(obj)
         for choice in obj["choices"]:
-            if isinstance(choice, dict):
-                msg = choice.get("message")
-                if isinstance(msg, dict):
-                    self._reasoning_out(msg)
-                    _openai_message(msg)
-                choice.setdefault("logprobs", None)
+            msg = choice.get("message")
+            if msg is not None:
+                self._reasoning_out(msg)
+                _openai_message(msg)
+            choice.setdefault("logprobs", None)
         if obj.get("system_fingerprint", "") is None:
             del obj["system_fingerprint"]
         return obj
 
     def normalize_chunk(self, obj: dict[str, Any]) -> None:
-        """A stream chunk, in place: provider spellings become OpenAI's."""
+        """A stream chunk, in place: its shape checked (UpstreamBadResponse), provider spellings become OpenAI's."""
+        check_chunk(obj)
         if self.reasoning_field != "reasoning_content":
             for choice in obj.get("choices") or ():
-                delta = choice.get("delta") if isinstance(choice, dict) else None
-                if isinstance(delta, dict):
+                delta = choice.get("delta")
+                if delta is not None:
                     self._reasoning_out(delta)
 
     def _reasoning_out(self, msg: dict[str, Any]) -> None:
@@ -187,28 +194,29 @@ class Provider:
     # ---- errors -------------------------------------------------------------------------------------------------
 
     def error_fields(self, obj: Any) -> tuple[str, str | None, str | None]:
-        """(message, code, param) from an error body in any of the shapes upstreams use."""
+        """(message, code, param) from an error body in any of the shapes upstreams use. The message is the
+        upstream's own text, untrusted: ``error_from_upstream`` decides what of it anyone sees."""
         err = obj.get("error") if isinstance(obj, dict) and isinstance(obj.get("error"), (dict, str)) else obj
         if isinstance(err, dict):
             msg = err.get("message") or err.get("detail") or ""
             code = err.get("code")
             param = err.get("param")
             return (
-                redact(str(msg), self.secrets()),
+                str(msg)[:MAX_INPUT],
                 code if isinstance(code, str) and code else None,  # vLLM / SGLang use an int status as code
                 param if isinstance(param, str) else None,
             )
         if isinstance(err, str):
-            return redact(err, self.secrets()), None, None
+            return err[:MAX_INPUT], None, None
         return "", None, None
 
     def map_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> GatewayError:
         try:
             obj = orjson.loads(body) if body.strip() else {}
         except orjson.JSONDecodeError:
-            obj = {"message": body[:300].decode("utf-8", "replace")}
+            obj = {"message": body[:MAX_INPUT].decode("utf-8", "replace")}
         msg, code, param = self.error_fields(obj)
-        return error_from_upstream(status, msg, code, param, headers)
+        return error_from_upstream(status, msg, code, param, headers, secrets=self.secrets())
 
     def in_band_error(self, obj: dict[str, Any]) -> GatewayError | None:
         """An error object inside a 200 stream (OpenAI shape, or vLLM / SGLang ``{"object":"error"}``)."""
@@ -219,9 +227,9 @@ class Provider:
         else:
             return None
         msg, code, param = self.error_fields({"error": err} if isinstance(err, dict) else err)
-        status = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), int) else 500
-        mapped = error_from_upstream(status if 400 <= status < 600 else 500, msg or "upstream error", code, param, {})
-        return mapped
+        num = err.get("code") if isinstance(err, dict) else None
+        status = num if isinstance(num, int) and 400 <= num < 600 else 500
+        return error_from_upstream(status, msg, code, param, {}, secrets=self.secrets(), in_stream=True)
 
 
 _NOT_NULLABLE = ("annotations", "function_call", "audio", "tool_calls")

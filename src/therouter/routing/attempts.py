@@ -183,6 +183,9 @@ class AttemptPolicy:
                 stream: bool) -> None:
         state = self.router.state
         call.attempts.append(_record(cand, e, dt, probe, retry))
+        # the full text for the operator (secrets already redacted); the client only ever sees e.message
+        log.log(logging.WARNING if e.fallback_ok else logging.INFO, "attempt on %s (%s) failed: %s: %s",
+                cand.name, cand.dep.model, e.code, e.detail or e.message)
         self._observe(cand, e, dt)
         b = state.breaker(cand.key)
         if isinstance(e, (UpstreamRateLimited, UpstreamRequestRejected)):
@@ -229,7 +232,7 @@ def _record(cand: Candidate, err: GatewayError | None, dt: float, probe: bool, r
         a["outcome"] = "error"
         a["status"] = err.status
         a["code"] = err.code
-        a["error"] = err.message[:300]
+        a["error"] = (err.detail or err.message)[:2000]  # the upstream's full text (secrets redacted)
         if isinstance(err, UpstreamError) and err.sent:
             a["possibly_accepted"] = True
     if retry:
@@ -254,7 +257,8 @@ def all_failed(errors: list[tuple[Candidate, GatewayError]], skipped: list[Skip]
         waits = [s.retry_in for s in skipped if s.retry_in]
         err.retry_after = max(min(waits), 1.0) if waits else 1.0
         return err
-    tried = "; ".join(f"{c.name}: {e.code} ({e.message[:120]})" for c, e in errors)
+    # only each error's message: our own words (or a sanitised 4xx), never an upstream's raw text (that is detail)
+    tried = "; ".join(f"{c.name}: {e.code} ({e.message[:160]})" for c, e in errors)
     msg = f"All deployments failed. Tried: {tried}.{skipped_txt}"
     if all(isinstance(e, UpstreamTimeout) for _, e in errors):
         return UpstreamTimeout(msg, code="all_deployments_timed_out")

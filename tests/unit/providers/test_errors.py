@@ -93,7 +93,9 @@ def test_non_json_body(status: int) -> None:
     err = make_provider("vllm").map_error(status, b"<html><body>502 Bad Gateway</body></html>", NOHDR)
     assert type(err) is UpstreamError
     assert err.retryable is True and err.fallback_ok is True
-    assert "502 Bad Gateway" in err.message
+    assert "502 Bad Gateway" not in err.message and "<html>" not in err.message  # our words for the client
+    assert err.message == f"The provider failed (HTTP {status})."
+    assert err.detail is not None and "502 Bad Gateway" in err.detail  # the full text for the log and the record
 
 
 def test_non_json_4xx_keeps_the_text() -> None:
@@ -221,7 +223,8 @@ def test_in_band_openai_shape() -> None:
     err = p.in_band_error({"error": {"message": "upstream disconnected", "type": "server_error", "param": None,
                                      "code": "upstream_error"}})
     assert isinstance(err, UpstreamError)
-    assert "upstream disconnected" in err.message
+    assert "upstream disconnected" not in err.message
+    assert err.detail is not None and "upstream disconnected" in err.detail
     assert err.retryable and err.fallback_ok
 
 
@@ -238,13 +241,15 @@ def test_in_band_sglang_flat() -> None:
         {"object": "error", "message": "Internal server error", "type": "InternalServerError", "param": None,
          "code": 500})
     assert isinstance(err, UpstreamError) and err.retryable
-    assert "Internal server error" in err.message
+    assert "Internal server error" not in err.message
+    assert err.detail is not None and "Internal server error" in err.detail
     assert "object" not in err.body()
 
 
 def test_in_band_string_error() -> None:
     err = make_provider("vllm").in_band_error({"error": "engine died"})
-    assert isinstance(err, UpstreamError) and "engine died" in err.message
+    assert isinstance(err, UpstreamError) and "engine died" not in err.message
+    assert err.detail is not None and "engine died" in err.detail
 
 
 @pytest.mark.parametrize("obj", [
@@ -284,6 +289,7 @@ def test_map_error_never_echoes_the_key(status: int) -> None:
         err = p.map_error(status, body, NOHDR)
         assert CANARY not in err.message
         assert CANARY not in orjson.dumps(err.body()).decode()
+        assert err.detail and CANARY not in err.detail  # nor in what goes to the log and the attempt record
 
 
 def test_map_error_redacts_a_non_sk_key() -> None:
@@ -291,11 +297,12 @@ def test_map_error_redacts_a_non_sk_key() -> None:
     p = make_provider("vllm", api_key=key)
     err = p.map_error(500, openai_body(f"key {key} not accepted"), NOHDR)
     assert key not in err.message
+    assert err.detail and key not in err.detail and "not accepted" in err.detail
 
 
 def test_in_band_error_never_echoes_the_key() -> None:
     p = make_provider("deepseek")
     err = p.in_band_error({"error": {"message": f"auth {CANARY}", "code": "x"}})
-    assert err is not None and CANARY not in err.message
+    assert err is not None and CANARY not in err.message and CANARY not in (err.detail or "")
     err = p.in_band_error({"object": "error", "message": f"auth {CANARY}", "code": 500})
-    assert err is not None and CANARY not in err.message
+    assert err is not None and CANARY not in err.message and CANARY not in (err.detail or "")

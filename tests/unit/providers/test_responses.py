@@ -80,9 +80,10 @@ def test_reasoning_content_providers_are_left_alone(kind: str) -> None:
     assert chunk["choices"][0]["delta"] == {"reasoning_content": "", "content": None}
 
 
-def test_normalize_chunk_tolerates_odd_chunks() -> None:
+def test_normalize_chunk_tolerates_odd_but_valid_chunks() -> None:
     p = make_provider("vllm")
-    for chunk in ({}, {"choices": None}, {"choices": []}, {"choices": ["x", {"delta": None}]}):
+    for chunk in ({}, {"choices": None}, {"choices": []}, {"choices": [{"delta": None}]}, {"usage": None},
+                  {"choices": [{"delta": {"tool_calls": [{"index": 0}]}}]}):  # a tool-call fragment without function
         p.normalize_chunk(chunk)  # must not raise
 
 

@@ -6,8 +6,10 @@ HttpxTransport is driven through respx; AiohttpTransport against tiny real serve
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 import time
+import zlib
 from typing import AsyncIterator
 
 import aiohttp
@@ -17,7 +19,7 @@ import pytest_asyncio
 import respx
 from aiohttp import web
 
-from therouter.errors import UpstreamConnectError, UpstreamStreamError, UpstreamTimeout
+from therouter.errors import UpstreamBadResponse, UpstreamConnectError, UpstreamStreamError, UpstreamTimeout
 from therouter.providers._http import AiohttpTransport, HttpxTransport, UpstreamRequest, make_transport
 
 URL = "http://upstream.test/v1/chat/completions"
@@ -307,3 +309,87 @@ async def test_aiohttp_redirect_not_followed_and_stream_incremental(aiohttp_tran
         await resp.close()
     finally:
         await runner.cleanup()
+
+
+# ---- content-encoding: asked for only what we decode, decoded by us with the body bounded -------------------------
+
+
+def _gzip_bomb(size: int) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = b"0" * (1024 * 1024)
+    return b"".join([c.compress(b'{"choices": "'), *(c.compress(block) for _ in range(size // len(block))),
+                     c.flush()])
+
+
+@respx.mock
+async def test_httpx_asks_only_for_what_we_decode_and_decodes_it(httpx_transport: HttpxTransport) -> None:
+    route = respx.post(URL).mock(return_value=httpx.Response(
+        200, headers={"content-encoding": "gzip"}, content=gzip.compress(b'{"ok": true}')))
+    resp = await httpx_transport.send(req(), connect=1, headers_timeout=1)
+    assert await resp.read() == b'{"ok": true}'
+    await resp.close()
+    assert route.calls.last.request.headers["accept-encoding"] == "gzip, deflate"
+
+
+@respx.mock
+async def test_httpx_gzip_bomb_stops_at_the_limit(httpx_transport: HttpxTransport) -> None:
+    respx.post(URL).mock(return_value=httpx.Response(200, headers={"content-encoding": "gzip"},
+                                                     content=_gzip_bomb(64 * 1024 * 1024)))
+    resp = await httpx_transport.send(req(), connect=1, headers_timeout=1)
+    with pytest.raises(UpstreamBadResponse) as ei:
+        await resp.read(1024 * 1024)
+    assert ei.value.code == "upstream_response_too_large"
+    await resp.close()
+
+
+@respx.mock
+async def test_httpx_unknown_encoding_is_a_provider_fault(httpx_transport: HttpxTransport) -> None:
+    respx.post(URL).mock(return_value=httpx.Response(200, headers={"content-encoding": "br"}, content=b"\x0b\x02"))
+    resp = await httpx_transport.send(req(), connect=1, headers_timeout=1)
+    with pytest.raises(UpstreamBadResponse):
+        await resp.read()
+    await resp.close()
+
+
+async def test_aiohttp_leaves_decoding_to_us(aiohttp_transport: AiohttpTransport) -> None:
+    seen: list[str] = []
+    body = gzip.compress(b"data: 1\n\n" * 1000)
+
+    async def gz(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("accept-encoding", ""))
+        return web.Response(body=body, headers={"content-encoding": "gzip", "content-type": "text/event-stream"})
+
+    async def bomb(request: web.Request) -> web.Response:
+        return web.Response(body=_gzip_bomb(64 * 1024 * 1024),
+                            headers={"content-encoding": "gzip", "content-type": "application/json"})
+
+    app = web.Application()
+    app.router.add_post("/v1/gz", gz)
+    app.router.add_post("/v1/bomb", bomb)
+    runner, port = await _serve(app)
+    try:
+        r = req(f"http://127.0.0.1:{port}/v1/gz")
+        r.headers["accept-encoding"] = "br, zstd"  # whatever a caller put there, we only ask for what we decode
+        resp = await aiohttp_transport.send(r, connect=1, headers_timeout=2)
+        got = [c async for c in resp.chunks()]
+        assert b"".join(got) == b"data: 1\n\n" * 1000
+        await resp.close()
+        assert seen == ["gzip, deflate"]
+
+        resp = await aiohttp_transport.send(req(f"http://127.0.0.1:{port}/v1/bomb"), connect=1, headers_timeout=2)
+        with pytest.raises(UpstreamBadResponse) as ei:
+            await resp.read(1024 * 1024)
+        assert ei.value.code == "upstream_response_too_large"
+        await resp.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_transport_errors_keep_foreign_text_out_of_the_message(aiohttp_transport: AiohttpTransport) -> None:
+    """An OS error names the address it failed on: that goes to detail (log, record), never to message."""
+    port = free_closed_port()
+    with pytest.raises(UpstreamConnectError) as ei:
+        await aiohttp_transport.send(req(f"http://127.0.0.1:{port}/v1/chat/completions"), connect=1,
+                                     headers_timeout=2)
+    assert "127.0.0.1" not in ei.value.message and str(port) not in ei.value.message
+    assert ei.value.detail
