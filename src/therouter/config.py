@@ -142,6 +142,8 @@ class Deployment(_Strict):
     context_length: int | None = Field(None, ge=1)  # when the host serves a shorter window than the model card
     fim_tokens: tuple[str, str, str] | None = None  # (begin, hole, end) for self-hosted FIM built in the gateway
     cost: Pricing | None = None  # what this deployment costs the operator per 1M tokens (`provider.sort: price`)
+    # the OpenAI parameters this host honours, where it differs from its model's supported_parameters (params.py)
+    parameters: tuple[str, ...] | None = None
 
 
 def usd_to_nano(value: Any, what: str = "price", maximum: Decimal | int | None = None) -> int:
@@ -211,6 +213,9 @@ class RoutingOptions(_Strict):
     sync_interval: float = Field(1.0, gt=0)  # how stale a worker's copy of the shared drains/cooldowns may get
     drain_ttl: float = Field(7 * 24 * 3600.0, gt=0)  # a drain lapses after this unless renewed
     max_models: int = Field(5, ge=1)  # entries allowed in a request's `models` list
+    # a hint parameter (seed, penalties, user, ...) a deployment does not honour: dropped (and named in
+    # x-therouter-dropped-params) or the deployment is skipped (400 naming it if none is left); see params.py
+    unsupported_parameters: Literal["drop", "reject"] = "drop"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RoutingOptions:

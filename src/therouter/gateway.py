@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
 
-from therouter import validate
+from therouter import params, validate
 from therouter.config import Deployment, Settings
 from therouter.errors import (
     GatewayError,
@@ -159,7 +159,8 @@ class Gateway:
     def _candidates(self, call: Call, model_id: str) -> list[Candidate]:
         b = call.checked.body
         rf = b.get("response_format") if isinstance(b.get("response_format"), dict) else {}
-        needs = validate_needs(b, call, rf, b.get("stop"))
+        strict = call.prefs.require_parameters or self.settings.routing.unsupported_parameters == "reject"
+        needs = validate_needs(b, call, rf, b.get("stop"), strict)
         opts = self.router.state.options
         prefix = prompt_prefix(b, opts.affinity_prefix_chars) if opts.affinity_for(model_id) else ""
         cands, skipped = self.router.candidates(model_id, needs, call.prefs, prefix)
@@ -177,10 +178,12 @@ class Gateway:
 
     def _nothing_served(self, call: Call, errors: list[Any]) -> GatewayError:
         skipped = call.skipped
-        if not errors and skipped and all(s.reason.startswith("missing capability") for s in skipped):
-            cap = skipped[0].reason.split(": ", 1)[1].split(" ", 1)[0]
-            param = {"tools": "tools", "fim": "suffix"}.get(cap, "response_format")
-            raise InvalidRequest(f"No deployment of `{call.checked.model}` supports {cap}.", param=param,
+        if not errors and skipped and all(s.param for s in skipped):
+            param = skipped[0].param
+            what = {"tools": "tools", "suffix": "fill-in-the-middle (suffix)"}.get(param or "", f"'{param}'")
+            if param == "response_format":
+                what = skipped[0].reason.removeprefix("missing capability: ").split(" ", 1)[0]
+            raise InvalidRequest(f"No deployment of `{call.checked.model}` supports {what}.", param=param,
                                  code="unsupported_parameter")
         return all_failed(errors, skipped, call.checked.model)
 
@@ -209,9 +212,19 @@ class Gateway:
         req = call.built.get((p.name, dep))
         if req is None:
             build = p.chat_request if call.endpoint == "chat" else p.completion_request
-            req = build(call.checked.body, dep, stream=call.checked.stream, request_id=call.request_id)
+            # hints this host does not honour are left out (and named in the answer); see params.py
+            dropped = params.dropped_for(call.checked.body, self.settings.models[self._model_of(call, dep)], dep)
+            body = params.without(call.checked.body, dropped)
+            req = build(body, dep, stream=call.checked.stream, request_id=call.request_id)
+            req.meta["dropped"] = dropped
             call.built[(p.name, dep)] = req
         return req
+
+    def _model_of(self, call: Call, dep: Deployment) -> str:
+        for model_id in call.plan:
+            if dep in self.settings.models[model_id].deployments:
+                return model_id
+        return call.checked.model
 
     def _prompt_bound(self, call: Call) -> int:
         """The most prompt tokens any deployment that may serve this call can be billed for: the largest upstream
@@ -234,9 +247,27 @@ class Gateway:
             h["x-therouter-provider"] = cand.name
             if cand.model_id != call.checked.model:
                 h["x-therouter-model"] = cand.model_id
+            dropped = self._dropped(call, cand)
+            if dropped:
+                h["x-therouter-dropped-params"] = ",".join(dropped)
+            if self._downgraded(call, cand):
+                h["x-therouter-downgraded"] = ",".join(self._downgraded(call, cand))
         h["x-therouter-attempts"] = str(len(call.attempts))
         h["x-therouter-generation-id"] = call.gen_id
         return h
+
+    @staticmethod
+    def _dropped(call: Call, cand: Candidate) -> list[str]:
+        req = call.built.get((cand.name, cand.dep))
+        return list(req.meta.get("dropped") or ()) if req is not None else []  # type: ignore[call-overload]
+
+    @staticmethod
+    def _downgraded(call: Call, cand: Candidate) -> list[str]:
+        """json_schema served by a JSON-mode-only deployment (the schema went as an instruction)."""
+        rf = call.checked.body.get("response_format")
+        if isinstance(rf, dict) and rf.get("type") == "json_schema" and "json_schema" not in cand.dep.capabilities:
+            return ["json_schema"]
+        return []
 
     def _deadline(self, call: Call) -> float:
         return call.started + self.settings.server.request_deadline
@@ -257,10 +288,15 @@ class Gateway:
         obj["id"] = call.gen_id
         obj["model"] = cand.model_id
         obj["provider"] = cand.name
+        if _exclude_reasoning(call):
+            for ch in obj.get("choices") or ():
+                if isinstance(ch, dict) and isinstance(ch.get("message"), dict):
+                    ch["message"].pop("reasoning_content", None)
         u = usage.to_openai(obj.get("usage") if isinstance(obj.get("usage"), dict) else None)
         u["cost"] = cost_fragment(cost)
         obj["usage"] = u
         return JSONAnswer(orjson.dumps(obj), self._headers(call, cand))
+
     async def _json_attempt(self, call: Call, c: Candidate) -> tuple[dict[str, Any], Usage]:
         p, t = c.provider, c.provider.config.timeouts
         self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=False)  # checkpointed if it dies
@@ -314,7 +350,8 @@ class Gateway:
         events = UpstreamEvents(resp, first_token=first_token, idle=t.idle, total=t.total, clock=self.clock,
                                 started=sent_at, max_event_bytes=self.settings.server.max_upstream_event_bytes)
         rw = ChunkRewriter(p, gen_id=call.gen_id, model=c.model_id, created=call.created,
-                           object_=call.object, include_usage=call.checked.include_usage)
+                           object_=call.object, include_usage=call.checked.include_usage,
+                           exclude_reasoning=_exclude_reasoning(call))
         # checkpoints read the rewriter's own counters: what a lost instance's stream is billed for
         self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=True,
                            usage=lambda: rw.final_usage(call.checked.prompt_tokens))
@@ -406,6 +443,8 @@ class Gateway:
             created=call.created, latency_ms=int((self.clock() - call.started) * 1000), ttft_ms=ttft_ms,
             outcome=outcome, stream=stream, attempts=list(call.attempts),
             skipped=[s.to_dict() for s in call.skipped], request_id=call.request_id,
+            dropped_params=self._dropped(call, cand) if cand else [],
+            downgraded=self._downgraded(call, cand) if cand else [],
         )
 
     async def _settle(self, call: Call, cand: Candidate | None, usage: Usage, outcome: str, stream: bool,
@@ -456,7 +495,8 @@ class _Stream:
         await self._gen.aclose()  # type: ignore[attr-defined]
 
 
-def validate_needs(b: dict[str, Any], call: Call, rf: dict[str, Any], stop: Any) -> Needs:
+def validate_needs(b: dict[str, Any], call: Call, rf: dict[str, Any], stop: Any, strict: bool = False) -> Needs:
+    """What a deployment must offer to serve this call. ``strict``: hints may not be dropped (require_parameters)."""
     return Needs(
         tools=bool(b.get("tools")) and b.get("tool_choice") != "none",
         json_object=rf.get("type") == "json_object",
@@ -465,7 +505,13 @@ def validate_needs(b: dict[str, Any], call: Call, rf: dict[str, Any], stop: Any)
         tokens=call.checked.window_tokens,
         stops=len(stop) if isinstance(stop, list) else (1 if stop else 0),
         stream=call.checked.stream,
+        params=params.asked_shaping(b) | (params.asked_hints(b) if strict else frozenset()),
     )
+
+
+def _exclude_reasoning(call: Call) -> bool:
+    r = call.checked.body.get("reasoning")
+    return isinstance(r, dict) and r.get("exclude") is True
 
 
 def _json_estimate(call: Call, obj: dict[str, Any]) -> Usage:

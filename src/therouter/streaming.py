@@ -114,8 +114,9 @@ class ChunkRewriter:
     """Per-stream state: identity rewrite, usage capture and produced-text accounting."""
 
     def __init__(self, provider: Provider, *, gen_id: str, model: str, created: int, object_: str,
-                 include_usage: bool) -> None:
+                 include_usage: bool, exclude_reasoning: bool = False) -> None:
         self.provider = provider
+        self.exclude_reasoning = exclude_reasoning  # `reasoning.exclude`: not sent, still counted and billed
         self.gen_id = gen_id
         self.model = model
         self.created = created
@@ -142,6 +143,8 @@ class ChunkRewriter:
             fr = ch.get("finish_reason")
             if fr:
                 self.finish_reason = fr
+        if self.exclude_reasoning and not _strip_reasoning(choices):
+            return None  # the chunk carried reasoning only
         obj["id"] = self.gen_id
         obj["object"] = self.object
         if "system_fingerprint" in obj and obj["system_fingerprint"] is None:
@@ -183,3 +186,20 @@ class ChunkRewriter:
                "provider": self.provider.name, "choices": [], "usage": body}
         return b"data: " + orjson.dumps(obj) + b"\n\n"
 
+
+def _strip_reasoning(choices: list[Any]) -> bool:
+    """Remove reasoning from every delta; False when nothing is left worth sending."""
+    keep = False
+    for ch in choices:
+        if not isinstance(ch, dict):
+            continue
+        delta = ch.get("delta")
+        if isinstance(delta, dict):
+            had = delta.pop("reasoning_content", None) is not None
+            delta.pop("reasoning", None)
+            if not had or ch.get("finish_reason") or any(v not in (None, "") for k, v in delta.items()
+                                                           if k != "role"):
+                keep = True
+        else:
+            keep = True
+    return keep

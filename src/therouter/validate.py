@@ -20,6 +20,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ValidationError
 
+from therouter import params
 from therouter.config import ModelConfig
 from therouter.errors import ContextLengthExceeded, InvalidRequest, PayloadTooLarge
 from therouter.protocol import ChatCompletionRequest, CompletionRequest
@@ -36,14 +37,6 @@ STEERING_FIELDS = frozenset({
     "awssecretaccesskey", "awssessiontoken", "vertexcredentials", "azureadtoken",
 })
 STEERING_CONTAINERS = frozenset({"litellmparams", "extrabody"})
-# OpenAI parameters that must appear in the model's supported_parameters when sent with a non-default value.
-GATED_PARAMS: dict[str, Any] = {
-    "temperature": None, "top_p": None, "max_tokens": None, "tools": None, "tool_choice": None,
-    "response_format": None, "stop": None, "presence_penalty": None, "frequency_penalty": None,
-    "logit_bias": None, "logprobs": None, "top_logprobs": None, "seed": None, "reasoning_effort": None,
-    "n": 1, "parallel_tool_calls": None,
-}
-ALIASES = {"max_completion_tokens": "max_tokens"}
 MODALITY_OF_PART = {"image_url": "image", "input_image": "image", "input_audio": "audio", "audio_url": "audio",
                     "file": "file", "video_url": "video"}
 
@@ -262,12 +255,11 @@ def _stream_options(body: dict[str, Any]) -> None:
 
 
 def _gated(body: dict[str, Any], card: ModelConfig) -> None:
-    supported = set(card.supported_parameters)
-    for name, value in body.items():
-        gate = ALIASES.get(name, name)
-        if gate not in GATED_PARAMS or value is None or value == GATED_PARAMS[gate]:
-            continue
-        if gate not in supported:
+    """Parameters that change what the answer is and that no deployment of the model honours: a 400 naming them.
+    Hints and sampling controls never fail here: routing drops them where a deployment lacks them (params.py)."""
+    offered = set(params.model_parameters(card))
+    for name in ("tools", "tool_choice", "response_format", *sorted(params.asked_shaping(body))):
+        if body.get(name) is not None and name not in offered:
             raise InvalidRequest(f"The parameter '{name}' is not supported by this model.", param=name,
                                  code="unsupported_parameter")
 

@@ -14,7 +14,7 @@ CARD = parse_settings({
     "store": {"redis_url": "redis://127.0.0.1:1/0"},
     "providers": {"p": {"kind": "vllm", "base_url": "http://127.0.0.1:9/v1"}},
     "models": {"m": {"context_length": 4096, "max_output_tokens": 1024, "pricing": {"input": 1, "output": 2},
-                     "supported_parameters": ["max_tokens", "n", "temperature"],
+                     "supported_parameters": ["max_tokens", "n", "best_of", "temperature"],
                      "deployments": [{"provider": "p", "model": "x"}]}},
 }, "t", {}).models["m"]
 HELLO = [{"role": "user", "content": "hi"}]

@@ -42,6 +42,8 @@ class GenerationRecord:
     attempts: list[dict[str, Any]] = field(default_factory=list)  # {provider, outcome, latency_ms, status?, error?,
     skipped: list[dict[str, Any]] = field(default_factory=list)  # possibly_accepted?} / {provider, reason}
     request_id: str = ""  # the client's x-request-id (or the one the gateway gave the request)
+    dropped_params: list[str] = field(default_factory=list)  # hints the serving deployment did not honour
+    downgraded: list[str] = field(default_factory=list)  # e.g. json_schema served in JSON mode with an instruction
 
     def counters(self) -> dict[str, int]:
         """What this record adds to each counter hash (settle and rebuild both use it)."""
@@ -63,6 +65,7 @@ class GenerationRecord:
             "latency_ms": self.latency_ms, "ttft_ms": self.ttft_ms, "outcome": self.outcome, "stream": self.stream,
             "attempts": [dict(a) for a in self.attempts], "skipped": [dict(s) for s in self.skipped],
             "request_id": self.request_id,
+            "dropped_params": list(self.dropped_params), "downgraded": list(self.downgraded),
         }
 
     @classmethod
@@ -81,4 +84,6 @@ class GenerationRecord:
             price_version=int(d.get("price_version", 0)),
             attempts=[dict(a) for a in d.get("attempts") or []], skipped=[dict(s) for s in d.get("skipped") or []],
             request_id=str(d.get("request_id") or ""),
+            dropped_params=[str(x) for x in d.get("dropped_params") or []],
+            downgraded=[str(x) for x in d.get("downgraded") or []],
         )

@@ -24,6 +24,18 @@ class ResponseFormat(WireModel):
     json_schema: dict[str, Any] | None = None
 
 
+Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
+class Reasoning(WireModel):
+    """OpenRouter's reasoning controls; mapped per deployment by its adapter (providers/base.py)."""
+
+    effort: Effort | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    exclude: bool | None = None  # strip reasoning from the answer (still billed)
+    enabled: bool | None = None
+
+
 class ChatMessage(WireModel):
     role: Role
     content: str | list[dict[str, Any]] | None = None
@@ -41,6 +53,8 @@ class ChatCompletionRequest(SamplingParams):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    reasoning_effort: Effort | None = None
+    reasoning: Reasoning | None = None
     # OpenRouter-style routing preferences (consumed by the gateway, never sent upstream)
     models: list[str] | None = None
     provider: dict[str, Any] | None = None

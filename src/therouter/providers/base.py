@@ -94,6 +94,7 @@ class Provider:
         else:
             out.pop("stream", None)
             out.pop("stream_options", None)
+        _reasoning_request(out)
         self.adapt_chat(out, dep)
         return UpstreamRequest(
             "POST", self.config.base_url + "/chat/completions", self.headers(request_id), orjson.dumps(out)
@@ -244,6 +245,24 @@ def _openai_message(msg: dict[str, Any]) -> None:
 
 
 _GATEWAY_FIELDS = ("models", "provider", "route", "transforms", "fake_gateway")
+
+
+def _reasoning_request(out: dict[str, Any]) -> None:
+    """OpenRouter's ``reasoning: {effort, max_tokens, exclude, enabled}`` folded into OpenAI's ``reasoning_effort``
+    (``"none"``: thinking off) or DeepSeek's ``thinking: {type: enabled}``, which each adapter maps to its host's
+    switch. ``max_tokens`` has no equivalent on these hosts and is not sent; ``exclude`` is the gateway's (it strips
+    reasoning from the answer)."""
+    r = out.pop("reasoning", None)
+    if not isinstance(r, dict):
+        return
+    effort = r.get("effort") or out.get("reasoning_effort")
+    enabled = r.get("enabled")
+    if enabled is False or effort == "none":
+        out["reasoning_effort"] = "none"
+    elif effort:
+        out["reasoning_effort"] = effort
+    elif enabled or r.get("max_tokens"):
+        out.setdefault("thinking", {"type": "enabled"})
 
 
 def _strip_gateway_fields(out: dict[str, Any]) -> None:

@@ -17,6 +17,9 @@ from therouter.config import Deployment
 from therouter.providers.base import Provider
 
 
+_EFFORT = {"minimal": "low", "low": "low", "medium": "high", "high": "high", "xhigh": "max", "max": "max"}
+
+
 class DeepSeekProvider(Provider):
     kind = "deepseek"
     max_stop = 16
@@ -29,9 +32,12 @@ class DeepSeekProvider(Provider):
         return m
 
     def adapt_chat(self, out: dict[str, Any], dep: Deployment) -> None:
-        if out.get("reasoning_effort") == "none":
+        effort = out.get("reasoning_effort")
+        if effort == "none":
             out.pop("reasoning_effort")
             out["thinking"] = {"type": "disabled"}
+        elif isinstance(effort, str):  # DeepSeek knows low / high / max
+            out["reasoning_effort"] = _EFFORT.get(effort, effort)  # (V4 thinks by default)
 
     def fim(self, out: dict[str, Any], dep: Deployment) -> str:
         base = self.config.fim_base_url or (self.config.base_url.removesuffix("/v1") + "/beta")

@@ -26,8 +26,12 @@ class SGLangProvider(Provider):
             kw = dict(out.get("chat_template_kwargs") or {})
             kw["thinking"] = thinking["type"] == "enabled"
             out["chat_template_kwargs"] = kw
-        if out.get("reasoning_effort") == "none":
+        effort = out.get("reasoning_effort")
+        if effort == "none":
             out.pop("reasoning_effort")
             kw = dict(out.get("chat_template_kwargs") or {})
             kw["thinking"] = False
             out["chat_template_kwargs"] = kw
+        elif isinstance(effort, str) and "thinking" not in (out.get("chat_template_kwargs") or {}):
+            # DeepSeek's templates only switch thinking on; the effort itself is left for models that read it
+            out["chat_template_kwargs"] = {**(out.get("chat_template_kwargs") or {}), "thinking": True}

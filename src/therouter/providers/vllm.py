@@ -31,11 +31,15 @@ class VLLMProvider(Provider):
 
     def adapt_chat(self, out: dict[str, Any], dep: Deployment) -> None:
         _guided(out)
-        if out.get("reasoning_effort") == "none":
+        effort = out.get("reasoning_effort")
+        if effort == "none":
             out.pop("reasoning_effort")
             kw = dict(out.get("chat_template_kwargs") or {})
             kw["thinking"] = False
             out["chat_template_kwargs"] = kw
+        elif isinstance(effort, str) and "thinking" not in (out.get("chat_template_kwargs") or {}):
+            # DeepSeek's templates only switch thinking on; the effort itself is left for models that read it
+            out["chat_template_kwargs"] = {**(out.get("chat_template_kwargs") or {}), "thinking": True}
         thinking = out.pop("thinking", None)
         if isinstance(thinking, dict) and thinking.get("type") in ("enabled", "disabled"):
             kw = dict(out.get("chat_template_kwargs") or {})

@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
+from therouter import params
 from therouter.config import Deployment, ModelConfig, Settings
 from therouter.providers.base import Provider
 from therouter.routing.balance import load_weight, rendezvous, weighted_order
@@ -33,6 +34,7 @@ class Needs:
     tokens: int = 0  # prompt estimate + requested completion
     stops: int = 0
     stream: bool = False
+    params: frozenset[str] = frozenset()  # OpenAI parameters a deployment must honour (params.py: never dropped)
 
 
 @dataclass(slots=True)
@@ -57,6 +59,7 @@ class Skip:
     reason: str
     model: str = ""
     retry_in: float | None = None  # seconds until this deployment may be tried again, when known
+    param: str | None = None  # skipped for lacking what this request parameter asks for (a 400 if none is left)
 
     def to_dict(self) -> dict[str, str]:
         d = {"provider": self.provider, "reason": self.reason}
@@ -88,6 +91,10 @@ class Router:
         for dep in card.deployments:
             provider = self.providers[dep.provider]
             cand = Candidate(model_id, dep, provider)
+            skip = self._unsuited(model_id, dep, card, needs, prefs)
+            if skip is not None:
+                skipped.append(skip)
+                continue
             reason = self._unfit(model_id, dep, provider, card, needs, prefs)
             if reason:
                 skipped.append(Skip(dep.provider, reason, model_id))
@@ -113,22 +120,35 @@ class Router:
 
     # ---- filters ----------------------------------------------------------------------------------------------
 
+    def _unsuited(self, model_id: str, dep: Deployment, card: ModelConfig, needs: Needs,
+                  prefs: Preferences) -> Skip | None:
+        """A deployment that cannot give the answer the request asks for (a 400 naming the parameter if no
+        deployment is left), as opposed to one that cannot serve right now."""
+        caps = set(dep.capabilities)
+        lacking: tuple[str, str] | None = None  # (what, param)
+        if needs.tools and "tools" not in caps:
+            lacking = ("capability: tools", "tools")
+        elif needs.json_schema and not caps & {"json_schema", "json_object"}:
+            lacking = ("capability: json_schema", "response_format")
+        elif needs.json_schema and prefs.require_parameters and "json_schema" not in caps:
+            lacking = ("capability: json_schema (require_parameters: no json_object downgrade)", "response_format")
+        elif needs.json_object and not caps & {"json_schema", "json_object"}:
+            lacking = ("capability: json_object", "response_format")
+        elif needs.fim and "fim" not in caps:
+            lacking = ("capability: fim", "suffix")
+        else:
+            name = params.missing(needs.params, card, dep)
+            if name is not None:
+                lacking = (f"parameter: {name}", name)
+        if lacking is None:
+            return None
+        return Skip(dep.provider, f"missing {lacking[0]}", model_id, param=lacking[1])
+
     def _unfit(self, model_id: str, dep: Deployment, p: Provider, card: ModelConfig, needs: Needs,
                prefs: Preferences) -> str | None:
         usable, why = p.usable
         if not usable:
             return f"not configured: {why}"
-        caps = set(dep.capabilities)
-        if needs.tools and "tools" not in caps:
-            return "missing capability: tools"
-        if needs.json_schema and not caps & {"json_schema", "json_object"}:
-            return "missing capability: json_schema"
-        if needs.json_schema and prefs.require_parameters and "json_schema" not in caps:
-            return "missing capability: json_schema (require_parameters: no json_object downgrade)"
-        if needs.json_object and not caps & {"json_schema", "json_object"}:
-            return "missing capability: json_object"
-        if needs.fim and "fim" not in caps:
-            return "missing capability: fim"
         ctx = dep.context_length or card.context_length
         if needs.tokens > ctx:
             return f"context too small: {ctx} tokens"
