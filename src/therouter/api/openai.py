@@ -9,6 +9,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from therouter import params
 from therouter.api.deps import KeyDep, ServicesDep
 from therouter.api.middleware import SANE_REQUEST_ID
 from therouter.api.streaming import SSEResponse
@@ -77,7 +78,7 @@ def model_entry(model_id: str, card: Any, price: Any = None) -> dict[str, Any]:
         "id": model_id, "object": "model", "created": card.created, "owned_by": card.owned_by,
         "context_length": card.context_length, "max_output_tokens": card.max_output_tokens,
         "modalities": {"input": list(card.modalities.input), "output": list(card.modalities.output)},
-        "supported_parameters": list(card.supported_parameters), "pricing": pricing,
+        "supported_parameters": params.model_parameters(card), "pricing": pricing,
     }
 
 
