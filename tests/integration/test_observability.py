@@ -7,14 +7,24 @@ import json
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from decimal import Decimal
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import ADMIN_KEY, CANARY, Fake, Gateway, gateway_config, make_key, start_gateway, stop
+from tests.integration.conftest import (
+    ADMIN_KEY,
+    CANARY,
+    Fake,
+    Gateway,
+    gateway_config,
+    make_key,
+    start_gateway,
+    stop,
+)
 from therouter.redisproc import RedisProcess
 
 MODEL = "deepseek/deepseek-v3.2"
