@@ -10,8 +10,9 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 
@@ -28,10 +29,10 @@ from therouter.errors import (
     UpstreamTimeout,
 )
 from therouter.keys import KeyRecord
+from therouter.logs import log_request
 from therouter.metering.meter import Admission, Meter
 from therouter.metering.prices import nano_to_usd
 from therouter.metering.records import GenerationRecord
-from therouter.logs import log_request
 from therouter.observability import Finished, Metrics
 from therouter.protocol.usage import Usage
 from therouter.providers._http import UpstreamRequest
@@ -470,8 +471,10 @@ class Gateway:
         if self.tracing is not None:
             self.tracing.finish(f)
 
-    def refused(self, request_id: str, err: GatewayError) -> None:
+    def refused(self, endpoint: str, request_id: str, err: GatewayError) -> None:
         """A completion request refused before it reached :meth:`handle` (401, 413): observed like the others."""
+        if self.tracing is not None:
+            self.tracing.begin(endpoint, request_id)
         self._finish(Finished(request_id, err.status, "refused", error=err))
 
 
