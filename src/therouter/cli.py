@@ -155,6 +155,23 @@ async def _noop(store: Any) -> int:
     return 0
 
 
+def cmd_healthcheck(a: argparse.Namespace) -> int:
+    """For container healthchecks: GET /health on the port the config gives ``serve`` (so it follows it)."""
+    import httpx
+
+    s = _settings(a.config)
+    host = s.server.host if s.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    port = a.port if a.port is not None else s.server.port
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/health"
+    try:
+        ok = httpx.get(url, timeout=a.timeout).status_code == 200
+    except httpx.HTTPError as e:
+        print(f"unhealthy: {url}: {type(e).__name__}", file=sys.stderr)
+        return 1
+    print(f"{'healthy' if ok else 'unhealthy'}: {url}", file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
 # ---- keys -----------------------------------------------------------------------------------------------------
 
 
@@ -334,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-format", choices=["text", "json"],
                    help="log line format (default: server.log_format, text); json: one object per line")
     s.set_defaults(fn=cmd_serve)
+
+    h = sub.add_parser("healthcheck", help="exit 0 if the gateway answers /health on its configured port")
+    h.add_argument("--config", dest="config", default=argparse.SUPPRESS)
+    h.add_argument("--port", type=int, help="check this port instead of server.port")
+    h.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default: 3)")
+    h.set_defaults(fn=cmd_healthcheck)
 
     c = sub.add_parser("check-config", help="validate a config file without starting")
     c.add_argument("config_path", nargs="?")
