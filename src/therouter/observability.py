@@ -232,11 +232,11 @@ def exposition(metrics: Metrics, scrape_values: Mapping[str, tuple[str, float]],
 
 def forget_dead_workers(path: str, alive: Callable[[int], bool]) -> list[int]:
     """Drop the live gauges of workers that are gone (killed: no shutdown ran ``mark_process_dead``)."""
-    dead = set()
+    dead: set[int] = set()
     for f in glob.glob(os.path.join(path, "gauge_live*_*.db")):
-        pid = os.path.basename(f).rsplit("_", 1)[-1].removesuffix(".db")
-        if pid.isdigit() and not alive(int(pid)):
-            dead.add(int(pid))
+        tail = os.path.basename(f).rsplit("_", 1)[-1].removesuffix(".db")
+        if tail.isdigit() and not alive(int(tail)):
+            dead.add(int(tail))
     for pid in dead:
         mark_process_dead(pid, path)
     return sorted(dead)
