@@ -96,7 +96,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         import uvicorn
 
         from therouter.app import create_app
+        from therouter.observability import clear_multiproc_dir
 
+        clear_multiproc_dir()  # a PROMETHEUS_MULTIPROC_DIR set by the operator starts empty
         uvicorn.run(create_app(s), **kw)
     return 0
 
@@ -104,27 +106,24 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def _serve_workers(config_path: str, workers: int, kw: dict[str, Any]) -> None:
     """N uvicorn workers sharing one metrics folder (prometheus-client's multiprocess mode), fresh for this run:
     set before any worker imports prometheus-client, emptied at the start and removed (or emptied) at the end."""
-    import glob
     import shutil
     import tempfile
 
     import uvicorn
 
-    from therouter.observability import MULTIPROC_ENV, multiproc_dir
+    from therouter.observability import MULTIPROC_ENV, clear_multiproc_dir, multiproc_dir
 
     given = multiproc_dir()
     path = given or tempfile.mkdtemp(prefix="therouter-metrics-")
     os.makedirs(path, exist_ok=True)
-    for f in glob.glob(os.path.join(path, "*.db")):
-        os.remove(f)  # another run's numbers would be added to this one's
+    clear_multiproc_dir(path)  # another run's numbers would be added to this one's
     os.environ[MULTIPROC_ENV] = path
     os.environ["THEROUTER_CONFIG"] = config_path
     try:
         uvicorn.run("therouter.cli:app_factory", factory=True, workers=workers, **kw)
     finally:
         if given:
-            for f in glob.glob(os.path.join(path, "*.db")):
-                os.remove(f)
+            clear_multiproc_dir(path)
         else:
             shutil.rmtree(path, ignore_errors=True)
 

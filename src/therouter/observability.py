@@ -242,6 +242,14 @@ def forget_dead_workers(path: str, alive: Callable[[int], bool]) -> list[int]:
     return sorted(dead)
 
 
+def clear_multiproc_dir(path: str | None = None) -> None:
+    """Empty the metrics folder (a run starts from zero; nothing of a previous run is summed in)."""
+    path = path or multiproc_dir()
+    if path is not None:
+        for f in glob.glob(os.path.join(path, "*.db")):
+            os.remove(f)
+
+
 def worker_exit(pid: int | None = None) -> None:
     """A worker shutting down: its live gauges (requests in flight, circuits) stop counting."""
     path = multiproc_dir()
