@@ -14,7 +14,8 @@ from therouter.api import openai as openai_routes
 from therouter.api.middleware import HeaderLimitMiddleware, RequestIdMiddleware
 from therouter.config import Settings
 from therouter.errors import GatewayError
-from therouter.observability import register_meter, setup_logging
+from therouter.logs import setup_logging
+from therouter.observability import worker_exit
 from therouter.services import build_services
 
 log = logging.getLogger("therouter")
@@ -23,9 +24,8 @@ log = logging.getLogger("therouter")
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        setup_logging()
+        setup_logging(settings.server.log_format)
         services = await build_services(settings)
-        register_meter(services.metrics, services.meter)
         app.state.services = services
         try:
             await services.meter.start()
@@ -33,6 +33,7 @@ def create_app(settings: Settings) -> FastAPI:
             log.error("the store is unreachable at start (%s); requests needing it will get 503 until it is back",
                       e.message)
         await services.health.start()
+        _announce(services.health.report())
         try:
             yield
         finally:
@@ -41,8 +42,13 @@ def create_app(settings: Settings) -> FastAPI:
             for p in services.providers.values():
                 await p.transport.aclose()
             await services.store.aclose()
+            if services.gateway.tracing is not None:
+                services.gateway.tracing.shutdown()
+            worker_exit()
 
-    app = FastAPI(title="TheRouter", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    # /openapi.json is served by api/ops.py, to the admin key only
+    app = FastAPI(title="TheRouter", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.server.max_header_bytes)  # outermost: runs first
     errors.install(app)
@@ -50,3 +56,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(ops.router)
     return app
+
+
+def _announce(report: dict[str, dict[str, object]]) -> None:
+    """One line per worker once its first health checks ran: each provider's state."""
+    states = {name: "ok" if st["ok"] else f"unavailable ({st['detail']})" for name, st in report.items()}
+    log.info("worker ready; providers: %s", ", ".join(f"{n} {s}" for n, s in states.items()),
+             extra={"event": "worker_ready", "providers": states})

@@ -9,12 +9,12 @@ import re
 import sys
 from typing import Any, Callable, Coroutine
 
-from therouter.config import ConfigError, Settings, load_settings
+from therouter.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
 
 # budgets are exact in the admission script's arithmetic up to 2**53 nano-USD (about 9 million USD)
 MAX_BUDGET_USD = 9_000_000
 KEY_ID = re.compile(r"key_[A-Za-z0-9]{1,64}")
-REDIS_HINT = ("start one with `redis-server --port 6379 --save '' --daemonize yes` (or `apt-get install -y "
+REDIS_HINT = ("start one with `redis-server --port 6379 --appendonly yes --daemonize yes` (or `apt-get install -y "
               "redis-server`), then set REDIS_URL or store.redis_url")
 
 
@@ -49,10 +49,9 @@ async def _with_store(settings: Settings, fn: Callable[[Any], Coroutine[Any, Any
 
 
 def _safe_url(url: str) -> str:
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+    from therouter.logs import safe_url
+
+    return safe_url(url)
 
 
 # ---- serve / check-config -------------------------------------------------------------------------------------
@@ -73,30 +72,103 @@ def app_factory() -> Any:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    import uvicorn
+    import logging.config
+
+    from therouter.logs import dict_config
 
     s = _settings(a.config)
+    log_config = dict_config(a.log_format or s.server.log_format, a.log_level)
+    logging.config.dictConfig(log_config)
     code = _run(_with_store(s, _noop))
     if code:
         return code
     host = a.host or s.server.host
     port = a.port if a.port is not None else s.server.port
     workers = a.workers or s.server.workers
-    kw: dict[str, Any] = dict(host=host, port=port, log_level=a.log_level, access_log=False,
-                              timeout_graceful_shutdown=30, proxy_headers=False, server_header=False)
+    config_path = os.path.abspath(a.config or os.environ.get("THEROUTER_CONFIG") or DEFAULT_CONFIG_PATH)
+    _announce(s, host, port, workers, config_path)
+    kw: dict[str, Any] = {"host": host, "port": port, "log_level": a.log_level, "log_config": log_config,
+                          "access_log": False, "timeout_graceful_shutdown": 30, "proxy_headers": False,
+                          "server_header": False}
     if workers > 1:
-        os.environ["THEROUTER_CONFIG"] = os.path.abspath(a.config or os.environ.get("THEROUTER_CONFIG")
-                                                         or "config/therouter.yaml")
-        uvicorn.run("therouter.cli:app_factory", factory=True, workers=workers, **kw)
+        _serve_workers(config_path, workers, kw)
     else:
-        from therouter.app import create_app
+        import uvicorn
 
+        from therouter.app import create_app
+        from therouter.observability import clear_multiproc_dir
+
+        clear_multiproc_dir()  # a PROMETHEUS_MULTIPROC_DIR set by the operator starts empty
         uvicorn.run(create_app(s), **kw)
     return 0
 
 
+def _serve_workers(config_path: str, workers: int, kw: dict[str, Any]) -> None:
+    """N uvicorn workers sharing one metrics folder (prometheus-client's multiprocess mode), fresh for this run:
+    set before any worker imports prometheus-client, emptied at the start and removed (or emptied) at the end."""
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    from therouter.observability import MULTIPROC_ENV, clear_multiproc_dir, multiproc_dir
+
+    given = multiproc_dir()
+    path = given or tempfile.mkdtemp(prefix="therouter-metrics-")
+    os.makedirs(path, exist_ok=True)
+    clear_multiproc_dir(path)  # another run's numbers would be added to this one's
+    os.environ[MULTIPROC_ENV] = path
+    os.environ["THEROUTER_CONFIG"] = config_path
+    try:
+        uvicorn.run("therouter.cli:app_factory", factory=True, workers=workers, **kw)
+    finally:
+        if given:
+            clear_multiproc_dir(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _announce(s: Settings, host: str, port: int, workers: int, config_path: str) -> None:
+    """At the default level: where it listens, with how many workers, which config and Redis, each provider."""
+    import logging
+
+    from therouter.logs import safe_url
+
+    log = logging.getLogger("therouter.serve")
+    redis = safe_url(s.store.redis_url)
+    log.info("listening on http://%s:%d with %d worker%s; config %s; Redis %s", host, port, workers,
+             "" if workers == 1 else "s", config_path, redis,
+             extra={"event": "serve", "host": host, "port": port, "workers": workers, "config": config_path,
+                    "redis": redis})
+    for name, p in s.providers.items():
+        where = "hosted" if p.is_hosted else "self-hosted"
+        state = "configured"
+        if p.is_hosted and p.api_key_env and p.api_key is None:
+            state = f"skipped by routing: {p.api_key_env} is not set"
+        log.info("provider %s (%s, %s) at %s: %s", name, p.kind, where, safe_url(p.base_url), state,
+                 extra={"event": "provider", "provider": name, "kind": p.kind, "hosted": p.is_hosted,
+                        "base_url": safe_url(p.base_url), "state": state})
+
+
 async def _noop(store: Any) -> int:
     return 0
+
+
+def cmd_healthcheck(a: argparse.Namespace) -> int:
+    """For container healthchecks: GET /health on the port the config gives ``serve`` (so it follows it)."""
+    import httpx
+
+    s = _settings(a.config)
+    host = s.server.host if s.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    port = a.port if a.port is not None else s.server.port
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/health"
+    try:
+        ok = httpx.get(url, timeout=a.timeout).status_code == 200
+    except httpx.HTTPError as e:
+        print(f"unhealthy: {url}: {type(e).__name__}", file=sys.stderr)
+        return 1
+    print(f"{'healthy' if ok else 'unhealthy'}: {url}", file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 # ---- keys -----------------------------------------------------------------------------------------------------
@@ -270,11 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the gateway")
     s.add_argument("--config", dest="config", default=argparse.SUPPRESS)
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--workers", type=int)
-    s.add_argument("--log-level", default="warning")
+    s.add_argument("--host", help="address to listen on (default: server.host)")
+    s.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    s.add_argument("--workers", type=int, help="worker processes (default: server.workers); metrics sum over all")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
+                   help="log level (default: info: one line per request, start-up and notable events)")
+    s.add_argument("--log-format", choices=["text", "json"],
+                   help="log line format (default: server.log_format, text); json: one object per line")
     s.set_defaults(fn=cmd_serve)
+
+    h = sub.add_parser("healthcheck", help="exit 0 if the gateway answers /health on its configured port")
+    h.add_argument("--config", dest="config", default=argparse.SUPPRESS)
+    h.add_argument("--port", type=int, help="check this port instead of server.port")
+    h.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default: 3)")
+    h.set_defaults(fn=cmd_healthcheck)
 
     c = sub.add_parser("check-config", help="validate a config file without starting")
     c.add_argument("config_path", nargs="?")

@@ -46,6 +46,13 @@ class ServerConfig(_Strict):
     request_deadline: float = Field(300.0, gt=0)  # seconds, one overall deadline for a non-stream request
     stream_write_timeout: float = Field(60.0, gt=0)  # a client that reads nothing for this long is disconnected
     model_check_interval: float = Field(600.0, ge=0)  # seconds between GET /models checks of hosted providers; 0 = off
+    log_format: Literal["text", "json"] = "text"  # `serve --log-format` overrides it
+    metrics_token: SecretStr | None = None  # set: GET /metrics needs `Authorization: Bearer <token>`
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _token(cls, v: SecretStr | None) -> SecretStr | None:
+        return v if v is not None and v.get_secret_value() else None  # "${METRICS_TOKEN:-}" unset: no token
 
 
 class StoreConfig(_Strict):
@@ -250,6 +257,7 @@ class Settings(_Strict):
     routing: RoutingOptions = RoutingOptions()
     metering: MeteringConfig = MeteringConfig()
     admin_key: SecretStr | None = None  # from THEROUTER_ADMIN_KEY
+    otel_endpoint: str | None = None  # from OTEL_EXPORTER_OTLP_ENDPOINT: traces on (needs the `otel` extra)
     data_dir: str = ".therouter"  # journal and local state
 
     @model_validator(mode="after")
@@ -293,6 +301,8 @@ def parse_settings(raw: Any, source: str, env: Mapping[str, str] | None = None) 
                 p["api_key"] = key
     if "admin_key" not in data and env.get("THEROUTER_ADMIN_KEY"):
         data["admin_key"] = env["THEROUTER_ADMIN_KEY"]
+    if "otel_endpoint" not in data and env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        data["otel_endpoint"] = env["OTEL_EXPORTER_OTLP_ENDPOINT"]
     try:
         return Settings.model_validate(data)
     except ValidationError as e:

@@ -110,6 +110,10 @@ class RateLimited(GatewayError):
     type = "requests"
     code = "rate_limit_exceeded"
 
+    def __init__(self, message: str, *, limit: str = "rpm", **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.limit = limit  # which of the key's limits refused: rpm | tpm (a metric label)
+
 
 # ---- our side ------------------------------------------------------------------------------------------------------
 

@@ -28,10 +28,11 @@ from therouter.errors import (
     UpstreamTimeout,
 )
 from therouter.keys import KeyRecord
+from therouter.logs import log_request
 from therouter.metering.meter import Admission, Meter
 from therouter.metering.prices import nano_to_usd
 from therouter.metering.records import GenerationRecord, Outcome
-from therouter.observability import Metrics
+from therouter.observability import Finished, Metrics
 from therouter.protocol.usage import Usage
 from therouter.providers._http import UpstreamRequest
 from therouter.providers.base import Provider
@@ -41,6 +42,7 @@ from therouter.routing.preferences import NO_PREFERENCES, Preferences, parse_pre
 from therouter.routing.router import Candidate, Needs, Router, Skip
 from therouter.routing.state import Lease
 from therouter.streaming import ChunkRewriter, UpstreamEvents
+from therouter.tracing import Tracing
 
 log = logging.getLogger("therouter.gateway")
 
@@ -78,6 +80,7 @@ class Call:
     ttft: float | None = None  # streams: seconds from the request to the first content chunk (the gate)
     release: Callable[[], None] | None = None  # leaves the retry budget's count of requests in flight
     built: dict[tuple[str, Deployment], UpstreamRequest] = field(default_factory=dict)  # per (provider, deployment)
+    observed: bool = False  # its answer was counted and logged (once)
 
     @property
     def object(self) -> str:
@@ -108,36 +111,48 @@ def cost_fragment(nano: int) -> orjson.Fragment:
 
 class Gateway:
     def __init__(self, settings: Settings, router: Router, meter: Meter, policy: AttemptPolicy | None = None,
-                 clock: Callable[[], float] = time.monotonic, metrics: Metrics | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, metrics: Metrics | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.router = router
         self.meter = meter
         self.policy = policy or AttemptPolicy(router)
         self.clock = clock
         self.metrics = metrics
+        self.tracing = tracing
 
     # ---- entry ----------------------------------------------------------------------------------------------
 
     async def handle(self, key: KeyRecord, endpoint: str, raw: bytes, request_id: str,
                      wait_disconnect: Callable[[], Awaitable[None]] | None = None) -> JSONAnswer | StreamAnswer:
         s = self.settings.server
-        body = validate.parse_body(raw, s.max_body_bytes, s.max_json_depth)
-        model = validate.require_model(body)
-        card = self.router.card(model)
-        if card is None:
-            raise ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.",
-                                param="model")
-        if key.models and model not in key.models:
-            raise PermissionDenied(f"This API key is not allowed to use the model `{model}`.", param="model")
-        checked = validate.check("chat" if endpoint == "chat" else "completions", body, card, model)
-        prefs = parse_preferences(body, self.router.providers, self.settings.models, model, key.models,
-                                  self.router.state.options.max_models)
-        call = Call(key=key, endpoint=endpoint, checked=checked, gen_id=new_id(endpoint), request_id=request_id,
-                    created=int(time.time()), started=self.clock(), prefs=prefs)
-        routes = self._first_routes(call)
-        call.adm = await self.meter.admit(key, model, checked.prompt_tokens, checked.max_tokens or 0, call.gen_id,
-                                          sequences=checked.sequences, prompt_bound=self._prompt_bound(call),
-                                          fallbacks=prefs.models)
+        started, model = self.clock(), ""
+        if self.tracing is not None:
+            self.tracing.begin(endpoint, request_id)
+        try:
+            body = validate.parse_body(raw, s.max_body_bytes, s.max_json_depth)
+            model = validate.require_model(body)
+            card = self.router.card(model)
+            if card is None:
+                raise ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.",
+                                    param="model")
+            if key.models and model not in key.models:
+                raise PermissionDenied(f"This API key is not allowed to use the model `{model}`.", param="model")
+            checked = validate.check("chat" if endpoint == "chat" else "completions", body, card, model)
+            prefs = parse_preferences(body, self.router.providers, self.settings.models, model, key.models,
+                                      self.router.state.options.max_models)
+            call = Call(key=key, endpoint=endpoint, checked=checked, gen_id=new_id(endpoint), request_id=request_id,
+                        created=int(time.time()), started=started, prefs=prefs)
+            routes = self._first_routes(call)
+            call.adm = await self.meter.admit(key, model, checked.prompt_tokens, checked.max_tokens or 0,
+                                              call.gen_id, sequences=checked.sequences,
+                                              prompt_bound=self._prompt_bound(call), fallbacks=prefs.models)
+        except BaseException as e:  # refused before admission: counted and logged, nothing to settle
+            outcome = "refused" if isinstance(e, GatewayError) else _failure_outcome(e)
+            self._finish(Finished(request_id, _status(e), outcome, model if model in self.settings.models else "",
+                                  seconds=self.clock() - started, key_id=key.id,
+                                  error=e if isinstance(e, GatewayError) else None))
+            raise
         budget = self.router.state.budget
         budget.enter()
         call.release = budget.leave
@@ -147,8 +162,10 @@ class Gateway:
             return await self._json(call, routes, wait_disconnect)
         except BaseException as e:
             call.done()
+            usage, cost = None, 0
             if not call.settled:
-                await self._settle_failure(call, e)
+                usage, cost = await self._settle_failure(call, e)
+            self._observe(call, None, _status(e), _failure_outcome(e), usage, cost, e)
             if isinstance(e, GatewayError) and call.adm is not None:
                 # x-ratelimit-* on every answer of a limited key; the generation id leads to the attempts' record
                 e.headers = {**call.adm.headers, "x-therouter-generation-id": call.gen_id, **e.headers}
@@ -280,6 +297,7 @@ class Gateway:
             return await self._json_attempt(call, c)
 
         cand, (obj, usage) = await self._route(call, routes, attempt, cancel_on=wait_disconnect)
+        call.ttft = self.clock() - call.started  # the whole answer is its first token
         if call.lease is not None:
             self.router.state.observe_throughput(cand.key, usage.completion_tokens,
                                                  self.clock() - call.lease.started)
@@ -295,7 +313,9 @@ class Gateway:
         u = usage.to_openai(obj.get("usage") if isinstance(obj.get("usage"), dict) else None)
         u["cost"] = cost_fragment(cost)
         obj["usage"] = u
-        return JSONAnswer(orjson.dumps(obj), self._headers(call, cand))
+        answer = JSONAnswer(orjson.dumps(obj), self._headers(call, cand))
+        self._observe(call, cand, 200, "completed", usage, cost)
+        return answer
 
     async def _json_attempt(self, call: Call, c: Candidate) -> tuple[dict[str, Any], Usage]:
         p, t = c.provider, c.provider.config.timeouts
@@ -423,12 +443,13 @@ class Gateway:
                 call.attempts[-1]["stream_error"] = {"code": error.code,
                                                      "error": (error.detail or error.message)[:2000]}
             if self.metrics is not None:
-                self.metrics.stream_errors.labels(cand.name, error.code or "upstream_error").inc()
+                self.metrics.observe_stream_error(cand.name, error)
         elif outcome == "completed" and call.lease is not None:
             state.observe_throughput(cand.key, usage.completion_tokens, self.clock() - call.lease.started)
         call.done()
         cost = await self._settle(call, cand, usage, outcome, stream=True,
                                   estimate=rw.estimate(call.checked.prompt_tokens))
+        self._observe(call, cand, 200, outcome, usage, cost, error)  # the stream's 200 was sent
         return usage, cost
 
     # ---- metering ---------------------------------------------------------------------------------------------
@@ -454,21 +475,50 @@ class Gateway:
         rec = self._record(call, cand, usage, outcome, stream)
         return await asyncio.shield(self.meter.settle(call.adm, rec, estimate, call.checked.sequences))
 
-    async def _settle_failure(self, call: Call, exc: BaseException) -> None:
+    async def _settle_failure(self, call: Call, exc: BaseException) -> tuple[Usage | None, int]:
         """A request that produced no answer: release its reservation and keep a record of the attempts."""
         call.settled = True
         if call.adm is None:
-            return
-        if isinstance(exc, asyncio.CancelledError):
+            return None, 0
+        outcome, usage = _failure_outcome(exc), Usage()
+        if outcome == "client_cancelled":
             # the client left while an upstream had the request: the prompt was processed, so it is billed
             # (estimated); a non-stream answer on a `finish` provider never gets here, it completes and is billed
-            outcome, usage = "client_cancelled", Usage(prompt_tokens=call.checked.prompt_tokens, estimated=True)
-        elif isinstance(exc, GatewayError) and 400 <= exc.status < 500 and not exc.fallback_ok:
-            outcome, usage = "rejected", Usage()  # the upstream refused the request itself (e.g. its content)
-        else:
-            outcome, usage = "failed", Usage()
+            usage = Usage(prompt_tokens=call.checked.prompt_tokens, estimated=True)
         rec = self._record(call, None, usage, outcome, call.checked.stream)
-        await asyncio.shield(self.meter.settle(call.adm, rec, choices=call.checked.sequences))
+        return usage, await asyncio.shield(self.meter.settle(call.adm, rec, choices=call.checked.sequences))
+
+    # ---- observation --------------------------------------------------------------------------------------------
+
+    def _observe(self, call: Call, cand: Candidate | None, status: int, outcome: str, usage: Usage | None,
+                 cost: int, error: BaseException | None = None) -> None:
+        """An admitted request's answer is known: observed once, whatever path ended it."""
+        if call.observed:
+            return
+        call.observed = True
+        first = call.attempts[0] if call.attempts else None
+        moved = cand is not None and first is not None and (first.get("provider"), first.get("model_id")) != (
+            cand.name, cand.model_id)
+        self._finish(Finished(
+            call.request_id, status, outcome, cand.model_id if cand else call.checked.model,
+            cand.name if cand else "", seconds=self.clock() - call.started, ttft=call.ttft,
+            generation_id=call.gen_id, key_id=call.key.id, usage=usage, cost_nano=cost, attempts=len(call.attempts),
+            requested=call.checked.model, fallback_from=str(first.get("provider")) if moved and first else "",
+            error=error if isinstance(error, GatewayError) else None))
+
+    def _finish(self, f: Finished) -> None:
+        """THE place a request's answer is observed: its metrics, its log line, its trace."""
+        if self.metrics is not None:
+            self.metrics.finish(f)
+        log_request(f)
+        if self.tracing is not None:
+            self.tracing.finish(f)
+
+    def refused(self, endpoint: str, request_id: str, err: GatewayError) -> None:
+        """A completion request refused before it reached :meth:`handle` (401, 413): observed like the others."""
+        if self.tracing is not None:
+            self.tracing.begin(endpoint, request_id)
+        self._finish(Finished(request_id, err.status, "refused", error=err))
 
 
 class _Stream:
@@ -493,6 +543,23 @@ class _Stream:
             self._started = True
             await asyncio.shield(asyncio.ensure_future(self._on_unstarted()))
         await self._gen.aclose()  # type: ignore[attr-defined]
+
+
+def _status(e: BaseException) -> int:
+    """The HTTP status a failure is answered with (499: the client left first, as nginx logs it)."""
+    if isinstance(e, GatewayError):
+        return e.status
+    return 499 if isinstance(e, asyncio.CancelledError) else 500
+
+
+def _failure_outcome(e: BaseException) -> str:
+    """The outcome of a request that got no answer: the client left, the upstream refused the request itself
+    (e.g. its content), or it failed."""
+    if isinstance(e, asyncio.CancelledError):
+        return "client_cancelled"
+    if isinstance(e, GatewayError) and 400 <= e.status < 500 and not e.fallback_ok:
+        return "rejected"
+    return "failed"
 
 
 def validate_needs(b: dict[str, Any], call: Call, rf: dict[str, Any], stop: Any, strict: bool = False) -> Needs:

@@ -19,6 +19,7 @@ from therouter.routing.router import Router
 from therouter.routing.shared import SharedSync
 from therouter.routing.state import RoutingState
 from therouter.store import Store
+from therouter.tracing import Tracing
 
 
 @dataclass
@@ -42,20 +43,29 @@ async def build_services(settings: Settings, routing: RoutingOptions | None = No
         name: build_provider(name, cfg, make_transport(settings.server.upstream_client, cfg.max_connections))
         for name, cfg in settings.providers.items()
     }
-    metrics = Metrics()
+    metrics = Metrics(settings)
+    served: dict[tuple[str, str], list[str]] = {}  # (provider, upstream model) -> the public models it serves
+    for mid, m in settings.models.items():
+        for d in m.deployments:
+            served.setdefault((d.provider, d.model), []).append(mid)
+    metrics.declare((key[0], mid) for key, mids in served.items() for mid in mids)
     state = RoutingState(routing or settings.routing,
-                         on_breaker=lambda key, st: metrics.observe_breaker(key[0], st))
-    deployments = {(d.provider, d.model) for m in settings.models.values() for d in m.deployments}
+                         on_breaker=lambda key, st: metrics.observe_breaker(key[0], st, served.get(key, ())),
+                         on_in_flight=lambda key, n: metrics.observe_in_flight(key[0], n))
+    deployments = set(served)
+    tracing = Tracing.from_endpoint(settings.otel_endpoint)
     shared = SharedSync(state, store, providers, deployments)
     health = HealthMonitor(settings, providers, on_start=[shared.start], on_stop=[shared.aclose])
     router = Router(settings, providers, filters=[health.unfit], state=state)
     policy = AttemptPolicy(
         router,
-        observers=[lambda c, e, dt: metrics.observe_attempt(c.name, e.code if e else None, dt)],
+        observers=[lambda c, e, dt: metrics.observe_attempt(c.name, e, dt),
+                   *([tracing.attempt] if tracing is not None else [])],
         on_retry=lambda c: metrics.observe_retry(c.name),
         on_failover=lambda a, b: metrics.observe_failover(a.name, b.name),
     )
     meter = Meter(store, settings, Path(settings.data_dir) / "journal", options=MeterOptions.from_settings(settings))
-    gateway = Gateway(settings, router, meter, policy, metrics=metrics)
+    meter.on_event = metrics.meter_event
+    gateway = Gateway(settings, router, meter, policy, metrics=metrics, tracing=tracing)
     auth = Authenticator(store, stale_seconds=settings.store.key_cache_seconds)
     return Services(settings, store, auth, meter, providers, router, health, gateway, metrics, state, shared)

@@ -23,8 +23,11 @@ def test_shipped_config_has_the_model_card() -> None:
     m = s.models["deepseek/deepseek-v3.2"]
     assert (m.context_length, m.max_output_tokens) == (131072, 32768)
     assert (m.pricing.input, m.pricing.cached_input, m.pricing.output) == (960_000_000, 960_000_000, 2_880_000_000)
+    # the seed's parameters, and what DeepSeek's chat API honours besides (hosted); the self-hosted ones honour more
     assert set(m.supported_parameters) == {"temperature", "max_tokens", "top_p", "tools", "tool_choice",
-                                           "response_format", "stop"}
+                                           "response_format", "stop", "presence_penalty", "frequency_penalty",
+                                           "logprobs", "top_logprobs"}
+    assert {"seed", "n", "logit_bias"} <= set(m.deployments[1].parameters or ())
     assert [d.provider for d in m.deployments] == ["deepseek", "vllm-local", "sglang-local"]
     assert {"deepseek/deepseek-v4-flash", "deepseek/deepseek-v4-pro"} <= set(s.models)
     assert s.providers["deepseek"].api_key is None  # DEEPSEEK_API_KEY unset: loads anyway

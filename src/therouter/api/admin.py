@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
@@ -13,6 +14,7 @@ from therouter.errors import InvalidRequest, ModelNotFound, NotFound
 from therouter.routing.report import providers_report, stranded_by_drain
 
 router = APIRouter(prefix="/admin", dependencies=[AdminDep])
+log = logging.getLogger("therouter.admin")
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -88,6 +90,7 @@ async def drain(name: str, services: ServicesDep, force: bool = False) -> Respon
         raise err
     services.routing.set_drained(name, True)
     shared = await services.shared.flush()
+    _admin_event("drain", name, force=force, models_without_deployment=stranded or None)
     return _json(_drain_answer(services, name, shared, stranded))
 
 
@@ -96,6 +99,7 @@ async def undrain(name: str, services: ServicesDep) -> Response:
     _provider(services, name)
     services.routing.set_drained(name, False)
     shared = await services.shared.flush()
+    _admin_event("undrain", name)
     return _json(_drain_answer(services, name, shared, []))
 
 
@@ -105,7 +109,13 @@ async def reset(name: str, services: ServicesDep) -> Response:
     _provider(services, name)
     services.routing.reset(name)
     shared = await services.shared.clear_cooldowns(name)
+    _admin_event("provider_reset", name)
     return _json({"provider": name, "reset": True, "shared": shared})
+
+
+def _admin_event(event: str, provider: str, **fields: Any) -> None:
+    log.warning("provider %s: %s by the admin API", provider, event.replace("_", " "),
+                extra={"event": event, "provider": provider, "action": "admin", **fields})
 
 
 def _drain_answer(services: Any, name: str, shared: bool, stranded: list[str]) -> dict[str, Any]:

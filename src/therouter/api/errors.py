@@ -17,6 +17,7 @@ from starlette.responses import Response
 from therouter.errors import GatewayError, InternalError
 
 log = logging.getLogger("therouter.api")
+COMPLETIONS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
 
 def error_response(err: GatewayError, request_id: str | None = None,
@@ -40,6 +41,12 @@ def sse_error_event(err: GatewayError) -> bytes:
 def install(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway(request: Request, exc: GatewayError) -> Response:
+        endpoint = COMPLETIONS.get(request.scope["path"])
+        if endpoint and not getattr(request.state, "observed", False):
+            # refused before the gateway had it (a bad key, a body too large): counted and logged all the same
+            services = getattr(request.app.state, "services", None)
+            if services is not None:
+                services.gateway.refused(endpoint, getattr(request.state, "request_id", ""), exc)
         return error_response(exc, getattr(request.state, "request_id", None),
                               getattr(request.state, "extra_headers", None))
 

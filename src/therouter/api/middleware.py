@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from therouter.api.errors import error_response
 from therouter.errors import RequestHeadersTooLarge
+from therouter.logs import REQUEST_ID
 
 SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")  # a client's x-request-id is kept only if it matches
 
@@ -30,6 +31,7 @@ class RequestIdMiddleware:
                 break
         rid = rid or "req_" + uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        token = REQUEST_ID.set(rid)  # every log line written while this request is handled carries it
         raw = rid.encode()
 
         async def send_with_id(message: Message) -> None:
@@ -39,7 +41,10 @@ class RequestIdMiddleware:
                 message["headers"] = headers
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
 
 
 class HeaderLimitMiddleware:

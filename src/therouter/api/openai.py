@@ -49,6 +49,7 @@ async def _complete(endpoint: str, request: Request, key: Any, services: Any) ->
             if msg["type"] == "http.disconnect":
                 return
 
+    request.state.observed = True  # from here on the gateway counts and logs the request, whatever happens
     answer = await services.gateway.handle(key, endpoint, raw, rid, gone)
     if isinstance(answer, StreamAnswer):
         return SSEResponse(answer.events, answer.headers, services.settings.server.stream_write_timeout)

@@ -43,6 +43,17 @@ class Journal:
     def pending(self) -> bool:
         return (self.path.exists() and self.path.stat().st_size > 0) or any(self.dir.glob("replay-*.jsonl"))
 
+    def backlog(self) -> int:
+        """Entries waiting to be replayed (lines of the journal and of replays not finished), for the metric."""
+        n = 0
+        for path in (self.path, *self.dir.glob("replay-*.jsonl")):
+            try:
+                with open(path, "rb") as f:
+                    n += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
+            except FileNotFoundError:
+                continue
+        return n
+
     async def take(self) -> list[Path]:
         async with self._lock:
             return await asyncio.to_thread(self._take_sync)

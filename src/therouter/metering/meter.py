@@ -81,7 +81,8 @@ class Meter:
         self.local = LocalLimiter(self.options.local_limit_divisor, window_ms=self.options.window_ms)
         self.instance = Instance(store, self.layout, self.scripts, clock, self.options, self.reservation_ttl + 60,
                                  settle=self.settle)
-        # metric hooks, read by the observability layer
+        # metric hooks: read by tests, and each event is passed to `on_event` (the observability layer's counters)
+        self.on_event: Callable[..., None] = _ignore
         self.fail_open_total = 0
         self.journal_writes_total = 0
         self.journal_errors_total = 0
@@ -195,6 +196,7 @@ class Meter:
             raise StoreUnavailable("Spend can't be checked right now (the store is unavailable); retry shortly.",
                                    retry_after=2, headers={"Retry-After": "2"})
         self.fail_open_total += 1
+        self.on_event("fail_open")
         rdec, tdec = self.local.check(key.id, now_ms, key.rpm, key.tpm, adm.reserved_tokens)
         mrpm, mtpm = key.limits_for(adm.model)
         if (mrpm is not None or mtpm is not None) and all(d is None or d.allowed for d in (rdec, tdec)):
@@ -237,7 +239,7 @@ class Meter:
         h = headers(rdec, tdec)
         h["Retry-After"] = str(retry)
         return RateLimited(f"Rate limit reached ({'; '.join(parts)}). Retry after {retry}s.",
-                           headers=h, retry_after=retry)
+                           headers=h, retry_after=retry, limit="rpm" if rdec and not rdec.allowed else "tpm")
 
     # ---- settlement -----------------------------------------------------------------------------------------------
 
@@ -281,6 +283,7 @@ class Meter:
         if reasons:
             for reason in reasons:
                 self.usage_anomalies[(record.provider, reason)] += 1
+                self.on_event("usage_anomaly", record.provider, reason)
             log.warning("metering: usage of %s from %s bounded (%s)", record.id, record.provider or "-",
                         ", ".join(reasons))
         _assign(record.usage, usage)  # in place: the caller renders the same object in its answer
@@ -355,8 +358,10 @@ class Meter:
                 entry["priced"] = False  # replay computes the cost again
             await self.journal.append(entry)
             self.journal_writes_total += 1
+            self.on_event("journal_write")
         except Exception:
             self.journal_errors_total += 1
+            self.on_event("journal_error")
             log.critical("metering: usage record %s could not be journalled: %s", adm.gen_id, _dump(entry),
                          exc_info=True)
 
@@ -369,6 +374,9 @@ class Meter:
                 for entry in await asyncio.to_thread(self.journal.read, path):
                     applied += await self._replay_entry(entry)
                 await asyncio.to_thread(self.journal.done, path)
+            if applied:
+                log.info("metering: %d journalled usage records replayed into the store", applied,
+                         extra={"event": "journal_replay", "records": applied})
             return applied
 
     async def _replay_entry(self, entry: dict[str, Any]) -> int:
@@ -503,6 +511,10 @@ class Meter:
 
     async def rebuild_totals(self, key_id: str) -> dict[str, Any]:
         return await self.reports.rebuild_totals(key_id)
+
+
+def _ignore(*_: Any) -> None:
+    pass
 
 
 def _decision(limit: int | None, raw: list[Any]) -> Decision | None:

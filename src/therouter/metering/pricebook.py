@@ -153,5 +153,9 @@ class PriceBook:
     async def _write(self, p: PriceVersion, source: str, effective_at: int) -> int:
         keys = [self._layout.price(p.model), self._layout.pricehist(p.model)]
         args: list[str | int] = [source, p.model, p.input, p.cached_input, p.output, effective_at]
-        _, version = await self._scripts.run("price_set", keys, args)
+        written, version = await self._scripts.run("price_set", keys, args)
+        if int(written):
+            fields = replace(p, version=int(version), effective_at=effective_at, source=source).public()
+            log.info("metering: price of %s is now version %s (%s)", p.model, version, source,
+                     extra={**fields, "event": "price_change"})
         return int(version)

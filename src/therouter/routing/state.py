@@ -61,6 +61,8 @@ class Lease:
             self.closed = True
             st = self.state.stats(self.key)
             st.in_flight = max(st.in_flight - 1, 0)
+            if self.state.on_in_flight is not None:
+                self.state.on_in_flight(self.key, -1)
 
 
 @dataclass
@@ -68,6 +70,7 @@ class RoutingState:
     options: RoutingOptions = field(default_factory=RoutingOptions)
     clock: Callable[[], float] = time.monotonic
     on_breaker: Callable[[DepKey, State], None] | None = None
+    on_in_flight: Callable[[DepKey, int], None] | None = None  # a lease taken (+1) or closed (-1): the metric
     sync: Sync | None = None
     _breakers: dict[DepKey, Breaker] = field(default_factory=dict)
     _stats: dict[DepKey, DepStats] = field(default_factory=dict)
@@ -90,7 +93,8 @@ class RoutingState:
         b = self._breakers.get(key)
         if b is None:
             def changed(state: State, key: DepKey = key) -> None:
-                log.warning("circuit of %s/%s is now %s", key[0], key[1], state.replace("_", "-"))
+                log.warning("circuit of %s/%s is now %s", key[0], key[1], state.replace("_", "-"),
+                            extra={"event": "circuit", "provider": key[0], "upstream_model": key[1], "state": state})
                 if self.on_breaker is not None:
                     self.on_breaker(key, state)
 
@@ -105,6 +109,8 @@ class RoutingState:
 
     def begin(self, key: DepKey, probe: bool = False) -> Lease:
         self.stats(key).in_flight += 1
+        if self.on_in_flight is not None:
+            self.on_in_flight(key, 1)
         return Lease(self, key, probe, self.clock())
 
     # ---- cooldowns (Retry-After) ------------------------------------------------------------------------------

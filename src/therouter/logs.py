@@ -1,0 +1,136 @@
+"""Logging: one format for every line (ours and uvicorn's), the request id on every line of a request, and the
+request line itself.
+
+* ``--log-format json`` (or ``server.log_format: json``): one JSON object per line (``ts``, ``level``, ``logger``,
+  ``msg``, ``pid``, ``request_id`` when the line was written during a request, and the event's own fields);
+  ``text``: ``time LEVEL logger: message key=value ...``.
+* The request id lives in a context variable set by the request-id middleware, so every line written while a request
+  is handled -- in its task or in tasks it started -- carries it without being passed around.
+* Event lines carry ``event`` (``request``, ``fallback``, ``circuit``, ``drain``, ``undrain``, ``provider_reset``,
+  ``journal_replay``, ``price_change``, ``serve``, ``worker_ready``) and their fields as ``extra``.
+* Never a prompt, a completion, a key or a provider secret: the request line holds ids, names, counts and times.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from contextvars import ContextVar
+from typing import Any, Literal
+
+import orjson
+
+from therouter.metering.prices import nano_to_usd
+from therouter.observability import Finished
+
+LogFormat = Literal["text", "json"]
+REQUEST_ID: ContextVar[str | None] = ContextVar("therouter_request_id", default=None)
+HANDLER_NAME = "therouter"
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName",
+                                                                                  "color_message"}
+request_log = logging.getLogger("therouter.request")
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    out = {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
+    rid = out.pop("request_id", None) or REQUEST_ID.get()
+    return {"request_id": rid, **out} if rid else out
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage(),
+            "pid": record.process,
+        }
+        out.update(_fields(record))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = _fields(record)
+        if not fields:
+            return line
+        head, sep, tail = line.partition("\n")  # a traceback stays below the line
+        extra = " ".join(f"{k}={_text(v)}" for k, v in fields.items() if k != "event")
+        return f"{head} {extra}{sep}{tail}" if extra else line
+
+
+def _text(v: Any) -> str:
+    if v is None:
+        return "-"
+    s = str(v)
+    return s if s and " " not in s else orjson.dumps(s).decode()
+
+
+def formatter(fmt: LogFormat) -> logging.Formatter:
+    return JsonFormatter() if fmt == "json" else TextFormatter()
+
+
+def dict_config(fmt: LogFormat, level: str = "INFO") -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` (also uvicorn's ``log_config``, so each worker applies it): every logger,
+    uvicorn's included, writes through one stderr handler in the chosen format."""
+    lvl = level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {HANDLER_NAME: {"()": f"therouter.logs.{'Json' if fmt == 'json' else 'Text'}Formatter"}},
+        "handlers": {HANDLER_NAME: {"class": "logging.StreamHandler", "formatter": HANDLER_NAME,
+                                    "stream": "ext://sys.stderr"}},
+        "root": {"handlers": [HANDLER_NAME], "level": lvl},
+        "loggers": {name: {"handlers": [], "propagate": True, "level": lvl}
+                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")},
+    }
+
+
+def setup_logging(fmt: LogFormat = "text", level: str = "INFO") -> None:
+    """For an app started without ``serve`` (the demo, tests): a stderr handler, unless one is already set up."""
+    root = logging.getLogger()
+    if any(h.get_name() == HANDLER_NAME for h in root.handlers):
+        return
+    h = logging.StreamHandler(sys.stderr)
+    h.set_name(HANDLER_NAME)
+    h.setFormatter(formatter(fmt))
+    root.addHandler(h)
+    root.setLevel(level.upper())
+
+
+def log_request(f: Finished) -> None:
+    """The one INFO line per request."""
+    if not request_log.isEnabledFor(logging.INFO):
+        return
+    u = f.usage
+    request_log.info("request", extra={
+        "event": "request", "request_id": f.request_id, "generation_id": f.generation_id or None,
+        "key_id": f.key_id or None, "model": f.model or None, "provider": f.provider or None, "status": f.status,
+        "prompt_tokens": u.prompt_tokens if u else 0, "completion_tokens": u.completion_tokens if u else 0,
+        "cost_usd": nano_to_usd(f.cost_nano), "latency_ms": _ms(f.seconds), "ttft_ms": _ms(f.ttft),
+        "attempts": f.attempts, "outcome": f.outcome,
+        "error_code": f.error.code if f.error is not None else None,
+    })
+    if f.fallback_from:
+        request_log.info("fallback from %s to %s", f.fallback_from, f.provider, extra={
+            "event": "fallback", "request_id": f.request_id, "model": f.requested or f.model,
+            "served_model": f.model, "from_provider": f.fallback_from, "to_provider": f.provider,
+            "attempts": f.attempts})
+
+
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1000)
+
+
+def safe_url(url: str) -> str:
+    """A Redis URL without its password (or user)."""
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url

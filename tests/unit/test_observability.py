@@ -1,0 +1,105 @@
+"""Metrics labels stay bounded, the log formats, and the multiprocess bookkeeping (pure parts, no process)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from prometheus_client import generate_latest
+
+from therouter.config import parse_settings
+from therouter.errors import BudgetExceeded, RateLimited
+from therouter.logs import REQUEST_ID, JsonFormatter, TextFormatter, safe_url
+from therouter.observability import Finished, Metrics, forget_dead_workers
+from therouter.protocol.usage import Usage
+
+CONFIG = {
+    "store": {"redis_url": "redis://127.0.0.1:1/0"},
+    "providers": {"ds": {"kind": "deepseek", "base_url": "http://127.0.0.1:1"}},
+    "models": {"m/one": {"context_length": 100, "max_output_tokens": 10, "pricing": {"input": 1, "output": 2},
+                         "deployments": [{"provider": "ds", "model": "one"}]}},
+}
+
+
+def _metrics() -> Metrics:
+    return Metrics(parse_settings(CONFIG, "test", env={}))
+
+
+def test_labels_are_bounded_to_the_config() -> None:
+    m = _metrics()
+    m.finish(Finished("r1", 200, "completed", "m/one", "ds", seconds=0.1, ttft=0.05,
+                      usage=Usage(prompt_tokens=3, completion_tokens=4, cached_tokens=1), cost_nano=1500))
+    m.finish(Finished("r2", 404, "refused", "no/such-model-" + "x" * 50, "evil-provider", seconds=0.01))
+    m.finish(Finished("r3", 402, "refused", "m/one", error=BudgetExceeded("no")))
+    m.finish(Finished("r4", 429, "refused", "m/one", error=RateLimited("slow down", limit="tpm")))
+    text = generate_latest(m.registry).decode()
+    assert 'therouter_requests_total{code="200",model="m/one",provider="ds"} 1.0' in text
+    assert 'therouter_requests_total{code="404",model="",provider=""} 1.0' in text
+    assert "no/such-model" not in text and "evil-provider" not in text and "r1" not in text
+    assert 'therouter_tokens_total{model="m/one",provider="ds",type="cached"} 1.0' in text
+    assert 'therouter_spend_usd_total{model="m/one",provider="ds"} 1.5e-06' in text
+    assert "therouter_budget_rejections_total 1.0" in text
+    assert 'therouter_rate_limited_total{limit="tpm"} 1.0' in text
+
+
+def test_attempt_outcomes_are_the_error_classes_codes() -> None:
+    """An upstream's own error code (free text) never becomes a label: the error class's code does."""
+    from therouter.errors import UpstreamRequestRejected
+
+    m = _metrics()
+    m.observe_attempt("ds", UpstreamRequestRejected("no", code="some_upstream_code_" + "z" * 40), 0.1)
+    text = generate_latest(m.registry).decode()
+    assert 'therouter_upstream_attempts_total{outcome="invalid_request_error",provider="ds"} 1.0' in text
+    assert "some_upstream_code" not in text
+
+
+def test_circuit_gauge_follows_the_breaker() -> None:
+    m = _metrics()
+    m.declare([("ds", "m/one")])
+    assert 'therouter_circuit_open{model="m/one",provider="ds"} 0.0' in generate_latest(m.registry).decode()
+    m.observe_breaker("ds", "open", ["m/one"])
+    assert 'therouter_circuit_open{model="m/one",provider="ds"} 1.0' in generate_latest(m.registry).decode()
+    m.observe_breaker("ds", "closed", ["m/one"])
+    assert 'therouter_circuit_open{model="m/one",provider="ds"} 0.0' in generate_latest(m.registry).decode()
+
+
+def _record(msg: str = "hello %s", *args: object, **extra: object) -> logging.LogRecord:
+    rec = logging.LogRecord("therouter.test", logging.INFO, __file__, 1, msg, args or ("world",), None)
+    rec.__dict__.update(extra)
+    return rec
+
+
+def test_json_lines_carry_the_request_id_of_the_context() -> None:
+    token = REQUEST_ID.set("req_abc")
+    try:
+        line = json.loads(JsonFormatter().format(_record(event="request", status=200)))
+    finally:
+        REQUEST_ID.reset(token)
+    assert line["msg"] == "hello world" and line["request_id"] == "req_abc" and line["status"] == 200
+    assert line["level"] == "info" and line["logger"] == "therouter.test" and line["event"] == "request"
+    outside = json.loads(JsonFormatter().format(_record()))
+    assert "request_id" not in outside
+
+
+def test_text_lines_append_the_fields() -> None:
+    token = REQUEST_ID.set("req_abc")
+    try:
+        line = TextFormatter().format(_record(event="request", status=200, model="m one"))
+    finally:
+        REQUEST_ID.reset(token)
+    assert line.endswith('hello world request_id=req_abc status=200 model="m one"')
+
+
+def test_safe_url_hides_the_password() -> None:
+    assert safe_url("redis://:s3cret@host:6379/0") == "redis://***@host:6379/0"
+    assert safe_url("rediss://user:p@ss@host/0") == "rediss://***@host/0"
+    assert safe_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_dead_worker_gauges_are_dropped(tmp_path: Path) -> None:
+    """A killed worker never ran its shutdown: its live gauges are dropped at the next scrape, its counters kept."""
+    for name in ("gauge_livesum_111.db", "gauge_livemax_111.db", "gauge_livesum_222.db", "counter_111.db"):
+        (tmp_path / name).write_bytes(b"")
+    assert forget_dead_workers(str(tmp_path), alive=lambda pid: pid == 222) == [111]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_111.db", "gauge_livesum_222.db"]
