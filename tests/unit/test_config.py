@@ -85,3 +85,21 @@ def test_metering_section_is_typed_strict_and_wired_into_the_meter() -> None:
         raw["metering"] = bad
         with pytest.raises(ConfigError, match=r"x.yaml: metering\.(checkpoint_interval|heartbeat_intervall)"):
             parse_settings(raw, "x.yaml", env={})
+
+
+def test_store_takes_a_redis_cluster_url() -> None:
+    raw = shipped()
+    for url in ("redis+cluster://10.0.0.1:7000", "rediss+cluster://:s3cret@10.0.0.1:7000,10.0.0.2:7001/0"):
+        raw["store"]["redis_url"] = url
+        assert parse_settings(raw, "x.yaml", env={}).store.redis_url == url
+    for url, needle in (("redis+cluster://10.0.0.1:7000/2", "no database number"),
+                        ("redis+cluster://10.0.0.1", "host:port"), ("redis+cluster://h:1,h2", "host:port"),
+                        ("redis+cluster://h:7000?ssl_cert_reqs=none", "no options"), ("memcached://h:1", "redis://")):
+        raw["store"]["redis_url"] = url
+        with pytest.raises(ConfigError, match=r"store.redis_url: .*" + needle):
+            parse_settings(raw, "x.yaml", env={})
+    raw = shipped()
+    raw["store"]["key_prefix"] = "tr:{x}:"  # would take the hash tags that keep each script in one cluster slot
+    with pytest.raises(ConfigError, match=r"store.key_prefix: must not contain"):
+        parse_settings(raw, "x.yaml", env={})
+
