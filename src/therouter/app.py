@@ -11,7 +11,12 @@ from fastapi import FastAPI
 from therouter import __version__
 from therouter.api import admin, errors, ops
 from therouter.api import openai as openai_routes
-from therouter.api.middleware import HeaderLimitMiddleware, RequestIdMiddleware
+from therouter.api.middleware import (
+    BodyDeadlineMiddleware,
+    ConcurrencyLimitMiddleware,
+    HeaderLimitMiddleware,
+    RequestIdMiddleware,
+)
 from therouter.config import Settings
 from therouter.errors import GatewayError
 from therouter.observability import register_meter, setup_logging
@@ -43,6 +48,8 @@ def create_app(settings: Settings) -> FastAPI:
             await services.store.aclose()
 
     app = FastAPI(title="TheRouter", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(BodyDeadlineMiddleware, timeout=settings.server.body_timeout)
+    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.server.max_concurrency)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.server.max_header_bytes)  # outermost: runs first
     errors.install(app)

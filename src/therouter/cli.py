@@ -75,6 +75,8 @@ def app_factory() -> Any:
 def cmd_serve(a: argparse.Namespace) -> int:
     import uvicorn
 
+    from therouter.server import uvicorn_options
+
     s = _settings(a.config)
     code = _run(_with_store(s, _noop))
     if code:
@@ -82,8 +84,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     host = a.host or s.server.host
     port = a.port if a.port is not None else s.server.port
     workers = a.workers or s.server.workers
-    kw: dict[str, Any] = dict(host=host, port=port, log_level=a.log_level, access_log=False,
-                              timeout_graceful_shutdown=30, proxy_headers=False, server_header=False)
+    kw: dict[str, Any] = dict(host=host, port=port, log_level=a.log_level, **uvicorn_options(s))
     if workers > 1:
         os.environ["THEROUTER_CONFIG"] = os.path.abspath(a.config or os.environ.get("THEROUTER_CONFIG")
                                                          or "config/therouter.yaml")

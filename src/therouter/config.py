@@ -42,6 +42,13 @@ class ServerConfig(_Strict):
     request_deadline: float = Field(300.0, gt=0)  # seconds, one overall deadline for a non-stream request
     stream_write_timeout: float = Field(60.0, gt=0)  # a client that reads nothing for this long is disconnected
     model_check_interval: float = Field(600.0, ge=0)  # seconds between GET /models checks of hosted providers; 0 = off
+    # slow clients (see server.py): a connection must deliver a request's headers within header_timeout seconds
+    # of connecting or of the request's first byte, and its body within body_timeout of the headers; else 408 and
+    # the connection is closed. Requests being served by one worker at once are capped at max_concurrency (503 +
+    # Retry-After beyond it, at once, instead of an unbounded queue); /health, /ready and /metrics are not counted.
+    header_timeout: float = Field(10.0, gt=0)
+    body_timeout: float = Field(60.0, gt=0)
+    max_concurrency: int = Field(1024, ge=1)
 
 
 class StoreConfig(_Strict):

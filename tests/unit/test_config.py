@@ -103,3 +103,12 @@ def test_store_takes_a_redis_cluster_url() -> None:
     with pytest.raises(ConfigError, match=r"store.key_prefix: must not contain"):
         parse_settings(raw, "x.yaml", env={})
 
+
+def test_slow_client_limits_are_typed() -> None:
+    s = parse_settings(shipped(), "x.yaml", env={})
+    assert (s.server.header_timeout, s.server.body_timeout, s.server.max_concurrency) == (10.0, 60.0, 1024)
+    for bad in ({"header_timeout": 0}, {"body_timeout": -1}, {"max_concurrency": 0}):
+        raw = shipped()
+        raw.setdefault("server", {}).update(bad)
+        with pytest.raises(ConfigError, match=r"server\." + next(iter(bad))):
+            parse_settings(raw, "x.yaml", env={})
