@@ -9,7 +9,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI
 
 from therouter import __version__
-from therouter.api import admin, errors, ops
+from therouter.api import admin, admin_keys, errors, ops
 from therouter.api import openai as openai_routes
 from therouter.api.middleware import (
     BodyDeadlineMiddleware,
@@ -55,5 +55,6 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     app.include_router(openai_routes.router)
     app.include_router(admin.router)
+    app.include_router(admin_keys.router)
     app.include_router(ops.router)
     return app
