@@ -178,7 +178,8 @@ class Store:
     async def _in_slot(self, fn: Callable[[], Awaitable[T]]) -> T:
         assert self._slots is not None
         try:
-            await asyncio.wait_for(self._slots.acquire(), self.cfg.pool_timeout)
+            async with asyncio.timeout(self.cfg.pool_timeout):  # (not wait_for: it can drop an acquired permit)
+                await self._slots.acquire()
         except TimeoutError:
             raise TimeoutError("no connection to the store became free in time") from None
         try:
