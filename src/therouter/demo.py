@@ -198,6 +198,9 @@ def _run(sock: socket.socket, port: int, data: Path, config: str) -> int:
         return 0
     except KeyboardInterrupt:
         return 0
+    except RuntimeError as e:  # a part that would not start (redis-server missing, a simulator that died)
+        print(f"failed\nerror: {e}", file=sys.stderr)
+        return 1
     finally:
         for c in children:
             c.terminate()

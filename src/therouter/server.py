@@ -7,6 +7,7 @@ when a connection opens, so a client that connects and sends nothing, or trickle
 arms a timer when a connection opens and when a request's first byte arrives, and disarms it when the headers are
 complete; when it fires the client gets 408 and the connection is closed. The body is bounded in time by
 ``api.middleware.BodyDeadlineMiddleware`` (408 as well), requests in flight by ``ConcurrencyLimitMiddleware`` (503).
+An idle keep-alive connection between requests is closed by uvicorn itself after ``timeout_keep_alive`` (5 s).
 """
 
 from __future__ import annotations
