@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Installs everything the test suite needs (Debian's redis-server, a virtualenv with the package and its test
-# extras) and runs the whole suite. The suite starts its own redis-server on a free loopback port.
+# Installs everything the test suite needs (Debian's redis-server, and redis-tools for redis-cli, with which the
+# suite builds a three-node Redis Cluster; a virtualenv with the package and its test extras) and runs the whole
+# suite. The suite starts its own redis-server processes on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
-  echo "installing redis-server (Debian package)..."
+missing=()
+command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || [ -x /usr/bin/redis-cli ] || missing+=(redis-tools)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing ${missing[*]} (Debian packages)..."
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 PY="${PYTHON:-python3}"

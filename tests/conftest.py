@@ -1,4 +1,5 @@
-"""Shared fixtures: a private redis-server on a free loopback port for the whole session (never the machine's)."""
+"""Shared fixtures: a private redis-server on a free loopback port for the whole session (never the machine's), and a
+private three-node Redis Cluster, started the first time a test asks for it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import AsyncIterator, Iterator
 
 import pytest
 
+from tests.redis_cluster import RedisClusterProcess, find_redis_cli
 from therouter.config import StoreConfig
 from therouter.redisproc import RedisProcess, find_redis_server
 from therouter.store import Store
@@ -21,6 +23,15 @@ def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProces
     proc.start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcess]:
+    if find_redis_server() is None or find_redis_cli() is None:  # a failure, never a skip
+        pytest.fail("redis-server / redis-cli are not installed: run ./scripts/test.sh (it installs them)")
+    cluster = RedisClusterProcess(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

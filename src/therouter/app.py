@@ -9,9 +9,14 @@ from typing import AsyncIterator
 from fastapi import FastAPI
 
 from therouter import __version__
-from therouter.api import admin, errors, ops
+from therouter.api import admin, admin_keys, errors, ops
 from therouter.api import openai as openai_routes
-from therouter.api.middleware import HeaderLimitMiddleware, RequestIdMiddleware
+from therouter.api.middleware import (
+    BodyDeadlineMiddleware,
+    ConcurrencyLimitMiddleware,
+    HeaderLimitMiddleware,
+    RequestIdMiddleware,
+)
 from therouter.config import Settings
 from therouter.errors import GatewayError
 from therouter.logs import setup_logging
@@ -49,11 +54,14 @@ def create_app(settings: Settings) -> FastAPI:
     # /openapi.json is served by api/ops.py, to the admin key only
     app = FastAPI(title="TheRouter", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
+    app.add_middleware(BodyDeadlineMiddleware, timeout=settings.server.body_timeout)
+    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.server.max_concurrency)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.server.max_header_bytes)  # outermost: runs first
     errors.install(app)
     app.include_router(openai_routes.router)
     app.include_router(admin.router)
+    app.include_router(admin_keys.router)
     app.include_router(ops.router)
     return app
 

@@ -2,7 +2,9 @@
 
 Only the SHA-256 of a key is stored; lookups go by hash, so no plaintext comparison happens at all, and the admin key
 is compared with ``hmac.compare_digest``. Recently seen keys stay valid from a short local cache while the store is
-down (unknown keys then get 503, not 401: we cannot tell). Keys are never logged or echoed.
+down (unknown keys then get 503, not 401: we cannot tell). Keys are never logged or echoed. A revoked key, and a key
+past its ``expires_at`` (checked on every request, against the wall clock, cached or not), get exactly an unknown
+key's answer.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ def bearer(header: str | None) -> str:
 
 
 class Authenticator:
-    def __init__(self, store: Store, stale_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, store: Store, stale_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
         self.store = store
         self.stale_seconds = stale_seconds
         self.clock = clock
+        self.wall = wall  # for expires_at (unix seconds)
         self._cache: dict[str, tuple[KeyRecord, float]] = {}
 
     async def authenticate(self, header: str | None) -> KeyRecord:
@@ -61,7 +65,7 @@ class Authenticator:
             if found is None:
                 raise AuthenticationFailed(INCORRECT_KEY)
             rec = found
-        if rec.revoked:  # exactly the unknown key's answer: a caller can't tell a revoked key from a made-up one
+        if rec.status(self.wall()) != "active":  # revoked or expired: exactly the unknown key's answer
             raise AuthenticationFailed(INCORRECT_KEY)
         return rec
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
-import re
 import sys
+import time
 from typing import Any, Callable, Coroutine
 
 from therouter.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
+from therouter.errors import InvalidRequest
+from therouter.keys import KEY_ID, KEY_PREFIX
+from therouter.keyspec import MAX_BUDGET_USD, key_fields
 
-# budgets are exact in the admission script's arithmetic up to 2**53 nano-USD (about 9 million USD)
-MAX_BUDGET_USD = 9_000_000
-KEY_ID = re.compile(r"key_[A-Za-z0-9]{1,64}")
 REDIS_HINT = ("start one with `redis-server --port 6379 --appendonly yes --daemonize yes` (or `apt-get install -y "
               "redis-server`), then set REDIS_URL or store.redis_url")
 
@@ -76,6 +77,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     from therouter.logs import dict_config
 
+    from therouter.server import uvicorn_options
+
     s = _settings(a.config)
     log_config = dict_config(a.log_format or s.server.log_format, a.log_level)
     logging.config.dictConfig(log_config)
@@ -87,9 +90,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     workers = a.workers or s.server.workers
     config_path = os.path.abspath(a.config or os.environ.get("THEROUTER_CONFIG") or DEFAULT_CONFIG_PATH)
     _announce(s, host, port, workers, config_path)
-    kw: dict[str, Any] = {"host": host, "port": port, "log_level": a.log_level, "log_config": log_config,
-                          "access_log": False, "timeout_graceful_shutdown": 30, "proxy_headers": False,
-                          "server_header": False}
+    kw: dict[str, Any] = {"host": host, "port": port, "log_level": a.log_level, **uvicorn_options(s),
+                          "log_config": log_config, "access_log": False}
     if workers > 1:
         _serve_workers(config_path, workers, kw)
     else:
@@ -174,60 +176,109 @@ def cmd_healthcheck(a: argparse.Namespace) -> int:
 # ---- keys -----------------------------------------------------------------------------------------------------
 
 
+CLI_LABELS = {"name": "--name", "budget_usd": "--budget", "budget_period": "--budget-period", "rpm": "--rpm",
+              "tpm": "--tpm", "models": "--models", "model_limits": "--model-limit", "expires_at": "--expires-at",
+              "metadata": "--metadata"}
+CLEARABLE = {"budget": "budget_usd", "rpm": "rpm", "tpm": "tpm", "models": "models", "model-limits": "model_limits",
+             "expires-at": "expires_at", "metadata": "metadata"}
+
+
+def _key_body(a: argparse.Namespace) -> dict[str, Any]:
+    """The flags of `keys create|update` -> the body POST / PATCH /admin/keys take (keyspec checks both alike)."""
+    body: dict[str, Any] = {}
+    for flag, field in (("name", "name"), ("budget", "budget_usd"), ("budget_period", "budget_period"),
+                        ("rpm", "rpm"), ("tpm", "tpm"), ("expires_at", "expires_at")):
+        if getattr(a, flag, None) is not None:
+            body[field] = getattr(a, flag)
+    if a.models is not None:
+        body["models"] = [m.strip() for m in a.models.split(",") if m.strip()]
+    if a.model_limit:
+        try:
+            body["model_limits"] = {m: {"rpm": r, "tpm": t} for m, (r, t) in map(_model_limit, a.model_limit)}
+        except ValueError as e:
+            raise ValueError(f"--model-limit {e}") from None
+    if a.metadata:
+        pairs = [m.partition("=") for m in a.metadata]
+        if any(not k or not sep for k, sep, _ in pairs):
+            raise ValueError("--metadata takes KEY=VALUE")
+        body["metadata"] = {k: v for k, _, v in pairs}
+    for name in getattr(a, "clear", None) or ():
+        body[CLEARABLE[name]] = None
+    return body
+
+
+def _key_fields(a: argparse.Namespace, s: Settings, creating: bool) -> dict[str, Any]:
+    try:
+        return key_fields(_key_body(a), s.models, time.time(), creating=creating, labels=CLI_LABELS)
+    except InvalidRequest as e:
+        raise ValueError(e.message) from None
+
+
+def _key_id_ok(key_id: str, action: str) -> bool:
+    if KEY_ID.fullmatch(key_id):
+        return True
+    what = "an API key itself, not a key id" if key_id.startswith(KEY_PREFIX) else "not a key id"
+    # never echoed: it may be a plaintext key pasted by mistake
+    print(f"error: that is {what}; {action} by the key id (key_..., shown by `therouter keys list`)", file=sys.stderr)
+    return False
+
+
 def cmd_keys(a: argparse.Namespace) -> int:
-    from therouter.config import usd_to_nano
-    from therouter.keys import KEY_PREFIX
     from therouter.metering.prices import nano_to_usd
 
     s = _settings(a.config)
+    try:
+        fields = _key_fields(a, s, creating=True) if a.keys_cmd == "create" else \
+            _key_fields(a, s, creating=False) if a.keys_cmd == "update" else {}
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     async def create(store: Any) -> int:
-        try:
-            budget = usd_to_nano(a.budget, "--budget", MAX_BUDGET_USD) if a.budget is not None else None
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if budget == 0:
-            print("error: --budget must be more than 0 USD (leave it out for no budget; revoke a key to stop it)",
-                  file=sys.stderr)
-            return 2
-        models = tuple(m.strip() for m in (a.models or "").split(",") if m.strip())
-        try:
-            model_limits = dict(_model_limit(v) for v in a.model_limit or ())
-        except ValueError as e:
-            print(f"error: --model-limit {e}", file=sys.stderr)
-            return 2
-        unknown = [m for m in (*models, *model_limits) if m not in s.models]
-        if unknown:
-            print(f"error: unknown model(s): {', '.join(unknown)}", file=sys.stderr)
-            return 2
-        plaintext, rec = await store.create_key(a.name, budget_nano=budget, budget_period=a.budget_period,
-                                                rpm=a.rpm, tpm=a.tpm, models=models, model_limits=model_limits)
+        plaintext, rec = await store.create_key(fields.pop("name"), **fields)
         print(f"created key {rec.id} ({rec.name}); it is shown once, store it now:")
         print(plaintext)
         return 0
 
     async def list_(store: Any) -> int:
+        now = time.time()
         print(f"{'id':<18} {'name':<20} {'key':<16} {'status':<8} {'budget':<14} {'rpm':>6} {'tpm':>9} models")
         for r in await store.list_keys():
             budget = "-" if r.budget_nano is None else f"${nano_to_usd(r.budget_nano)}/{r.budget_period}"
-            print(f"{r.id:<18} {r.name[:20]:<20} {r.hint:<16} {'revoked' if r.revoked else 'active':<8} "
+            print(f"{r.id:<18} {r.name[:20]:<20} {r.hint:<16} {r.status(now):<8} "
                   f"{budget:<14} {r.rpm or '-':>6} {r.tpm or '-':>9} {','.join(r.models) or '*'}")
         return 0
 
-    async def revoke(store: Any) -> int:
-        if not KEY_ID.fullmatch(a.id):  # never echoed: it may be a plaintext key pasted by mistake
-            what = "an API key itself, not a key id" if a.id.startswith(KEY_PREFIX) else "not a key id"
-            print(f"error: that is {what}; revoke by the key id (key_..., shown by `therouter keys list`)",
+    async def show(store: Any) -> int:
+        rec = (await store.keys_by_ids([a.id])).get(a.id)
+        if rec is None:
+            print(f"error: no key with id {a.id}", file=sys.stderr)
+            return 1
+        detail = await _meter(s, store).reports.key_detail(rec)
+        print(json.dumps({**rec.public(), **detail}, indent=2))
+        return 0
+
+    async def update(store: Any) -> int:
+        rec = (await store.keys_by_ids([a.id])).get(a.id)
+        if rec is None or rec.revoked:
+            print(f"error: {'no key with id' if rec is None else 'a revoked key cannot be changed:'} {a.id}",
                   file=sys.stderr)
-            return 2
+            return 1
+        updated = await store.update_key(a.id, **fields)
+        print(f"updated {a.id} (every gateway applies it within 2 s):")
+        print(json.dumps(updated.public(), indent=2))
+        return 0
+
+    async def revoke(store: Any) -> int:
         if await store.revoke_key(a.id):
             print(f"revoked {a.id}")
             return 0
         print(f"error: no key with id {a.id}", file=sys.stderr)
         return 1
 
-    fn = {"create": create, "list": list_, "revoke": revoke}[a.keys_cmd]
+    if a.keys_cmd in ("show", "update", "revoke") and not _key_id_ok(a.id, a.keys_cmd):
+        return 2
+    fn = {"create": create, "list": list_, "show": show, "update": update, "revoke": revoke}[a.keys_cmd]
     return _run(_with_store(s, fn))
 
 
@@ -303,18 +354,55 @@ def cmd_prices(a: argparse.Namespace) -> int:
 
 
 def cmd_usage(a: argparse.Namespace) -> int:
+    from therouter.metering.usage import usage_query
+
     s = _settings(a.config)
+    try:
+        q = usage_query(a.group_by, a.from_day, a.to_day, time.time(), days=a.days, key_id=a.key)
+    except InvalidRequest as e:
+        print(f"error: --{(e.param or 'group_by').replace('_', '-')}: {e.message}", file=sys.stderr)
+        return 2
 
     async def run(store: Any) -> int:
-        rows = await _meter(s, store).usage_rows(a.key, a.days)
-        print(f"{'key':<18} {'model':<32} {'day':<10} {'requests':>8} {'prompt':>10} {'completion':>10} "
-              f"{'cost (USD)':>14}")
-        for r in rows:
-            print(f"{r['key_id']:<18} {r['model']:<32} {r['day']:<10} {r['requests']:>8} {r['prompt_tokens']:>10} "
-                  f"{r['completion_tokens']:>10} {r['cost_usd']:>14}")
+        report = await _meter(s, store).reports.usage(q)
+        if a.json:
+            print(json.dumps(report, indent=2))
+        elif a.csv:
+            _usage_csv(report)
+        else:
+            _usage_table(report)
         return 0
 
     return _run(_with_store(s, run))
+
+
+def _usage_columns(report: dict[str, Any]) -> list[str]:
+    dims = {"key": ["key_id", "key_name"], "model": ["model"], "provider": ["provider"], "day": ["day"]}
+    return [c for d in report["group_by"] for c in dims[d]] + [
+        "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "cost_usd"]
+
+
+def _usage_csv(report: dict[str, Any]) -> None:
+    import csv
+
+    cols = _usage_columns(report)
+    w = csv.writer(sys.stdout, lineterminator="\n")
+    w.writerow(cols)
+    for r in report["data"]:
+        w.writerow(["" if r.get(c) is None else r[c] for c in cols])
+
+
+def _usage_table(report: dict[str, Any]) -> None:
+    cols = _usage_columns(report)
+    width = {"key_id": 18, "key_name": 16, "model": 32, "provider": 16, "day": 10}
+    print(f"usage {report['from']} .. {report['to']} (UTC)")
+    print(" ".join(f"{c:<{width[c]}}" if c in width else f"{c.removesuffix('_tokens'):>12}" for c in cols))
+    for r in report["data"]:
+        print(" ".join(f"{str(r.get(c) or '-')[:width[c]]:<{width[c]}}" if c in width else f"{r[c]:>12}"
+                       for c in cols))
+    t = report["total"]
+    print(f"total: {t['requests']} requests, {t['prompt_tokens']} prompt + {t['completion_tokens']} completion "
+          f"tokens, {t['cost_usd']} USD")
 
 
 # ---- fake-upstream / demo ---------------------------------------------------------------------------------------
@@ -335,16 +423,49 @@ def cmd_demo(a: argparse.Namespace) -> int:
 # ---- parser -----------------------------------------------------------------------------------------------------
 
 
+CONFIG_HELP = "config file (default: $THEROUTER_CONFIG or config/therouter.yaml)"
+
+
+def _config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", dest="config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+
+
+def _key_flags(parser: argparse.ArgumentParser, creating: bool) -> None:
+    """The settings `keys create` and `keys update` share (the same fields as POST / PATCH /admin/keys)."""
+    keep = "" if creating else "; default: unchanged"
+    parser.add_argument("--name", required=creating, help="a name for the key, shown in listings and usage"
+                        + ("" if creating else " (default: unchanged)"))
+    parser.add_argument("--budget", help=f"spend limit in USD (more than 0, at most {MAX_BUDGET_USD:,}"
+                        + (")" if creating else "; --clear budget for none)"))
+    parser.add_argument("--budget-period", choices=["total", "day", "month"], default="total" if creating else None,
+                        help="what the budget covers: the key's whole life, each UTC day or each UTC month"
+                        + (" (default: total)" if creating else keep))
+    parser.add_argument("--rpm", type=positive_int, help="requests per minute (>= 1"
+                        + ("; default: no limit)" if creating else keep + ")"))
+    parser.add_argument("--tpm", type=positive_int, help="tokens per minute (>= 1"
+                        + ("; default: no limit)" if creating else keep + ")"))
+    parser.add_argument("--models", help="comma-separated model ids this key may use"
+                        + (" (default: all)" if creating else " (replaces the list; --clear models for all)"))
+    parser.add_argument("--model-limit", action="append", metavar="MODEL=RPM/TPM",
+                        help="a per-model override of the rate limits, on top of --rpm/--tpm ('-' for none); "
+                        "repeatable" + ("" if creating else "; replaces every override"))
+    parser.add_argument("--expires-at", metavar="WHEN",
+                        help="when the key stops working: unix seconds or ISO 8601, e.g. 2030-01-31T00:00:00Z"
+                        + (" (default: never)" if creating else keep))
+    parser.add_argument("--metadata", action="append", metavar="KEY=VALUE",
+                        help="a label for the key (up to 16); repeatable" + ("" if creating else "; replaces all"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="therouter", description="OpenAI-compatible LLM routing gateway")
-    p.add_argument("--config", help="config file (default: $THEROUTER_CONFIG or config/therouter.yaml)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p.add_argument("--config", help=CONFIG_HELP)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the gateway")
-    s.add_argument("--config", dest="config", default=argparse.SUPPRESS)
-    s.add_argument("--host", help="address to listen on (default: server.host)")
-    s.add_argument("--port", type=int, help="port to listen on (default: server.port)")
-    s.add_argument("--workers", type=int, help="worker processes (default: server.workers); metrics sum over all")
+    _config_flag(s)
+    s.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
+    s.add_argument("--workers", type=int, help="worker processes (default: server.workers, 1); metrics sum over all")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                    help="log level (default: info: one line per request, start-up and notable events)")
     s.add_argument("--log-format", choices=["text", "json"],
@@ -352,54 +473,66 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_serve)
 
     h = sub.add_parser("healthcheck", help="exit 0 if the gateway answers /health on its configured port")
-    h.add_argument("--config", dest="config", default=argparse.SUPPRESS)
+    _config_flag(h)
     h.add_argument("--port", type=int, help="check this port instead of server.port")
     h.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default: 3)")
     h.set_defaults(fn=cmd_healthcheck)
 
     c = sub.add_parser("check-config", help="validate a config file without starting")
-    c.add_argument("config_path", nargs="?")
+    c.add_argument("config_path", nargs="?", help="the file to check (default: --config, $THEROUTER_CONFIG or "
+                   "config/therouter.yaml)")
     c.set_defaults(fn=cmd_check_config)
 
-    k = sub.add_parser("keys", help="create, list and revoke API keys")
-    k.add_argument("--config", dest="config", default=argparse.SUPPRESS)
-    ks = k.add_subparsers(dest="keys_cmd", required=True)
-    kc = ks.add_parser("create")
-    kc.add_argument("--name", required=True)
-    kc.add_argument("--budget", help=f"spend limit in USD (more than 0, at most {MAX_BUDGET_USD:,})")
-    kc.add_argument("--budget-period", choices=["total", "day", "month"], default="total")
-    kc.add_argument("--rpm", type=positive_int, help="requests per minute (>= 1; default: no limit)")
-    kc.add_argument("--tpm", type=positive_int, help="tokens per minute (>= 1; default: no limit)")
-    kc.add_argument("--models", help="comma-separated model ids this key may use (default: all)")
-    kc.add_argument("--model-limit", action="append", metavar="MODEL=RPM/TPM",
-                    help="a per-model override of the rate limits, on top of --rpm/--tpm ('-' for none); repeatable")
-    ks.add_parser("list")
-    kr = ks.add_parser("revoke")
+    k = sub.add_parser("keys", help="create, list, show, update and revoke API keys")
+    _config_flag(k)
+    ks = k.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
+    _key_flags(ks.add_parser("create", help="create a key; prints it once, alone on the last line"), creating=True)
+    ks.add_parser("list", help="every key: id, name, hint, status, budget and limits (never the key itself)")
+    kshow = ks.add_parser("show", help="one key as JSON: settings, spend per period, last used")
+    kshow.add_argument("id", help="the key's id (key_..., see `keys list`), never the key itself")
+    ku = ks.add_parser("update", help="change a key's settings; every gateway applies it within 2 s")
+    ku.add_argument("id", help="the key's id (key_..., see `keys list`), never the key itself")
+    _key_flags(ku, creating=False)
+    ku.add_argument("--clear", action="append", choices=sorted(CLEARABLE),
+                    help="remove a setting (no budget, no limit, all models, never expires, no metadata); repeatable")
+    kr = ks.add_parser("revoke", help="stop a key for good (it then gets an unknown key's 401)")
     kr.add_argument("id", help="the key's id (key_..., see `keys list`), never the key itself")
     k.set_defaults(fn=cmd_keys)
 
     sub.add_parser("fake-upstream", help="run the DeepSeek / vLLM / SGLang simulator (see --help)", add_help=False)
 
-    d = sub.add_parser("demo", help="start redis, a simulated upstream and the gateway, with a demo key")
-    d.add_argument("--port", type=int, default=8080)
-    d.add_argument("--data-dir", default=".demo")
+    d = sub.add_parser("demo", help="start redis, simulated upstreams and the gateway, with a demo key and an admin "
+                       "key")
+    d.add_argument("--port", type=int, default=8080, help="the gateway's port on 127.0.0.1 (default: 8080; "
+                   "scripts/demo.sh takes $PORT)")
+    d.add_argument("--data-dir", default=".demo", help="where the demo keeps its Redis data (default: .demo); "
+                   "one demo at a time per folder")
     d.set_defaults(fn=cmd_demo)
 
     pr = sub.add_parser("prices", help="show or set the per-model price table in Redis")
-    pr.add_argument("--config", dest="config", default=argparse.SUPPRESS)
-    prs = pr.add_subparsers(dest="prices_cmd", required=True)
-    prs.add_parser("show")
-    pset = prs.add_parser("set")
-    pset.add_argument("model")
+    _config_flag(pr)
+    prs = pr.add_subparsers(dest="prices_cmd", required=True, metavar="ACTION")
+    prs.add_parser("show", help="the price in force per model (USD per 1M tokens) and its version")
+    pset = prs.add_parser("set", help="set a model's price now (a new version; the config never overrides it)")
+    pset.add_argument("model", help="a model id of the config's catalogue")
     pset.add_argument("--input", required=True, help="USD per 1M input tokens")
     pset.add_argument("--cached-input", help="USD per 1M cached input tokens (default: --input)")
     pset.add_argument("--output", required=True, help="USD per 1M output tokens")
     pr.set_defaults(fn=cmd_prices)
 
-    u = sub.add_parser("usage", help="spend and tokens per key / model / day")
-    u.add_argument("--config", dest="config", default=argparse.SUPPRESS)
-    u.add_argument("--key", help="a key id (default: all keys)")
-    u.add_argument("--days", type=int, default=7)
+    u = sub.add_parser("usage", help="requests, tokens and spend grouped by key / model / provider / day")
+    _config_flag(u)
+    u.add_argument("--key", help="one key id (default: all keys)")
+    u.add_argument("--group-by", default=None, metavar="DIMS",
+                   help="comma-separated: key, model, provider, day (model and provider not together; "
+                   "default: key,model,day)")
+    u.add_argument("--from", dest="from_day", metavar="YYYY-MM-DD", help="first UTC day (default: --days before --to)")
+    u.add_argument("--to", dest="to_day", metavar="YYYY-MM-DD", help="last UTC day (default: today)")
+    u.add_argument("--days", type=int, default=None, help="without --from: this many days ending at --to (default: "
+                   "7)")
+    out = u.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the report as JSON (as GET /admin/usage answers)")
+    out.add_argument("--csv", action="store_true", help="print the rows as CSV with a header line")
     u.set_defaults(fn=cmd_usage)
     return p
 

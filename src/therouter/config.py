@@ -53,6 +53,13 @@ class ServerConfig(_Strict):
     @classmethod
     def _token(cls, v: SecretStr | None) -> SecretStr | None:
         return v if v is not None and v.get_secret_value() else None  # "${METRICS_TOKEN:-}" unset: no token
+    # slow clients (see server.py): a connection must deliver a request's headers within header_timeout seconds
+    # of connecting or of the request's first byte, and its body within body_timeout of the headers; else 408 and
+    # the connection is closed. Requests being served by one worker at once are capped at max_concurrency (503 +
+    # Retry-After beyond it, at once, instead of an unbounded queue); /health, /ready and /metrics are not counted.
+    header_timeout: float = Field(10.0, gt=0)
+    body_timeout: float = Field(60.0, gt=0)
+    max_concurrency: int = Field(1024, ge=1)
 
 
 class StoreConfig(_Strict):
@@ -69,9 +76,31 @@ class StoreConfig(_Strict):
     def _url(cls, v: str) -> str:
         if not v:
             raise ValueError("is empty (set REDIS_URL or write a redis:// URL)")
-        if not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if not v.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")):
+            raise ValueError("must start with redis://, rediss://, unix:// or, for a Redis Cluster, redis+cluster:// "
+                             "or rediss+cluster://")
+        if "+cluster://" in v:
+            _cluster_nodes(v)
         return v
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if "{" in v or "}" in v:  # the hash tags that keep each script's keys in one Cluster slot come after it
+            raise ValueError("must not contain { or }")
+        return v
+
+
+def _cluster_nodes(url: str) -> None:
+    """A cluster URL names at least one host:port seed node, database 0 only, and no query options."""
+    rest = url.split("://", 1)[1]
+    hosts, _, path = rest.rpartition("@")[2].partition("/")
+    if path not in ("", "0") or "?" in rest:
+        raise ValueError("a Redis Cluster URL takes no database number (other than /0) and no options")
+    for hp in hosts.split(","):
+        host, sep, port = hp.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"a Redis Cluster URL lists seed nodes as host:port[,host:port...], got {hp.strip()!r}")
 
 
 class Timeouts(_Strict):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 KEY_PREFIX = "tr-"
+KEY_ID = re.compile(r"key_[A-Za-z0-9]{1,64}")  # what a key id looks like (anything else is never echoed back)
 BudgetPeriod = Literal["total", "day", "month"]
+KeyStatus = Literal["active", "revoked", "expired"]
 
 
 def new_key() -> str:
@@ -40,6 +43,15 @@ class KeyRecord:
     models: tuple[str, ...] = ()  # empty: every model
     # per-model overrides: model id -> (rpm, tpm), enforced in addition to the key's own rpm / tpm
     model_limits: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
+    expires_at: int | None = None  # unix seconds; from then on the key gets exactly an unknown key's 401
+    metadata: dict[str, str] = field(default_factory=dict)  # the operator's labels (never used by the gateway)
+
+    def status(self, now: float) -> KeyStatus:
+        if self.revoked:
+            return "revoked"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return "active"
 
     def limits_for(self, model: str) -> tuple[int | None, int | None]:
         return self.model_limits.get(model, (None, None))
@@ -55,6 +67,8 @@ class KeyRecord:
             "tpm": "" if self.tpm is None else str(self.tpm),
             "models": ",".join(self.models),
             "model_limits": json.dumps({m: list(v) for m, v in self.model_limits.items()}) if self.model_limits else "",
+            "expires_at": "" if self.expires_at is None else str(self.expires_at),
+            "metadata": json.dumps(self.metadata, sort_keys=True) if self.metadata else "",
         }
 
     @classmethod
@@ -71,10 +85,14 @@ class KeyRecord:
             rpm=opt("rpm"), tpm=opt("tpm"),
             models=tuple(m for m in (h.get("models") or "").split(",") if m),
             model_limits={m: (v[0], v[1]) for m, v in json.loads(h.get("model_limits") or "{}").items()},
+            expires_at=opt("expires_at"),
+            metadata={str(k): str(v) for k, v in json.loads(h.get("metadata") or "{}").items()},
         )
 
-    def public(self) -> dict[str, Any]:
+    def public(self, now: float | None = None) -> dict[str, Any]:
+        """What admin listings show (never the key itself: only its hint)."""
         d = asdict(self)
         d["models"] = list(self.models)
         d["model_limits"] = {m: {"rpm": r, "tpm": t} for m, (r, t) in self.model_limits.items()}
+        d["status"] = self.status(time.time() if now is None else now)
         return d

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -27,10 +28,12 @@ def find_redis_server() -> str | None:
 
 
 class RedisProcess:
-    def __init__(self, data_dir: str | os.PathLike[str], port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], port: int | None = None, appendonly: bool = True,
+                 extra_args: Sequence[str] = ()) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.extra_args = list(extra_args)  # more redis-server options (e.g. a cluster node's)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -45,7 +48,7 @@ class RedisProcess:
         args = [
             binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir.resolve()),
             "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
-            "--daemonize", "no", "--protected-mode", "yes", "--logfile", "redis.log",
+            "--daemonize", "no", "--protected-mode", "yes", "--logfile", "redis.log", *self.extra_args,
         ]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)

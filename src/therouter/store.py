@@ -2,20 +2,38 @@
 
 The client has short socket and connect timeouts and a breaker, so a hung or dead Redis never hangs a request:
 calls fail fast with :class:`StoreUnavailable`. Every key is namespaced by ``key_prefix``.
+
+**Redis Cluster**: a ``redis+cluster://`` (or ``rediss+cluster://``) URL, with one or more seed nodes
+(``redis+cluster://:PASSWORD@10.0.0.1:7000,10.0.0.2:7000``), gives a :class:`RedisCluster` client with the same
+policy: no command is re-sent after a timeout or a dropped connection (retries 0; MOVED / ASK redirections are
+followed), and callers queue for one of ``max_connections`` operations in flight (up to ``pool_timeout``), as the
+single node's blocking pool makes them do, instead of failing when a node's connections run out. Every multi-key
+script keeps its keys in one hash slot (``{k:KEY_ID}``, ``{MODEL}``, ``{meter}``, ``{route}``); non-transactional
+pipelines may span slots (redis-py's cluster pipeline sends each node its part); nothing uses MULTI across slots.
+redis-py's cluster pipeline refuses EVALSHA, so a script and the commands pipelined with it on a single node are sent
+side by side instead (:meth:`Store.script_with`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterDownError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     TryAgainError,
@@ -77,25 +95,60 @@ class StoreBreaker:
         return self.opened_at is not None
 
 
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.split("://", 1)[0] in CLUSTER_SCHEMES
+
+
+def cluster_client(cfg: StoreConfig) -> RedisCluster:
+    """``redis+cluster://[[user]:password@]host:port[,host:port...][/0]`` -> a cluster client (see the module doc)."""
+    parts = urlsplit(cfg.redis_url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    nodes = []
+    for hp in hosts.split(","):
+        host, _, port = hp.strip().rpartition(":")
+        nodes.append(ClusterNode(host.strip("[]") or "127.0.0.1", int(port or 6379)))
+    return RedisCluster(
+        startup_nodes=nodes, username=unquote(user) or None, password=unquote(password) or None,
+        ssl=CLUSTER_SCHEMES[parts.scheme], decode_responses=True,
+        socket_timeout=cfg.socket_timeout, socket_connect_timeout=cfg.connect_timeout,
+        # per node: Store.call lets max_connections operations run at once, each using at most two connections to a
+        # node (a script and its companion pipeline, side by side: Store._script_beside)
+        max_connections=2 * cfg.max_connections, retry=Retry(NoBackoff(), 0), health_check_interval=0,
+    )
+
+
 class Store:
     def __init__(self, cfg: StoreConfig, breaker: StoreBreaker | None = None) -> None:
         self.cfg = cfg
         self.prefix = cfg.key_prefix
-        # A bounded pool that makes callers queue for a connection (up to pool_timeout) instead of opening one
-        # connection per concurrent request: a burst of hundreds of requests then costs a short wait, not hundreds
-        # of connects whose socket timeouts would read as an outage and flip every key to the fail-open path.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            cfg.redis_url,
-            max_connections=cfg.max_connections,
-            timeout=cfg.pool_timeout,
-            socket_timeout=cfg.socket_timeout,
-            socket_connect_timeout=cfg.connect_timeout,
-            retry_on_timeout=False,  # never re-send a non-idempotent command after a timeout
-            retry=None,
-            decode_responses=True,
-            health_check_interval=0,
-        )
-        self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        self.cluster = is_cluster_url(cfg.redis_url)
+        # Callers queue for a connection (up to pool_timeout) instead of opening one connection per concurrent
+        # request: a burst of hundreds of requests then costs a short wait, not hundreds of connects whose socket
+        # timeouts would read as an outage and flip every key to the fail-open path. A single node: a bounded,
+        # blocking pool. A cluster (whose per-node pools fail at once when full): at most max_connections
+        # operations in flight, so no node ever needs more connections than that.
+        self._slots: asyncio.Semaphore | None = None
+        self.redis: Any  # redis.asyncio.Redis or RedisCluster: the same command API
+        if self.cluster:
+            self.redis = cluster_client(cfg)
+            self._slots = asyncio.Semaphore(cfg.max_connections)
+        else:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                cfg.redis_url,
+                max_connections=cfg.max_connections,
+                timeout=cfg.pool_timeout,
+                socket_timeout=cfg.socket_timeout,
+                socket_connect_timeout=cfg.connect_timeout,
+                retry_on_timeout=False,  # never re-send a non-idempotent command after a timeout
+                retry=None,
+                decode_responses=True,
+                health_check_interval=0,
+            )
+            self.redis = aioredis.Redis(connection_pool=pool)
         self.breaker = breaker or StoreBreaker()
 
     def k(self, *parts: str) -> str:
@@ -106,7 +159,7 @@ class Store:
         if not self.breaker.allow():
             raise StoreUnavailable("the store is unavailable; retry shortly", retry_after=2)
         try:
-            result = await fn()
+            result = await (fn() if self._slots is None else self._in_slot(fn))
         except ResponseError as e:
             code = outage_reply(e)
             if code is not None:  # OOM, READONLY, BUSY...: the store cannot serve us
@@ -115,12 +168,24 @@ class Store:
                                        retry_after=2) from None
             self.breaker.success()  # the server answered: a script or command error, not an outage
             raise
-        except (RedisError, OSError, TimeoutError) as e:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as e:
             self.breaker.failure()
             raise StoreUnavailable(f"the store is unavailable ({type(e).__name__}); retry shortly",
                                    retry_after=2) from None
         self.breaker.success()
         return result
+
+    async def _in_slot(self, fn: Callable[[], Awaitable[T]]) -> T:
+        assert self._slots is not None
+        try:
+            async with asyncio.timeout(self.cfg.pool_timeout):  # (not wait_for: it can drop an acquired permit)
+                await self._slots.acquire()
+        except TimeoutError:
+            raise TimeoutError("no connection to the store became free in time") from None
+        try:
+            return await fn()
+        finally:
+            self._slots.release()
 
     async def script_with(self, script: Any, keys: Sequence[str], args: Sequence[str | int],
                           extra: Callable[[Any], None]) -> Any:
@@ -128,6 +193,8 @@ class Store:
         one round trip (redis-py's own pipelined scripts would first ask ``SCRIPT EXISTS``, a second one). After a
         ``NOSCRIPT`` (the script did not run, e.g. a restarted Redis) the script is loaded and the whole batch sent
         again, so ``extra`` must add idempotent commands only. Returns the script's reply; raises the first error."""
+        if self.cluster:
+            return await self._script_beside(script, keys, args, extra)
         for _ in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
@@ -142,6 +209,24 @@ class Store:
             return replies[0]
         raise NoScriptError("the script could not be loaded")
 
+    async def _script_beside(self, script: Any, keys: Sequence[str], args: Sequence[str | int],
+                             extra: Callable[[Any], None]) -> Any:
+        """On a cluster, redis-py's pipeline refuses EVALSHA, so the script (on its keys' node; reloaded there after
+        a ``NOSCRIPT``) and the extra commands (a pipeline of their own) are sent side by side: the caller still
+        waits for one round trip. Same contract as :meth:`script_with`."""
+
+        async def others() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                extra(pipe)
+                return list(await pipe.execute(raise_on_error=False))
+
+        reply, replies = await asyncio.gather(script(keys=list(keys), args=list(args)), others(),
+                                              return_exceptions=True)
+        for r in (reply, *(replies if isinstance(replies, list) else [replies])):
+            if isinstance(r, BaseException):
+                raise r
+        return reply
+
     async def ping(self) -> bool:
         try:
             return bool(await self.call(self.redis.ping))
@@ -153,19 +238,18 @@ class Store:
 
     # ---- API keys -----------------------------------------------------------------------------------------------
 
-    async def create_key(self, name: str, **limits: Any) -> tuple[str, KeyRecord]:
+    async def create_key(self, name: str, **fields: Any) -> tuple[str, KeyRecord]:
+        """A new key: its plaintext (shown once, never stored) and its record. Three keys in three hash slots,
+        written one after the other (no MULTI, so it works on a cluster) in the order that leaves nothing harmful
+        half-done: listed, then findable by id, then -- last -- usable. A failure before the end raises, so the
+        plaintext is never handed out for a key that does not work; what was written is an id without a record,
+        which listings skip."""
         plaintext = new_key()
-        rec = KeyRecord(id="key_" + secrets.token_hex(6), name=name, hint=display(plaintext), **limits)
+        rec = KeyRecord(id="key_" + secrets.token_hex(6), name=name, hint=display(plaintext), **fields)
         h = hash_key(plaintext)
-
-        async def write() -> None:
-            async with self.redis.pipeline(transaction=True) as p:
-                p.hset(self.k("key", h), mapping=rec.to_redis())
-                p.set(self.k("keyid", rec.id), h)
-                p.sadd(self.k("keys"), rec.id)
-                await p.execute()
-
-        await self.call(write)
+        await self.call(lambda: self.redis.sadd(self.k("keys"), rec.id))
+        await self.call(lambda: self.redis.set(self.k("keyid", rec.id), h))
+        await self.call(lambda: self.redis.hset(self.k("key", h), mapping=rec.to_redis()))
         return plaintext, rec
 
     async def key_by_hash(self, h: str) -> KeyRecord | None:
@@ -178,12 +262,24 @@ class Store:
 
     async def list_keys(self) -> list[KeyRecord]:
         ids = sorted(await self.call(lambda: self.redis.smembers(self.k("keys"))))
-        out = []
-        for key_id in ids:
-            rec = await self.key_by_id(key_id)
-            if rec:
-                out.append(rec)
-        return out
+        found = await self.keys_by_ids(ids)
+        return [found[i] for i in ids if i in found]
+
+    async def keys_by_ids(self, ids: Sequence[str]) -> dict[str, KeyRecord]:
+        """The records of these key ids (unknown ids left out), in two pipelined round trips."""
+        if not ids:
+            return {}
+
+        async def read(cmds: Sequence[tuple[str, str]]) -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for cmd, key in cmds:
+                    getattr(pipe, cmd)(key)
+                return list(await pipe.execute())
+
+        hashes = await self.call(lambda: read([("get", self.k("keyid", i)) for i in ids]))
+        known = [(i, h) for i, h in zip(ids, hashes, strict=True) if h]
+        data = await self.call(lambda: read([("hgetall", self.k("key", h)) for _, h in known])) if known else []
+        return {i: KeyRecord.from_redis(d) for (i, _), d in zip(known, data, strict=True) if d}
 
     async def revoke_key(self, key_id: str) -> bool:
         h = await self.call(lambda: self.redis.get(self.k("keyid", key_id)))
@@ -192,12 +288,21 @@ class Store:
         await self.call(lambda: self.redis.hset(self.k("key", h), "revoked", "1"))
         return True
 
-    async def update_key(self, key_id: str, **fields: str) -> bool:
+    async def update_key(self, key_id: str, **changes: Any) -> KeyRecord | None:
+        """Change some of a key's settings (``KeyRecord`` attributes); returns the new record, None if no such key.
+        Only the changed fields are written, so concurrent updates of different fields never undo each other.
+        Every gateway worker sees the change within the auth cache's freshness (``auth.FRESH_SECONDS``)."""
         h = await self.call(lambda: self.redis.get(self.k("keyid", key_id)))
         if not h:
-            return False
-        await self.call(lambda: self.redis.hset(self.k("key", h), mapping=fields))
-        return True
+            return None
+        data = await self.call(lambda: self.redis.hgetall(self.k("key", h)))
+        if not data:
+            return None
+        rec = replace(KeyRecord.from_redis(data), **changes)
+        fields = {f: v for f, v in rec.to_redis().items() if f in changes}
+        if fields:
+            await self.call(lambda: self.redis.hset(self.k("key", h), mapping=fields))
+        return rec
 
     # ---- routing state shared across workers (drains, cooldowns): see routing/shared.py -------------------------
 

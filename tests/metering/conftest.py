@@ -1,19 +1,56 @@
-"""Fixtures for the metering tests: settings, an injectable clock, a started Meter on the per-test key prefix of
-the shared real redis-server, and a key factory."""
+"""Fixtures for the metering tests: settings, an injectable clock, a started Meter on the per-test key prefix, and a
+key factory. The store runs every test twice: on the session's single redis-server and on its three-node Redis
+Cluster (`backend`), so the whole contract holds on both."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
 from tests.metering._helpers import FakeClock, make_settings
-from therouter.config import Settings
+from tests.redis_cluster import RedisClusterProcess
+from therouter.config import Settings, StoreConfig
 from therouter.keys import KeyRecord
 from therouter.metering import Meter, MeterOptions
+from therouter.redisproc import RedisProcess
 from therouter.store import Store
+
+
+@dataclass
+class Backend:
+    """Where the store lives: one redis-server or a Redis Cluster."""
+
+    kind: str
+    url: str
+    single: RedisProcess | None = None
+    cluster: RedisClusterProcess | None = None
+
+    def node_url(self, key: str) -> str:
+        """A plain redis:// URL of the server that holds ``key`` (to stall or inspect that very node)."""
+        node = self.single if self.cluster is None else self.cluster.node_for(key)
+        assert node is not None
+        return node.url
+
+
+@pytest.fixture(params=["single", "cluster"])
+def backend(request: pytest.FixtureRequest, redis_proc: RedisProcess) -> Backend:
+    if request.param == "single":
+        return Backend("single", redis_proc.url, single=redis_proc)
+    cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
+    return Backend("cluster", cluster.url, cluster=cluster)
+
+
+@pytest.fixture
+async def store(backend: Backend, key_prefix: str) -> AsyncIterator[Store]:
+    s = Store(StoreConfig(redis_url=backend.url, key_prefix=key_prefix))
+    assert s.cluster == (backend.kind == "cluster")
+    yield s
+    await s.aclose()
 
 
 @pytest.fixture

@@ -12,12 +12,12 @@ import orjson
 import pytest
 
 from tests.metering._helpers import FakeClock, gen, record
+from tests.metering.conftest import Backend
 from therouter.config import Settings, StoreConfig
 from therouter.errors import BudgetExceeded, StoreUnavailable
 from therouter.keys import KeyRecord
 from therouter.metering import Meter, MeterOptions, cost_nano
 from therouter.protocol.usage import Usage
-from therouter.redisproc import RedisProcess
 from therouter.store import Store
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # the shared redis fixtures live in the session loop
@@ -50,13 +50,14 @@ MakeMeter = Callable[[], Awaitable[Meter]]
 
 
 @pytest.fixture
-async def meters(redis_proc: RedisProcess, key_prefix: str, settings: Settings, clock: FakeClock,
+async def meters(backend: Backend, key_prefix: str, settings: Settings, clock: FakeClock,
                  tmp_path: Path) -> AsyncIterator[MakeMeter]:
-    """Gateway instances: each its own meter, store connection and journal, sharing Redis, prefix and clock."""
+    """Gateway instances: each its own meter, store connection and journal, sharing Redis (one server or the
+    cluster), prefix and clock."""
     made: list[Meter] = []
 
     async def make() -> Meter:
-        store = TestStore(StoreConfig(redis_url=redis_proc.url, key_prefix=key_prefix))
+        store = TestStore(StoreConfig(redis_url=backend.url, key_prefix=key_prefix))
         m = Meter(store, settings, tmp_path / f"journal-{len(made)}", clock=clock, options=OPTIONS)
         await m.start()
         made.append(m)

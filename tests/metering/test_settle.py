@@ -165,7 +165,8 @@ async def test_every_counter_and_reservation_key_has_a_ttl(meter: Meter, make_ke
         if await meter.store.redis.ttl(k) == -1 and not (k.endswith(permanent) or k.startswith(global_permanent)):
             no_ttl.append(k)
     assert no_ttl == []
-    for part in (":rl:r:", ":rl:t:", ":resv", ":resvexp", ":settled:", ":gen:", ":per:d:", ":per:m:", ":bymodel:"):
+    for part in (":rl:r:", ":rl:t:", ":resv", ":resvexp", ":settled:", ":gen:", ":per:d:", ":per:m:", ":bymodel:",
+                 ":byprov:"):
         assert any(part in k for k in seen), part
 
 

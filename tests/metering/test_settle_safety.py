@@ -14,11 +14,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from tests.metering._helpers import gen, record
+from tests.metering.conftest import Backend
 from therouter.keys import KeyRecord
 from therouter.metering import Meter
 from therouter.metering.prices import cost_nano
 from therouter.protocol.usage import Usage
-from therouter.redisproc import RedisProcess
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # the shared redis fixtures live in the session loop
 
@@ -107,15 +107,16 @@ async def test_a_record_with_a_value_json_cannot_hold_is_still_stored(meter: Met
 
 
 async def test_replay_posts_feed_and_index_when_the_settle_reply_was_lost(meter: Meter, make_key: MakeKey,
-                                                                          redis_proc: RedisProcess) -> None:
+                                                                          backend: Backend) -> None:
     key = make_key(budget_nano=10**12)
     warm = gen()  # the settle script is loaded on the server before the stall (EVALSHA must not need a NOSCRIPT)
     await meter.settle(await meter.admit(key, "qwen", 10, 10, warm), record(warm))
     g = gen()
     adm = await meter.admit(key, "qwen", 10, 10, g)
     r = meter.store.redis
-    blocker = aioredis.Redis.from_url(redis_proc.url, socket_timeout=30)
-    probe = aioredis.Redis.from_url(redis_proc.url, socket_timeout=0.05)
+    node = backend.node_url(meter.layout.gen(key.id, g))  # the server holding the key's slot
+    blocker = aioredis.Redis.from_url(node, socket_timeout=30)
+    probe = aioredis.Redis.from_url(node, socket_timeout=0.05)
     try:
         stall = asyncio.ensure_future(blocker.eval(BUSY, 0, 2500))
         for _ in range(200):  # until the server is busy: a PING gets no answer

@@ -101,3 +101,30 @@ def test_upstream_read_limits() -> None:
     raw["server"]["max_upstream_event_bytes"] = 10
     with pytest.raises(ConfigError, match=r"server.max_upstream_event_bytes"):
         parse_settings(raw, "x.yaml", env={})
+
+
+def test_store_takes_a_redis_cluster_url() -> None:
+    raw = shipped()
+    for url in ("redis+cluster://10.0.0.1:7000", "rediss+cluster://:s3cret@10.0.0.1:7000,10.0.0.2:7001/0"):
+        raw["store"]["redis_url"] = url
+        assert parse_settings(raw, "x.yaml", env={}).store.redis_url == url
+    for url, needle in (("redis+cluster://10.0.0.1:7000/2", "no database number"),
+                        ("redis+cluster://10.0.0.1", "host:port"), ("redis+cluster://h:1,h2", "host:port"),
+                        ("redis+cluster://h:7000?ssl_cert_reqs=none", "no options"), ("memcached://h:1", "redis://")):
+        raw["store"]["redis_url"] = url
+        with pytest.raises(ConfigError, match=r"store.redis_url: .*" + needle):
+            parse_settings(raw, "x.yaml", env={})
+    raw = shipped()
+    raw["store"]["key_prefix"] = "tr:{x}:"  # would take the hash tags that keep each script in one cluster slot
+    with pytest.raises(ConfigError, match=r"store.key_prefix: must not contain"):
+        parse_settings(raw, "x.yaml", env={})
+
+
+def test_slow_client_limits_are_typed() -> None:
+    s = parse_settings(shipped(), "x.yaml", env={})
+    assert (s.server.header_timeout, s.server.body_timeout, s.server.max_concurrency) == (10.0, 60.0, 1024)
+    for bad in ({"header_timeout": 0}, {"body_timeout": -1}, {"max_concurrency": 0}):
+        raw = shipped()
+        raw.setdefault("server", {}).update(bad)
+        with pytest.raises(ConfigError, match=r"server\." + next(iter(bad))):
+            parse_settings(raw, "x.yaml", env={})

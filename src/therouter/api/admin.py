@@ -1,4 +1,5 @@
-"""/admin: operator endpoints, behind THEROUTER_ADMIN_KEY (policy applied where the router is included)."""
+"""/admin: operator endpoints, behind THEROUTER_ADMIN_KEY (policy applied where the router is included). Keys and
+usage: admin_keys.py."""
 
 from __future__ import annotations
 
@@ -41,16 +42,6 @@ async def set_price(model_id: str, request: Request, services: ServicesDep) -> R
     pv = await services.meter.set_price(model_id, body["input"], body.get("cached_input", body["input"]),
                                         body["output"], body.get("effective_at"))
     return _json(pv.public())
-
-
-@router.get("/keys")
-async def list_keys(services: ServicesDep) -> Response:
-    return _json({"object": "list", "data": [k.public() for k in await services.store.list_keys()]})
-
-
-@router.get("/usage")
-async def usage(services: ServicesDep, key: str | None = None, days: int = 7) -> Response:
-    return _json({"object": "list", "data": await services.meter.usage_rows(key, max(1, min(days, 366)))})
 
 
 # ---- routing: outage drills ----------------------------------------------------------------------------------------

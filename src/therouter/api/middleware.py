@@ -1,15 +1,18 @@
-"""Pure ASGI middleware: request headers bounded (431), and x-request-id on every response (the client's when it is
-a sane token, or a new one)."""
+"""Pure ASGI middleware: request headers bounded (431), x-request-id on every response (the client's when it is
+a sane token, or a new one), requests in flight per worker bounded (503 + Retry-After at once), and a request's body
+bounded in time (408). The time to deliver the headers is bounded below ASGI, in the server's protocol
+(server.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from therouter.api.errors import error_response
-from therouter.errors import RequestHeadersTooLarge
+from therouter.errors import RequestHeadersTooLarge, RequestTimeout, ServiceUnavailable
 from therouter.logs import REQUEST_ID
 
 SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")  # a client's x-request-id is kept only if it matches
@@ -64,3 +67,64 @@ class HeaderLimitMiddleware:
                 await error_response(err, extra_headers={"Connection": "close"})(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class ConcurrencyLimitMiddleware:
+    """At most ``limit`` requests in flight in this worker (a stream counts until it ends). Beyond it a request gets
+    503 with ``Retry-After`` at once, instead of queueing without bound behind the event loop. Health, readiness and
+    metrics are not counted, so a saturated worker can still be watched."""
+
+    EXEMPT = frozenset({"/health", "/ready", "/metrics"})
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.EXEMPT:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            err = ServiceUnavailable(f"This gateway worker is serving its limit of {self.limit} requests; retry "
+                                     "shortly.", code="server_overloaded", retry_after=1)
+            await error_response(err)(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+class BodyDeadlineMiddleware:
+    """A request's body must arrive within ``timeout`` seconds of its headers: a client trickling it gets 408 (and
+    the connection is closed) when the handler's next read would pass the deadline. Once the body is complete,
+    reads pass through untouched (the handler then waits on them for a disconnect)."""
+
+    def __init__(self, app: ASGIApp, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        complete = False
+
+        async def bounded() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except TimeoutError:
+                raise RequestTimeout(f"The request body did not arrive within {self.timeout:g} s.",
+                                     headers={"Connection": "close"}) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                complete = True
+            return message
+
+        await self.app(scope, bounded, send)

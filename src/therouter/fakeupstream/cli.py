@@ -31,13 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="therouter fake-upstream",
         description="Simulate a DeepSeek-, vLLM- or SGLang-flavoured OpenAI-compatible server.",
     )
-    p.add_argument("--flavor", choices=FLAVORS, default="deepseek")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--flavor", choices=FLAVORS, default="deepseek",
+                   help="which server to imitate: its paths, usage fields and quirks (default: deepseek)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8001, help="0 picks a free port")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer <key>")
     p.add_argument("--models", default=None, help="comma-separated model ids ('*' accepts any)")
     p.add_argument("--seed", type=int, default=None, help="seed for error_rate sampling")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level (default: warning)")
     p.add_argument("--access-log", action="store_true", help="enable uvicorn access log (off by default)")
     knobs = p.add_argument_group("fault knobs (defaults; overridable per request with x-fault)")
     for name, default in KNOB_DEFAULTS.items():

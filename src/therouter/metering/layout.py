@@ -9,6 +9,7 @@ Per API key (slot ``{k:ID}``)                     TTL
   P{k:ID}:per:d:YYYYMMDD     hash  spend+counts     day_ttl (40 d)
   P{k:ID}:per:m:YYYYMM       hash  spend+counts     month_ttl (400 d)
   P{k:ID}:bymodel:YYYYMMDD   hash  "MODEL|field"    day_ttl
+  P{k:ID}:byprov:YYYYMMDD    hash  "PROVIDER|field" day_ttl   (provider "" when none served)
   P{k:ID}:resv               hash  g:GEN -> reservation, s:PERIOD -> reserved nano   reservation_ttl + 60 s
   P{k:ID}:resvexp            zset  GEN by expiry (ms, injected clock)               reservation_ttl + 60 s
   P{k:ID}:rl:r:WINDOW        str   requests admitted in a window                    2 windows
@@ -79,6 +80,9 @@ class Layout:
 
     def bymodel(self, key_id: str, day: str) -> str:
         return self._key(key_id, "bymodel", day)
+
+    def byprov(self, key_id: str, day: str) -> str:
+        return self._key(key_id, "byprov", day)
 
     def resv(self, key_id: str) -> str:
         return self._key(key_id, "resv")

@@ -310,7 +310,7 @@ class Meter:
         the script had already run (its reply was lost in a stall) -- when the generation index shows they are
         missing."""
         rec_json = _json(record.to_dict())
-        args = [*self._settle_args(adm, record, rec_json), 1 if only_if_reserved else 0]
+        args = [*self._settle_args(adm, record, rec_json), 1 if only_if_reserved else 0, record.provider]
         res = await self.scripts.run("settle", self._settle_keys(adm, record), args)
         first = int(res[0]) == 1
         if first or post_owed or (replay and not only_if_reserved):
@@ -324,7 +324,7 @@ class Meter:
         return [lay.settled(kid, gen), lay.gen(kid, gen), lay.per(kid, "total"), lay.per(kid, "d:" + day),
                 lay.per(kid, "m:" + month_id(adm.admitted_at)), lay.bymodel(kid, day), lay.resv(kid),
                 lay.resvexp(kid), lay.stream(kid), lay.rl(kid, "t", adm.window),
-                lay.rl(kid, "t|" + adm.model, adm.window), lay.rid(kid, record.request_id)]
+                lay.rl(kid, "t|" + adm.model, adm.window), lay.rid(kid, record.request_id), lay.byprov(kid, day)]
 
     def _settle_args(self, adm: Admission, record: GenerationRecord, rec_json: str) -> list[str | int]:
         c, o = record.counters(), self.options

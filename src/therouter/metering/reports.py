@@ -1,4 +1,5 @@
-"""Read side of metering: generation records, key summaries, usage rows, and rebuilding counters from records.
+"""Read side of metering: generation records, key summaries and details, usage rows and reports (usage.py), and
+rebuilding counters from records.
 
 Counters are caches of the records (M4). ``rebuild_totals`` re-reads a key's usage stream, recomputes every counter
 the stream covers and compares it with what is stored; when the stream is complete (nothing trimmed:
@@ -16,14 +17,16 @@ import orjson
 
 from therouter.keys import KeyRecord
 from therouter.metering.admission import DAY, MeterOptions
-from therouter.metering.layout import Layout, day_id, period_id, period_label
+from therouter.metering.layout import Layout, day_id, month_id, period_id, period_label
 from therouter.metering.prices import nano_to_usd
 from therouter.metering.records import COUNTER_FIELDS, GenerationRecord
 from therouter.metering.scripts import Scripts
+from therouter.metering.usage import UsageQuery, group, row, totals
 from therouter.store import Store
 
 Counts = dict[str, int]
 _PAGE = 1000
+_BATCH = 1000  # commands per pipeline when a report reads many counters
 
 
 def counts(h: dict[str, str], prefix: str = "") -> Counts:
@@ -76,6 +79,70 @@ class Reports:
             "requests": total["requests"], "tokens": _tokens(total),
             "period_requests": period["requests"], "period_tokens": _tokens(period),
         }
+
+    async def key_detail(self, key: KeyRecord) -> dict[str, Any]:
+        """The summary plus spend per period (total, this UTC day, this UTC month) and when it was last used."""
+        lay, now = self._layout, self._clock()
+        day, month = day_id(now), month_id(now)
+
+        async def read() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.hgetall(lay.per(key.id, "d:" + day))
+                pipe.hgetall(lay.per(key.id, "m:" + month))
+                return list(await pipe.execute())
+
+        out = await self.key_summary(key)
+        day_h, month_h = await self._store.call(read)
+        total = {"cost": out["total_spend_nano"], "requests": out["requests"],
+                 **{f"{t}_tokens": n for t, n in out["tokens"].items()}}
+        out["spend"] = {
+            "total": _spend(total),
+            "day": {"period": f"{day[:4]}-{day[4:6]}-{day[6:]}", **_spend(counts(day_h))},
+            "month": {"period": f"{month[:4]}-{month[4:]}", **_spend(counts(month_h))},
+        }
+        out["last_used_at"] = (await self.last_used([key.id]))[key.id]
+        return out
+
+    async def last_used(self, key_ids: list[str]) -> dict[str, int | None]:
+        """When each key's newest request was settled (unix seconds, from its usage stream's last entry id: no
+        write on the request path), or None if it has none."""
+        if not key_ids:
+            return {}
+        lay = self._layout
+
+        async def read() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for kid in key_ids:
+                    pipe.xrevrange(lay.stream(kid), "+", "-", count=1)
+                return list(await pipe.execute())
+
+        last = await self._store.call(read)
+        return {kid: int(entries[0][0].split("-", 1)[0]) // 1000 if entries else None
+                for kid, entries in zip(key_ids, last, strict=True)}
+
+    async def usage(self, q: UsageQuery) -> dict[str, Any]:
+        """The grouped report of usage.py: ``{object, group_by, from, to, data: [rows], total}``."""
+        r, lay = self._r, self._layout
+        ids = [q.key_id] if q.key_id else sorted(await self._store.call(lambda: r.smembers(lay.keyset())))
+        cells = [(kid, d) for d in q.days() for kid in ids]
+        hashes: list[dict[str, str]] = []
+        for i in range(0, len(cells), _BATCH):
+            batch = cells[i:i + _BATCH]
+
+            async def read(batch: list[tuple[str, str]] = batch) -> list[Any]:
+                async with r.pipeline(transaction=False) as pipe:
+                    for kid, d in batch:
+                        pipe.hgetall(lay.named(kid, f"{q.source}:{d}"))
+                    return list(await pipe.execute())
+
+            hashes += await self._store.call(read)
+        grouped = group(q, ((kid, d, h) for (kid, d), h in zip(cells, hashes, strict=True)))
+        names: dict[str, str] = {}
+        if "key" in q.group_by:
+            found = await self._store.keys_by_ids(sorted({g.values["key"] for g in grouped}))
+            names = {kid: rec.name for kid, rec in found.items()}
+        return {"object": "list", "group_by": list(q.group_by), "from": q.first.isoformat(),
+                "to": q.last.isoformat(), "data": [row(g, names) for g in grouped], "total": totals(grouped)}
 
     async def usage_rows(self, key_id: str | None = None, days: int = 7) -> list[dict[str, Any]]:
         """One row per key, model and UTC day, newest day first, for the last ``days`` days (today included)."""
@@ -149,6 +216,7 @@ class Reports:
                         acc[name][f] += v
                 for f, v in c.items():
                     acc["bymodel:" + fields["d"]][f"{rec.model}|{f}"] += v
+                    acc["byprov:" + fields["d"]][f"{rec.provider}|{f}"] += v
                 n, last_id = n + 1, entry_id
             if len(page) < _PAGE:
                 break
@@ -174,6 +242,11 @@ class Reports:
             else:
                 out[n] = {k: int(v) for k, v in h.items()}
         return out
+
+
+def _spend(c: Counts) -> dict[str, Any]:
+    return {"cost_nano": c["cost"], "cost_usd": nano_to_usd(c["cost"]), "requests": c["requests"],
+            "tokens": _tokens(c)}
 
 
 def _tokens(c: Counts) -> dict[str, int]:

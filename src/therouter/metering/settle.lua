@@ -1,12 +1,13 @@
 -- settle.lua: apply one generation record exactly once (idempotent by gen id).
 -- KEYS: 1 settled marker, 2 record, 3 per:total, 4 per:d:DAY, 5 per:m:MONTH, 6 bymodel:DAY, 7 resv, 8 resvexp,
 --       9 the key's usage stream, 10 the TPM window counter charged at admission, 11 the per-model override's
---       TPM window counter (absent unless the key has one), 12 the request-id index   (all in the key's slot {k:ID})
+--       TPM window counter (absent unless the key has one), 12 the request-id index, 13 byprov:DAY
+--       (all in the key's slot {k:ID})
 -- ARGV: 1 gen, 2 cost nano, 3 model, 4 prompt, 5 completion, 6 cached, 7 reasoning, 8 record JSON,
 --       9 marker ttl s, 10 record ttl s, 11 day ttl s, 12 month ttl s, 13 stream maxlen, 14 actual tokens,
 --       15 day id, 16 month id, 17 request id ('' for none), 18 '1': settle only if the reservation still exists
 --       (the reaper's orphans: a request that admission refused, or that was settled or released meanwhile, is
---       never settled again)
+--       never settled again), 19 the provider that served ('' for none)
 -- Returns {1, stream id} the first time, {0} for a repeat (or a reservation that is gone, with ARGV[18] = '1').
 local gen = ARGV[1]
 if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -36,9 +37,11 @@ add(KEYS[3], '')
 add(KEYS[4], '')
 add(KEYS[5], '')
 add(KEYS[6], ARGV[3] .. '|')
+add(KEYS[13], (ARGV[19] or '') .. '|')
 redis.call('EXPIRE', KEYS[4], ARGV[11])
 redis.call('EXPIRE', KEYS[5], ARGV[12])
 redis.call('EXPIRE', KEYS[6], ARGV[11])
+redis.call('EXPIRE', KEYS[13], ARGV[11])
 redis.call('SET', KEYS[2], ARGV[8], 'EX', ARGV[10])
 if ARGV[17] and ARGV[17] ~= '' then
   redis.call('SET', KEYS[12], gen, 'EX', ARGV[10])

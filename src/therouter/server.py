@@ -1,0 +1,82 @@
+"""How the gateway runs under uvicorn: the options ``serve`` and ``demo`` share, and the HTTP protocol that bounds
+the time a client may take to send a request's headers.
+
+uvicorn has no such bound: its keep-alive timer is cancelled by the first byte of a request, and nothing is armed
+when a connection opens, so a client that connects and sends nothing, or trickles its headers a byte at a time
+(slowloris), holds a connection -- and a file descriptor -- for as long as it likes. :class:`GuardedHttpToolsProtocol`
+arms a timer when a connection opens and when a request's first byte arrives, and disarms it when the headers are
+complete; when it fires the client gets 408 and the connection is closed. The body is bounded in time by
+``api.middleware.BodyDeadlineMiddleware`` (408 as well), requests in flight by ``ConcurrencyLimitMiddleware`` (503).
+An idle keep-alive connection between requests is closed by uvicorn itself after ``timeout_keep_alive`` (5 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from therouter.config import Settings
+from therouter.errors import RequestTimeout
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus a deadline for a request's headers (see the module doc)."""
+
+    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._header_timer is None:  # a connection's first request keeps the deadline armed when it opened
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # a pipelined request trickling in behind one still being answered: finish that answer, then close
+            self.cycle.keep_alive = False
+            self.flow.pause_reading()
+            return
+        err = RequestTimeout(f"The request headers did not arrive within {self.header_timeout:g} s.")
+        body = orjson.dumps(err.body())
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                             b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        self.transport.close()
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn.run / uvicorn.Config options for the gateway (a partial of a module-level class, so it pickles to
+    the worker processes of ``--workers N``)."""
+    return {
+        "http": functools.partial(GuardedHttpToolsProtocol, header_timeout=settings.server.header_timeout),
+        "access_log": False, "proxy_headers": False, "server_header": False, "timeout_graceful_shutdown": 30,
+    }
