@@ -142,6 +142,7 @@ def _run(sock: socket.socket, port: int, data: Path, config: str) -> int:
 
     from therouter.app import create_app
     from therouter.config import ConfigError, load_settings
+    from therouter.logs import setup_logging
     from therouter.server import uvicorn_options
     from therouter.store import Store
 
@@ -183,6 +184,7 @@ def _run(sock: socket.socket, port: int, data: Path, config: str) -> int:
         key = asyncio.run(make_key())
         print("ok")
         step(f"starting the gateway on http://127.0.0.1:{port}")
+        setup_logging(level="WARNING")  # the demo's own lines are its interface: only problems are logged
         server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", **uvicorn_options(settings)))
 
         async def serve() -> None:
