@@ -204,12 +204,13 @@ class Gateway:
             return cand, result
         raise self._nothing_served(call, errors)
 
-    def _request(self, call: Call, p: Provider, dep: Deployment) -> UpstreamRequest:
+    def _request(self, call: Call, p: Provider, dep: Deployment, model_id: str) -> UpstreamRequest:
         """The upstream request for one deployment, built once per call: what is reserved for is what is sent."""
         req = call.built.get((p.name, dep))
         if req is None:
             build = p.chat_request if call.endpoint == "chat" else p.completion_request
-            req = build(call.checked.body, dep, stream=call.checked.stream, request_id=call.request_id)
+            req = build(call.checked.body, dep, stream=call.checked.stream, request_id=call.request_id,
+                        max_output=self.settings.models[model_id].max_output_tokens)
             call.built[(p.name, dep)] = req
         return req
 
@@ -222,7 +223,7 @@ class Gateway:
             window = max(window, card.context_length)
             for dep in card.deployments:
                 try:
-                    req = self._request(call, self.router.providers[dep.provider], dep)
+                    req = self._request(call, self.router.providers[dep.provider], dep, model_id)
                 except GatewayError:
                     continue  # this deployment cannot take the request at all (e.g. no FIM): it is never sent
                 bound = max(bound, validate.prompt_bound(req.body, call.checked))
@@ -264,7 +265,7 @@ class Gateway:
     async def _json_attempt(self, call: Call, c: Candidate) -> tuple[dict[str, Any], Usage]:
         p, t = c.provider, c.provider.config.timeouts
         self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=False)  # checkpointed if it dies
-        req = self._request(call, p, c.dep)
+        req = self._request(call, p, c.dep, c.model_id)
         budget = max(min(t.total, self._deadline(call) - self.clock()), 0.001)
         resp = await p.transport.send(req, connect=t.connect, headers_timeout=budget)
         try:
@@ -298,7 +299,7 @@ class Gateway:
     async def _open_stream(self, call: Call, c: Candidate) -> tuple[UpstreamEvents, ChunkRewriter, list[bytes]]:
         """Open the upstream stream and hold it until its first data event is real generation (first-chunk gate)."""
         p, t = c.provider, c.provider.config.timeouts
-        req = self._request(call, p, c.dep)
+        req = self._request(call, p, c.dep, c.model_id)
         first_token = min(t.first_token, max(self._deadline(call) - self.clock(), 0.001))
         sent_at = self.clock()
         resp = await p.transport.send(req, connect=t.connect, headers_timeout=first_token)

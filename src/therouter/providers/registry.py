@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from therouter.config import ProviderConfig
 from therouter.providers._http import Transport
+from therouter.providers.anthropic import AnthropicProvider
 from therouter.providers.base import Provider
 from therouter.providers.deepseek import DeepSeekProvider
 from therouter.providers.openai import OpenAIProvider
@@ -15,6 +16,7 @@ ADAPTERS: dict[str, type[Provider]] = {
     "vllm": VLLMProvider,
     "sglang": SGLangProvider,
     "openai": OpenAIProvider,
+    "anthropic": AnthropicProvider,
 }
 
 

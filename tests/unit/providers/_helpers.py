@@ -13,6 +13,7 @@ BASE = {
     "vllm": "http://vllm.internal:8000/v1",
     "sglang": "http://sglang.internal:30000/v1",
     "openai": "https://api.openai.com/v1",
+    "anthropic": "https://api.anthropic.com",
 }
 
 
