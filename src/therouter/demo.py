@@ -56,6 +56,10 @@ Or with the OpenAI SDK (pip install openai):
                                               messages=[{{"role": "user", "content": "Hi"}}]):
       print(chunk.choices[0].delta.content or "", end="")
 
+The same code reaches a Claude-routed model (a simulated Anthropic Messages API, no key needed):
+  r = client.chat.completions.create(model="anthropic/claude-opus-4.7",
+                                     messages=[{{"role": "user", "content": "Hello!"}}])
+
 Spend of the demo key: curl -s {base}/key -H "Authorization: Bearer {key}"
 """
 
@@ -72,15 +76,18 @@ def run_demo(port: int = 8080, data_dir: str = ".demo", config: str = "config/de
     children: list[subprocess.Popen[str]] = []
     try:
         redis.start()
-        ports = {f: free_port() for f in ("deepseek", "vllm", "sglang")}
+        ports = {f: free_port() for f in ("deepseek", "vllm", "sglang", "anthropic")}
         children.append(start_fake_upstream("deepseek", ports["deepseek"], DEMO_UPSTREAM_KEY, "--chunk-delay-ms",
                                             "20"))
         children.append(start_fake_upstream("vllm", ports["vllm"], None, "--chunk-delay-ms", "20"))
         children.append(start_fake_upstream("sglang", ports["sglang"], None, "--chunk-delay-ms", "20"))
+        children.append(start_fake_upstream("anthropic", ports["anthropic"], DEMO_UPSTREAM_KEY, "--chunk-delay-ms",
+                                            "20"))
         os.environ.update({
             "REDIS_URL": redis.url, "DEMO_PORT": str(port), "DEMO_DATA_DIR": str(data),
             "DEMO_DEEPSEEK_PORT": str(ports["deepseek"]), "DEMO_VLLM_PORT": str(ports["vllm"]),
-            "DEMO_SGLANG_PORT": str(ports["sglang"]), "DEMO_UPSTREAM_KEY": DEMO_UPSTREAM_KEY,
+            "DEMO_SGLANG_PORT": str(ports["sglang"]), "DEMO_ANTHROPIC_PORT": str(ports["anthropic"]),
+            "DEMO_UPSTREAM_KEY": DEMO_UPSTREAM_KEY,
         })
         try:
             settings = load_settings(config)

@@ -36,6 +36,7 @@ class Plan:
     finish_reason: str = "stop"
     prompt_tokens: int = 1
     cached_tokens: int = 0
+    cache_write_tokens: int = 0  # prompt tokens reported as written to the cache (anthropic flavour)
 
     # Cached: a plan is complete once build_plan() returns and is never mutated afterwards.
     @cached_property
@@ -161,7 +162,9 @@ def build_plan(
 ) -> Plan:
     per = knobs["tokens_per_chunk"]
     prompt_tokens = estimate_prompt_tokens(body)
-    plan = Plan(content=[], prompt_tokens=prompt_tokens, cached_tokens=min(knobs["cached_tokens"], prompt_tokens))
+    cached = min(knobs["cached_tokens"], prompt_tokens)
+    plan = Plan(content=[], prompt_tokens=prompt_tokens, cached_tokens=cached,
+                cache_write_tokens=min(knobs["cache_write_tokens"], prompt_tokens - cached))
     budget = max_output_tokens(body)
 
     n_reason = reasoning_chunks * per if chat else 0
