@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG_PATH = "config/therouter.yaml"
-ProviderKind = Literal["deepseek", "vllm", "sglang", "openai", "anthropic"]
+ProviderKind = Literal["deepseek", "vllm", "sglang", "openai", "anthropic", "openai_compatible"]
 HOSTED_KINDS = ("deepseek", "openai", "anthropic")
 NANO = 10**9  # money unit: nano-USD; prices are integers of nano-USD per 1M tokens
 # the dearest price accepted (USD per 1M tokens): far above any real model, and small enough that a worst-case
@@ -84,7 +84,7 @@ class ProviderConfig(_Strict):
     max_connections: int = Field(512, ge=1)
     on_client_disconnect: Literal["finish", "cancel"] | None = None  # default: finish if hosted, cancel if self-hosted
     health_path: str | None = None  # default per kind
-    hosted: bool | None = None  # default: deepseek/openai/anthropic are hosted, vllm/sglang self-hosted
+    hosted: bool | None = None  # default: deepseek/openai/anthropic hosted; vllm/sglang/openai_compatible self-hosted
     fim_base_url: str | None = None  # DeepSeek: defaults to <base_url>/beta
 
     @field_validator("base_url")

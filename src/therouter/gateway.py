@@ -11,12 +11,12 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 import orjson
 
 from therouter import validate
-from therouter.config import Deployment, Settings
+from therouter.config import Deployment, ModelConfig, Settings
 from therouter.errors import (
     GatewayError,
     InvalidRequest,
@@ -129,7 +129,8 @@ class Gateway:
                                 param="model")
         if key.models and model not in key.models:
             raise PermissionDenied(f"This API key is not allowed to use the model `{model}`.", param="model")
-        checked = validate.check("chat" if endpoint == "chat" else "completions", body, card, model)
+        checked = validate.check("chat" if endpoint == "chat" else "completions", body, card, model,
+                                 catalogue=self._allowed_models(key))
         prefs = parse_preferences(body, self.router.providers, self.settings.models, model, key.models,
                                   self.router.state.options.max_models)
         call = Call(key=key, endpoint=endpoint, checked=checked, gen_id=new_id(endpoint), request_id=request_id,
@@ -153,6 +154,11 @@ class Gateway:
                 # x-ratelimit-* on every answer of a limited key; the generation id leads to the attempts' record
                 e.headers = {**call.adm.headers, "x-therouter-generation-id": call.gen_id, **e.headers}
             raise
+
+    def _allowed_models(self, key: KeyRecord) -> Mapping[str, ModelConfig]:
+        """The catalogue this key may use (what a refusal may point it to)."""
+        models = self.settings.models
+        return {m: c for m, c in models.items() if m in key.models} if key.models else models
 
     # ---- routing ----------------------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from therouter.fakeupstream.asgi import (
     FakeConnectionCut,
     content_length,
 )
-from therouter.fakeupstream.content import Plan
+from therouter.fakeupstream.content import Plan, sample, schema_content, split_text
 from therouter.fakeupstream.flavors import ErrorSpec, Flavor, bad_request
 
 Event = tuple[bytes, int, bool]  # (encoded event, completion tokens carried, is a generated chunk)
@@ -42,7 +42,6 @@ TOP_LEVEL = frozenset({"model", "messages", "system", "max_tokens", "metadata", 
                        "temperature", "top_p", "top_k", "tools", "tool_choice", "thinking", "output_config",
                        "service_tier", "container", "mcp_servers", "context_management", "fake"})
 BLOCKS = frozenset({"text", "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking"})
-_CITIES = ("Paris", "London", "Tokyo", "Berlin")
 
 
 def signature(thinking: str) -> str:
@@ -228,55 +227,18 @@ def plan_view(body: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
-def sample(schema: Any, key: str = "") -> Any:
-    """A small JSON value that follows ``schema`` (enough for structured outputs and tool inputs)."""
-    if not isinstance(schema, dict):
-        return "tok"
-    if "const" in schema:
-        return schema["const"]
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][0]
-    for k in ("anyOf", "oneOf", "allOf"):
-        if isinstance(schema.get(k), list) and schema[k]:
-            return sample(schema[k][0], key)
-    kind = schema.get("type")
-    kind = kind[0] if isinstance(kind, list) and kind else kind
-    if kind == "object" or (kind is None and isinstance(schema.get("properties"), dict)):
-        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        return {k: sample(v, k) for k, v in props.items()}
-    if kind == "array":
-        return [sample(schema.get("items"), key)]
-    if kind == "integer":
-        return 42
-    if kind == "number":
-        return 4.5
-    if kind == "boolean":
-        return True
-    if kind == "null":
-        return None
-    return _CITIES[0] if key in ("city", "location") else "tok"
-
-
-def _split(text: str, parts: int) -> list[str]:
-    step = max(1, -(-len(text) // max(parts, 1)))
-    return [text[i:i + step] for i in range(0, len(text), step)] or [""]
-
-
 def adjust_plan(plan: Plan, body: dict[str, Any]) -> None:
     """Tool inputs that follow each tool's input_schema; structured output that follows its schema."""
     schemas = {t.get("name"): t.get("input_schema") for t in body.get("tools") or () if isinstance(t, dict)}
-    for i, tc in enumerate(plan.tool_calls):
+    for tc in plan.tool_calls:  # the planner's {"city": ...} where the tool takes a city, a sample elsewhere
         schema = schemas.get(tc.name)
         props = schema.get("properties") if isinstance(schema, dict) else None
         if isinstance(props, dict) and props and "city" not in props:
             tc.arguments = orjson.dumps(sample(schema)).decode()
-        elif isinstance(props, dict) and "city" in props:
-            tc.arguments = orjson.dumps({"city": _CITIES[i % len(_CITIES)]}).decode()
-        tc.fragments = _split(tc.arguments, 3)
+        tc.fragments = split_text(tc.arguments, 3)
     fmt = (body.get("output_config") or {}).get("format") if isinstance(body.get("output_config"), dict) else None
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and plan.content and plan.finish_reason != "length":
-        pieces = _split(orjson.dumps(sample(fmt.get("schema"))).decode(), len(plan.content))
-        plan.content = [(p, 1) for p in pieces]
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        schema_content(plan, fmt.get("schema"))
     for name in ("completion_tokens", "text"):  # cached properties of the plan: counted again
         plan.__dict__.pop(name, None)
 

@@ -195,3 +195,45 @@ def build_plan(
         content = [(" " * len(t), n) for t, n in content]
     plan.content = content
     return plan
+
+
+def sample(schema: Any, key: str = "") -> Any:
+    """A small JSON value that follows ``schema`` (enough for structured outputs and tool inputs)."""
+    if not isinstance(schema, dict):
+        return "tok"
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for k in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(k), list) and schema[k]:
+            return sample(schema[k][0], key)
+    kind = schema.get("type")
+    kind = kind[0] if isinstance(kind, list) and kind else kind
+    if kind == "object" or (kind is None and isinstance(schema.get("properties"), dict)):
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        return {k: sample(v, k) for k, v in props.items()}
+    if kind == "array":
+        return [sample(schema.get("items"), key)]
+    if kind == "integer":
+        return 42
+    if kind == "number":
+        return 4.5
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return _CITIES[0] if key in ("city", "location") else "tok"
+
+
+def split_text(text: str, parts: int) -> list[str]:
+    step = max(1, -(-len(text) // max(parts, 1)))
+    return [text[i:i + step] for i in range(0, len(text), step)] or [""]
+
+
+def schema_content(plan: Plan, schema: Any) -> None:
+    """Structured output: the plan's content becomes JSON that follows ``schema``, over as many chunks."""
+    if plan.content and plan.finish_reason != "length":
+        plan.content = [(p, 1) for p in split_text(orjson.dumps(sample(schema)).decode(), len(plan.content))]
+        for name in ("completion_tokens", "text"):  # cached properties of the plan: counted again
+            plan.__dict__.pop(name, None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, NamedTuple
 
-from therouter.fakeupstream.content import Plan
+from therouter.fakeupstream.content import Plan, schema_content
 
 ROUTE_CHAT = "chat"
 ROUTE_COMPLETIONS = "completions"
@@ -490,6 +490,12 @@ class OpenAIFlavor(Flavor):
 
     def role_delta(self, plan: Plan) -> dict[str, Any]:
         return {"role": "assistant", "content": "", "refusal": None}
+
+    def adjust_plan(self, plan: Plan, body: dict[str, Any]) -> None:
+        rf = body.get("response_format")
+        spec = rf.get("json_schema") if isinstance(rf, dict) and rf.get("type") == "json_schema" else None
+        if isinstance(spec, dict):  # structured outputs follow the schema
+            schema_content(plan, spec.get("schema"))
 
     def model_entry(self, model_id: str, created: int, max_model_len: int) -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "openai"}

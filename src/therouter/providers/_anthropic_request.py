@@ -26,7 +26,9 @@ through):
   ``budget_tokens`` (``reasoning.max_tokens``, or a share of ``max_tokens`` by effort, at least 1024 and below
   ``max_tokens``). With thinking on, ``temperature`` / ``top_p`` / ``top_k`` are not sent (Anthropic refuses them
   with thinking), and a forced tool choice (``required``, a named function, or the JSON tool) turns thinking off
-  (Anthropic refuses a forced tool with thinking).
+  (Anthropic refuses a forced tool with thinking), as does a last assistant tool-use turn sent back without its
+  thinking blocks (Anthropic refuses to continue such a turn with thinking on; clients that drop unknown fields,
+  like LangChain's ``ChatOpenAI``, send exactly that): the request is answered, without thinking.
 
 Anything Anthropic cannot do as asked is a 400 naming the parameter: ``n > 1``, ``logprobs``, a ``function`` role,
 a content part it has no block for, an image URL that is neither ``data:`` nor ``https``, tool-call arguments that
@@ -66,7 +68,7 @@ def build_body(body: dict[str, Any], dep: Deployment, *, stream: bool, max_outpu
         out["system"] = system
     out["messages"] = messages
     forced = _tools(body, dep, out)
-    thinking = not forced and _thinking(body, dep, out, max_tokens)
+    thinking = not forced and not _unsigned_tool_turn(messages) and _thinking(body, dep, out, max_tokens)
     if not thinking:
         _sampling(body, out)
     stop = body.get("stop")
@@ -292,6 +294,12 @@ def _response_format(body: dict[str, Any], dep: Deployment, out: dict[str, Any])
 
 
 # ---- thinking and sampling ------------------------------------------------------------------------------------------
+
+
+def _unsigned_tool_turn(messages: list[dict[str, Any]]) -> bool:
+    """The last assistant turn called tools but came back without the thinking block that preceded them."""
+    last = next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), [])
+    return any(b["type"] == "tool_use" for b in last) and last[0]["type"] not in ("thinking", "redacted_thinking")
 
 
 def _thinking(body: dict[str, Any], dep: Deployment, out: dict[str, Any], max_tokens: int) -> bool:

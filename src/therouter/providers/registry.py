@@ -7,7 +7,7 @@ from therouter.providers._http import Transport
 from therouter.providers.anthropic import AnthropicProvider
 from therouter.providers.base import Provider
 from therouter.providers.deepseek import DeepSeekProvider
-from therouter.providers.openai import OpenAIProvider
+from therouter.providers.openai import OpenAICompatibleProvider, OpenAIProvider
 from therouter.providers.sglang import SGLangProvider
 from therouter.providers.vllm import VLLMProvider
 
@@ -17,6 +17,7 @@ ADAPTERS: dict[str, type[Provider]] = {
     "sglang": SGLangProvider,
     "openai": OpenAIProvider,
     "anthropic": AnthropicProvider,
+    "openai_compatible": OpenAICompatibleProvider,
 }
 
 

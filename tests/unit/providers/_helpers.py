@@ -14,6 +14,7 @@ BASE = {
     "sglang": "http://sglang.internal:30000/v1",
     "openai": "https://api.openai.com/v1",
     "anthropic": "https://api.anthropic.com",
+    "openai_compatible": "http://lmdeploy.internal:23333/v1",
 }
 
 

@@ -223,6 +223,22 @@ def test_forced_tool_turns_thinking_off() -> None:
     assert out["thinking"] == {"type": "adaptive"}
 
 
+def test_tool_turn_sent_back_without_its_thinking_turns_thinking_off() -> None:
+    """LangChain's ChatOpenAI drops reasoning_details: the conversation goes on, without thinking (Anthropic refuses
+    thinking on a tool loop whose last assistant turn lost its thinking block)."""
+    turns = [{"role": "user", "content": "weather?"},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "t1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+             {"role": "tool", "tool_call_id": "t1", "content": "18C"}]
+    caps = ["tools", "reasoning"]
+    out = build(chat(messages=turns, tools=[WEATHER], reasoning_effort="high"), capabilities=caps)[1]
+    assert "thinking" not in out
+    signed = {"type": "reasoning.text", "text": "hm", "signature": "s", "format": "anthropic-claude-v1"}
+    turns[1] = {**turns[1], "reasoning_details": [signed]}
+    out = build(chat(messages=turns, tools=[WEATHER], reasoning_effort="high"), capabilities=caps)[1]
+    assert out["thinking"] == {"type": "adaptive"}
+
+
 def test_completions_endpoint_is_refused() -> None:
     with pytest.raises(InvalidRequest):
         make_provider("anthropic").completion_request({"model": "m", "prompt": "x"}, dep("anthropic"),
