@@ -132,7 +132,8 @@ def validate_request(body: dict[str, Any], thinking: bool) -> ErrorSpec | None:
 
 
 def _check_messages(messages: list[Any], thinking: bool) -> ErrorSpec | None:
-    prev_role, prev_tool_ids = None, set()
+    prev_role: str | None = None
+    prev_tool_ids: set[Any] = set()
     last_tool_turn = -1
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
@@ -213,7 +214,7 @@ def plan_view(body: dict[str, Any]) -> dict[str, Any]:
                             + [{"role": m.get("role"), "content": _text(m.get("content"))} for m in messages
                                if isinstance(m, dict)],
                             "max_tokens": body.get("max_tokens")}
-    tc = body.get("tool_choice") if isinstance(body.get("tool_choice"), dict) else {}
+    tc: dict[str, Any] = body["tool_choice"] if isinstance(body.get("tool_choice"), dict) else {}
     forced = tc.get("type") in ("any", "tool")
     last = messages[-1].get("content") if messages and isinstance(messages[-1], dict) else None
     answered = isinstance(last, list) and any(isinstance(b, dict) and b.get("type") == "tool_result" for b in last)
@@ -247,7 +248,7 @@ def adjust_plan(plan: Plan, body: dict[str, Any]) -> None:
 
 
 def _event(payload: dict[str, Any]) -> bytes:
-    return b"event: " + payload["type"].encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+    return b"event: " + str(payload["type"]).encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
 def message_body(flavor: AnthropicFlavor, plan: Plan, *, rid: str, model: str, send_usage: bool,

@@ -211,7 +211,7 @@ def sample(schema: Any, key: str = "") -> Any:
     kind = schema.get("type")
     kind = kind[0] if isinstance(kind, list) and kind else kind
     if kind == "object" or (kind is None and isinstance(schema.get("properties"), dict)):
-        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        props: dict[str, Any] = schema["properties"] if isinstance(schema.get("properties"), dict) else {}
         return {k: sample(v, k) for k, v in props.items()}
     if kind == "array":
         return [sample(schema.get("items"), key)]

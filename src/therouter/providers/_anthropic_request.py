@@ -298,7 +298,7 @@ def _response_format(body: dict[str, Any], dep: Deployment, out: dict[str, Any])
 
 def _unsigned_tool_turn(messages: list[dict[str, Any]]) -> bool:
     """The last assistant turn called tools but came back without the thinking block that preceded them."""
-    last = next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), [])
+    last: list[dict[str, Any]] = next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), [])
     return any(b["type"] == "tool_use" for b in last) and last[0]["type"] not in ("thinking", "redacted_thinking")
 
 

@@ -45,7 +45,9 @@ def finish_reason(stop_reason: Any, client_tools: bool) -> str | None:
 def openai_usage(u: dict[str, Any]) -> dict[str, Any]:
     """Anthropic usage -> OpenAI's shape (see the module docstring; ``total_tokens`` is the gateway's to add)."""
     inp, read, write = u.get("input_tokens"), u.get("cache_read_input_tokens"), u.get("cache_creation_input_tokens")
-    prompt = inp + sum(v for v in (read, write) if _whole(v)) if _whole(inp) else inp
+    prompt: Any = inp  # a count Anthropic got wrong goes on as it came: the meter names it and estimates
+    if isinstance(inp, int) and _whole(inp):
+        prompt = inp + sum(v for v in (read, write) if isinstance(v, int) and _whole(v))
     details: dict[str, Any] = {"cached_tokens": 0 if read is None else read}
     if write:
         details["cache_write_tokens"] = write
