@@ -334,13 +334,15 @@ def cmd_prices(a: argparse.Namespace) -> int:
                 print(f"error: unknown model {a.model!r}", file=sys.stderr)
                 return 2
             try:
-                pv = await meter.set_price(a.model, a.input, a.cached_input or a.input, a.output)
+                pv = await meter.set_price(a.model, a.input, a.cached_input or a.input, a.output,
+                                           cache_write_usd=a.cache_write)
             except InvalidRequest as e:
                 print(f"error: {e.message}", file=sys.stderr)
                 return 2
             pub = pv.public()
             print(f"{a.model}: version {pv.version} (USD per 1M tokens: input {pub['input_usd']}, "
-                  f"cached_input {pub['cached_input_usd']}, output {pub['output_usd']})")
+                  f"cached_input {pub['cached_input_usd']}, output {pub['output_usd']}"
+                  + (f", cache_write {pub['cache_write_usd']})" if "cache_write_usd" in pub else ")"))
             return 0
         rows = await meter.list_prices()
         print(f"{'model':<32} {'version':>7} {'input':>10} {'cached':>10} {'output':>10}  source  (USD per 1M tokens)")
@@ -517,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     pset.add_argument("model", help="a model id of the config's catalogue")
     pset.add_argument("--input", required=True, help="USD per 1M input tokens")
     pset.add_argument("--cached-input", help="USD per 1M cached input tokens (default: --input)")
+    pset.add_argument("--cache-write", default=None,
+                      help="USD per 1M tokens written to the provider's prompt cache (default: billed at --input)")
     pset.add_argument("--output", required=True, help="USD per 1M output tokens")
     pr.set_defaults(fn=cmd_prices)
 

@@ -16,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG_PATH = "config/therouter.yaml"
-ProviderKind = Literal["deepseek", "vllm", "sglang", "openai"]
+ProviderKind = Literal["deepseek", "vllm", "sglang", "openai", "anthropic", "openai_compatible"]
+HOSTED_KINDS = ("deepseek", "openai", "anthropic")
 NANO = 10**9  # money unit: nano-USD; prices are integers of nano-USD per 1M tokens
 # the dearest price accepted (USD per 1M tokens): far above any real model, and small enough that a worst-case
 # reservation stays exact in the budget script's arithmetic (2**53 nano-USD)
@@ -119,7 +120,7 @@ class ProviderConfig(_Strict):
     max_connections: int = Field(512, ge=1)
     on_client_disconnect: Literal["finish", "cancel"] | None = None  # default: finish if hosted, cancel if self-hosted
     health_path: str | None = None  # default per kind
-    hosted: bool | None = None  # default: deepseek/openai are hosted, vllm/sglang self-hosted
+    hosted: bool | None = None  # default: deepseek/openai/anthropic hosted; vllm/sglang/openai_compatible self-hosted
     fim_base_url: str | None = None  # DeepSeek: defaults to <base_url>/beta
 
     @field_validator("base_url")
@@ -131,7 +132,7 @@ class ProviderConfig(_Strict):
 
     @property
     def is_hosted(self) -> bool:
-        return self.hosted if self.hosted is not None else self.kind in ("deepseek", "openai")
+        return self.hosted if self.hosted is not None else self.kind in HOSTED_KINDS
 
     @property
     def disconnect_policy(self) -> str:
@@ -141,6 +142,7 @@ class ProviderConfig(_Strict):
 
 
 Capability = Literal["tools", "json_object", "json_schema", "fim", "vision", "reasoning"]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
 class Modalities(_Strict):
@@ -149,22 +151,26 @@ class Modalities(_Strict):
 
 
 class Pricing(_Strict):
-    """USD per 1M tokens, kept exactly as integers of nano-USD per 1M tokens."""
+    """USD per 1M tokens, kept exactly as integers of nano-USD per 1M tokens.
+
+    ``cache_write``: what a provider that bills prompt-cache creation (Anthropic) charges per 1M tokens written to
+    its cache; ``None`` where cache writes are not billed apart (they cost ``input``)."""
 
     input: int
     cached_input: int
     output: int
+    cache_write: int | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _to_nano(cls, data: Any) -> Any:
         if not isinstance(data, Mapping):
-            raise ValueError("must be a mapping {input, cached_input, output} in USD per 1M tokens")
+            raise ValueError("must be a mapping {input, cached_input, output, cache_write?} in USD per 1M tokens")
         out = dict(data)
         if "cached_input" not in out and "input" in out:
             out["cached_input"] = out["input"]
-        for k in ("input", "cached_input", "output"):
-            if k in out:
+        for k in ("input", "cached_input", "output", "cache_write"):
+            if k in out and (k != "cache_write" or out[k] is not None):
                 out[k] = usd_to_nano(out[k], k, MAX_PRICE_USD)
         return out
 
@@ -180,6 +186,11 @@ class Deployment(_Strict):
     cost: Pricing | None = None  # what this deployment costs the operator per 1M tokens (`provider.sort: price`)
     # the OpenAI parameters this host honours, where it differs from its model's supported_parameters (params.py)
     parameters: tuple[str, ...] | None = None
+    # Anthropic: how the model is asked to think -- `adaptive` (Claude Opus 4.6 and later: the model decides, steered
+    # by an effort) or `budget` (older models: `budget_tokens`) -- and the effort used when a request names none
+    # (None: no thinking unless the request asks for it)
+    thinking: Literal["adaptive", "budget"] = "adaptive"
+    reasoning_effort: ReasoningEffort | None = None
 
 
 def usd_to_nano(value: Any, what: str = "price", maximum: Decimal | int | None = None) -> int:

@@ -65,6 +65,10 @@ Or with the OpenAI SDK (pip install openai):
                                               messages=[{{"role": "user", "content": "Hi"}}]):
       print(chunk.choices[0].delta.content or "", end="")
 
+The same code reaches a Claude-routed model (a simulated Anthropic Messages API, no key needed):
+  r = client.chat.completions.create(model="anthropic/claude-opus-4.7",
+                                     messages=[{{"role": "user", "content": "Hello!"}}])
+
 Spend of the demo key: curl -s {base}/key -H "Authorization: Bearer {key}"
 
 Operate it from another terminal (keys, usage and the /admin endpoints, against this demo's Redis):
@@ -152,19 +156,21 @@ def _run(sock: socket.socket, port: int, data: Path, config: str) -> int:
         step(f"starting a private redis-server (data in {data / 'redis'})")
         redis.start()
         print(f"ok, {redis.url}")
-        step("starting simulated DeepSeek, vLLM and SGLang upstreams")
-        ports = {f: free_port() for f in ("deepseek", "vllm", "sglang")}
+        step("starting simulated DeepSeek, vLLM, SGLang and Anthropic upstreams")
+        ports = {f: free_port() for f in ("deepseek", "vllm", "sglang", "anthropic")}
         children.append(start_fake_upstream("deepseek", ports["deepseek"], DEMO_UPSTREAM_KEY, "--chunk-delay-ms",
                                             "20"))
         children.append(start_fake_upstream("vllm", ports["vllm"], None, "--chunk-delay-ms", "20"))
         children.append(start_fake_upstream("sglang", ports["sglang"], None, "--chunk-delay-ms", "20"))
+        children.append(start_fake_upstream("anthropic", ports["anthropic"], DEMO_UPSTREAM_KEY, "--chunk-delay-ms",
+                                            "20"))
         print("ok")
         admin_key = os.environ.get("THEROUTER_ADMIN_KEY") or "admin-" + secrets.token_urlsafe(24)
         os.environ.update({
             "REDIS_URL": redis.url, "DEMO_PORT": str(port), "DEMO_DATA_DIR": str(data),
             "DEMO_DEEPSEEK_PORT": str(ports["deepseek"]), "DEMO_VLLM_PORT": str(ports["vllm"]),
-            "DEMO_SGLANG_PORT": str(ports["sglang"]), "DEMO_UPSTREAM_KEY": DEMO_UPSTREAM_KEY,
-            "THEROUTER_ADMIN_KEY": admin_key,
+            "DEMO_SGLANG_PORT": str(ports["sglang"]), "DEMO_ANTHROPIC_PORT": str(ports["anthropic"]),
+            "DEMO_UPSTREAM_KEY": DEMO_UPSTREAM_KEY, "THEROUTER_ADMIN_KEY": admin_key,
         })
         try:
             settings = load_settings(config)

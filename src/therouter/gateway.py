@@ -11,12 +11,12 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 import orjson
 
 from therouter import params, validate
-from therouter.config import Deployment, Settings
+from therouter.config import Deployment, ModelConfig, Settings
 from therouter.errors import (
     GatewayError,
     InvalidRequest,
@@ -138,7 +138,8 @@ class Gateway:
                                     param="model")
             if key.models and model not in key.models:
                 raise PermissionDenied(f"This API key is not allowed to use the model `{model}`.", param="model")
-            checked = validate.check("chat" if endpoint == "chat" else "completions", body, card, model)
+            checked = validate.check("chat" if endpoint == "chat" else "completions", body, card, model,
+                                     catalogue=self._allowed_models(key))
             prefs = parse_preferences(body, self.router.providers, self.settings.models, model, key.models,
                                       self.router.state.options.max_models)
             call = Call(key=key, endpoint=endpoint, checked=checked, gen_id=new_id(endpoint), request_id=request_id,
@@ -170,6 +171,11 @@ class Gateway:
                 # x-ratelimit-* on every answer of a limited key; the generation id leads to the attempts' record
                 e.headers = {**call.adm.headers, "x-therouter-generation-id": call.gen_id, **e.headers}
             raise
+
+    def _allowed_models(self, key: KeyRecord) -> Mapping[str, ModelConfig]:
+        """The catalogue this key may use (what a refusal may point it to)."""
+        models = self.settings.models
+        return {m: c for m, c in models.items() if m in key.models} if key.models else models
 
     # ---- routing ----------------------------------------------------------------------------------------------
 
@@ -224,24 +230,20 @@ class Gateway:
             return cand, result
         raise self._nothing_served(call, errors)
 
-    def _request(self, call: Call, p: Provider, dep: Deployment) -> UpstreamRequest:
+    def _request(self, call: Call, p: Provider, dep: Deployment, model_id: str) -> UpstreamRequest:
         """The upstream request for one deployment, built once per call: what is reserved for is what is sent."""
         req = call.built.get((p.name, dep))
         if req is None:
             build = p.chat_request if call.endpoint == "chat" else p.completion_request
             # hints this host does not honour are left out (and named in the answer); see params.py
-            dropped = params.dropped_for(call.checked.body, self.settings.models[self._model_of(call, dep)], dep)
+            dropped = params.dropped_for(call.checked.body, self.settings.models[model_id], dep)
             body = params.without(call.checked.body, dropped)
-            req = build(body, dep, stream=call.checked.stream, request_id=call.request_id)
+            req = build(body, dep, stream=call.checked.stream, request_id=call.request_id,
+                        max_output=self.settings.models[model_id].max_output_tokens)
             req.meta["dropped"] = dropped
             call.built[(p.name, dep)] = req
         return req
 
-    def _model_of(self, call: Call, dep: Deployment) -> str:
-        for model_id in call.plan:
-            if dep in self.settings.models[model_id].deployments:
-                return model_id
-        return call.checked.model
 
     def _prompt_bound(self, call: Call) -> int:
         """The most prompt tokens any deployment that may serve this call can be billed for: the largest upstream
@@ -252,7 +254,7 @@ class Gateway:
             window = max(window, card.context_length)
             for dep in card.deployments:
                 try:
-                    req = self._request(call, self.router.providers[dep.provider], dep)
+                    req = self._request(call, self.router.providers[dep.provider], dep, model_id)
                 except GatewayError:
                     continue  # this deployment cannot take the request at all (e.g. no FIM): it is never sent
                 bound = max(bound, validate.prompt_bound(req.body, call.checked))
@@ -320,7 +322,7 @@ class Gateway:
     async def _json_attempt(self, call: Call, c: Candidate) -> tuple[dict[str, Any], Usage]:
         p, t = c.provider, c.provider.config.timeouts
         self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=False)  # checkpointed if it dies
-        req = self._request(call, p, c.dep)
+        req = self._request(call, p, c.dep, c.model_id)
         budget = max(min(t.total, self._deadline(call) - self.clock()), 0.001)
         resp = await p.transport.send(req, connect=t.connect, headers_timeout=budget)
         try:
@@ -354,7 +356,7 @@ class Gateway:
     async def _open_stream(self, call: Call, c: Candidate) -> tuple[UpstreamEvents, ChunkRewriter, list[bytes]]:
         """Open the upstream stream and hold it until its first data event is real generation (first-chunk gate)."""
         p, t = c.provider, c.provider.config.timeouts
-        req = self._request(call, p, c.dep)
+        req = self._request(call, p, c.dep, c.model_id)
         first_token = min(t.first_token, max(self._deadline(call) - self.clock(), 0.001))
         sent_at = self.clock()
         resp = await p.transport.send(req, connect=t.connect, headers_timeout=first_token)

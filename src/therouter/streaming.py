@@ -126,10 +126,14 @@ class ChunkRewriter:
         self.finish_reason: str | None = None
         self.chars = 0  # produced text, for an estimate when usage never arrives
         self.sent_role = False
+        self._translate = provider.stream_translator()  # per stream: an upstream's own events -> OpenAI chunks
 
     def rewrite(self, obj: dict[str, Any]) -> bytes | None:
         """One upstream chunk -> the bytes of one client event (or None when nothing is left to send)."""
-        self.provider.normalize_chunk(obj)
+        translated = self._translate(obj)
+        if translated is None:
+            return None
+        obj = translated
         usage = obj.pop("usage", None)
         if isinstance(usage, dict):
             self.usage_raw = usage

@@ -15,7 +15,7 @@ reserved. Unknown fields pass through to the upstream untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -177,11 +177,16 @@ def _pydantic(cls: type[BaseModel], body: dict[str, Any]) -> None:
 # ---- per endpoint -------------------------------------------------------------------------------------------------
 
 
-def check(endpoint: Endpoint, body: dict[str, Any], card: ModelConfig, model: str) -> Checked:
-    return check_chat(body, card, model) if endpoint == "chat" else check_completion(body, card, model)
+def check(endpoint: Endpoint, body: dict[str, Any], card: ModelConfig, model: str,
+          catalogue: Mapping[str, ModelConfig] | None = None) -> Checked:
+    """``catalogue``: the models a refusal may point to instead (e.g. those that accept images)."""
+    if endpoint == "chat":
+        return check_chat(body, card, model, catalogue)
+    return check_completion(body, card, model)
 
 
-def check_chat(body: dict[str, Any], card: ModelConfig, model: str) -> Checked:
+def check_chat(body: dict[str, Any], card: ModelConfig, model: str,
+               catalogue: Mapping[str, ModelConfig] | None = None) -> Checked:
     if "messages" not in body:
         raise InvalidRequest("Missing required parameter: 'messages'.", param="messages",
                              code="missing_required_parameter")
@@ -190,7 +195,7 @@ def check_chat(body: dict[str, Any], card: ModelConfig, model: str) -> Checked:
     _pydantic(ChatCompletionRequest, body)
     _stream_options(body)
     _gated(body, card)
-    _modalities(body["messages"], card)
+    _modalities(body["messages"], card, catalogue or {})
     limit = _output_limit(body, card)
     prompt = estimate_chat_tokens(body)
     _context(card, prompt, limit, "messages")
@@ -264,7 +269,7 @@ def _gated(body: dict[str, Any], card: ModelConfig) -> None:
                                  code="unsupported_parameter")
 
 
-def _modalities(messages: list[Any], card: ModelConfig) -> None:
+def _modalities(messages: list[Any], card: ModelConfig, catalogue: Mapping[str, ModelConfig]) -> None:
     allowed = set(card.modalities.input)
     for m in messages:
         content = m.get("content") if isinstance(m, dict) else None
@@ -274,9 +279,12 @@ def _modalities(messages: list[Any], card: ModelConfig) -> None:
             kind = part.get("type") if isinstance(part, dict) else None
             modality = MODALITY_OF_PART.get(str(kind))
             if modality and modality not in allowed:
+                able = sorted(m for m, c in catalogue.items() if modality in c.modalities.input)
+                where = f" Models that accept {modality} input: {', '.join(able)}." if able else ""
                 raise InvalidRequest(
                     f"This model does not accept {modality} input (content part type '{kind}'); "
-                    f"it accepts: {', '.join(sorted(allowed))}.", param="messages", code="unsupported_modality")
+                    f"it accepts: {', '.join(sorted(allowed))}.{where}", param="messages",
+                    code="unsupported_modality")
 
 
 def _context(card: ModelConfig, prompt: int, limit: int | None, what: str) -> None:
@@ -344,7 +352,9 @@ def estimate_chat_tokens(body: dict[str, Any]) -> int:
 TEMPLATE_TOKENS_PER_MESSAGE = 16
 TEMPLATE_TOKENS_FIXED = 64
 TEMPLATE_TOKENS_TOOLS = 1024
-IMAGE_TOKENS = 2048  # the most a provider bills for one image part (tiles included) [verify per provider]
+# the most a provider bills for one image part given by URL (a data: URL's bytes are in the body already): Claude
+# Opus 4.7 reads images up to ~3.75 MP, about 5,000 tokens at Anthropic's (w x h) / 750 [verify per provider]
+IMAGE_TOKENS = 8192
 
 
 def prompt_bound(upstream_body: bytes, checked: Checked) -> int:

@@ -616,7 +616,7 @@ def test_cli_args_to_config() -> None:
     assert cfg.knobs()["error_rate"] == 1.0 and cfg.knobs()["chunks"] == 3 and cfg.knobs()["error_kind"] == "429"
     assert FakeConfig(flavor="vllm").models == ["deepseek-ai/DeepSeek-V3.2"]
     with pytest.raises(ValueError):
-        FakeConfig(flavor="openai")
+        FakeConfig(flavor="mistral")
 
 
 # --------------------------------------------------------------------------- real server

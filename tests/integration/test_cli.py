@@ -27,7 +27,7 @@ def therouter(*args: str, env: dict[str, str] | None = None, timeout: float = 30
 def test_check_config_shipped_files(repo_root: Path) -> None:
     r = therouter("check-config", str(repo_root / "config" / "therouter.yaml"))
     assert r.returncode == 0, r.stderr
-    assert "3 models" in r.stdout
+    assert "6 models" in r.stdout
     r = therouter("check-config", str(repo_root / "config" / "demo.yaml"), env={"REDIS_URL": "redis://127.0.0.1:1"})
     assert r.returncode == 0, r.stderr
 

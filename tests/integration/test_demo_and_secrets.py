@@ -64,7 +64,7 @@ def test_demo_starts_everything_and_serves_the_sdk(tmp_path: Path, repo_root: Pa
         m = re.search(r"Demo key: (\S+)", out)
         assert m, out
         # it said what it was doing while it started
-        for step in ("starting a private redis-server", "starting simulated DeepSeek, vLLM and SGLang upstreams",
+        for step in ("starting a private redis-server", "starting simulated DeepSeek, vLLM, SGLang and Anthropic upstreams",
                      "creating a demo key", f"starting the gateway on http://127.0.0.1:{port}"):
             assert re.search(re.escape(step) + r".*\.\.\. ok", out), out
         # the printed snippet is what a user would paste

@@ -81,3 +81,10 @@ def test_reasons_are_a_small_fixed_set() -> None:
         _, reasons = bound_usage(Usage.from_openai({"prompt_tokens": prompt, "completion_tokens": completion,
                                                     "prompt_tokens_details": {"cached_tokens": 10**10}}), CARD)
         assert reasons and set(reasons) <= set(REASONS)
+
+
+def test_cache_writes_are_clamped_to_the_prompt_left_after_reads() -> None:
+    u, reasons = bound_usage(Usage(prompt_tokens=100, cached_tokens=60, cache_write_tokens=70, completion_tokens=1),
+                             Bounds(context=1000, max_output=10))
+    assert (u.cached_tokens, u.cache_write_tokens) == (60, 40)
+    assert reasons == ["cache_write_over_prompt"]

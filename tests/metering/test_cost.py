@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from therouter.metering import PriceVersion, cost_nano, nano_to_usd, reservation_nano
-from therouter.metering.prices import price_at
+from therouter.metering.prices import dearest, price_at
 from therouter.protocol.usage import Usage
 
 DEEPSEEK = PriceVersion("deepseek-chat", 1, 0, 280_000_000, 28_000_000, 420_000_000)
@@ -73,3 +73,47 @@ def test_nano_to_usd_is_an_exact_string() -> None:
     assert nano_to_usd(1_500_000_000) == "1.50"
     assert nano_to_usd(203_952) == "0.000203952"
     assert nano_to_usd(123 * 10**18 + 1) == "123000000000.000000001"
+
+
+# ---- cache writes (Anthropic): their own price, inside prompt_tokens ---------------------------------------------
+
+CLAUDE = PriceVersion("claude", 1, 0, 5_000_000_000, 500_000_000, 25_000_000_000, cache_write=6_250_000_000)
+
+
+def test_cache_reads_and_writes_each_at_their_own_price() -> None:
+    # what the Anthropic adapter reports: prompt = uncached + reads + writes
+    usage = Usage.from_openai({"prompt_tokens": 3544, "completion_tokens": 89,
+                               "prompt_tokens_details": {"cached_tokens": 2048, "cache_write_tokens": 1024}})
+    assert (usage.cached_tokens, usage.cache_write_tokens) == (2048, 1024)
+    # 472 x 5 + 2048 x 0.5 + 1024 x 6.25 + 89 x 25 USD per 1M
+    assert cost_nano(usage, CLAUDE) == 472 * 5000 + 2048 * 500 + 1024 * 6250 + 89 * 25000
+    assert cost_nano(usage, PriceVersion("m", 1, 0, 5_000_000_000, 500_000_000, 25_000_000_000)) \
+        == (472 + 1024) * 5000 + 2048 * 500 + 89 * 25000  # no cache_write price: writes cost input
+
+
+def test_reservation_covers_a_prompt_written_to_the_cache() -> None:
+    """A cache write can cost more than uncached input: the prompt part of the worst case uses the dearest rate."""
+    all_written = Usage(prompt_tokens=1000, cache_write_tokens=1000, completion_tokens=10)
+    assert reservation_nano(1000, 10, CLAUDE) == 1000 * 6250 + 10 * 25000 >= cost_nano(all_written, CLAUDE)
+    assert reservation_nano(1000, 10, CLAUDE) > 1000 * 5000 + 10 * 25000  # more than the input rate alone covers
+
+
+@given(prompt=st.integers(0, 10**9), cached=st.integers(0, 10**9), written=st.integers(0, 10**9),
+       completion=st.integers(0, 10**9), p_in=st.integers(0, 10**12), p_cached=st.integers(0, 10**12),
+       p_write=st.integers(0, 10**12), p_out=st.integers(0, 10**12))
+def test_cost_with_cache_writes_is_exact_and_reserved(prompt: int, cached: int, written: int, completion: int,
+                                                      p_in: int, p_cached: int, p_write: int, p_out: int) -> None:
+    price = PriceVersion("m", 1, 0, p_in, p_cached, p_out, cache_write=p_write)
+    c = min(cached, prompt)
+    w = min(written, prompt - c)
+    usage = Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=c, cache_write_tokens=w)
+    exact = (Decimal(prompt - c - w) * p_in + Decimal(c) * p_cached + Decimal(w) * p_write
+             + Decimal(completion) * p_out) / Decimal(10**6)
+    assert cost_nano(usage, price) == int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    assert reservation_nano(prompt, completion, price) >= cost_nano(usage, price)
+
+
+def test_dearest_keeps_the_dearest_cache_write() -> None:
+    d = dearest(QWEN, CLAUDE)
+    assert d.cache_write == CLAUDE.cache_write and d.input == CLAUDE.input
+    assert dearest(QWEN, DEEPSEEK).cache_write == DEEPSEEK.input  # none set: writes cost input

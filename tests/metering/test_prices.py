@@ -136,3 +136,25 @@ async def test_bad_stored_versions_are_skipped(meter: Meter, store: Store, clock
     # a new operator price still gets a fresh version number, above every stored entry
     p = await meter.set_price("qwen", "2", "2", "2")
     assert p.version > len(garbage) and (await meter.get_price("qwen")) == p
+
+
+async def test_cache_write_price_is_stored_versioned_and_set_by_operators(meter: Meter, store: Store,
+                                                                          clock: FakeClock, tmp_path: Path) -> None:
+    assert (await meter.get_price("qwen")).cache_write is None  # type: ignore[union-attr]
+    claude = {"input": "5", "cached_input": "0.5", "output": "25", "cache_write": "6.25"}
+    first = Meter(store, make_settings(qwen=claude), tmp_path / "j2", clock=clock)
+    await first.start()
+    await first.aclose()
+    p = await meter.get_price("qwen")
+    assert p is not None and (p.version, p.cache_write, p.cache_write_rate) == (2, 6_250_000_000, 6_250_000_000)
+    assert p.public()["cache_write_usd"] == "6.25"
+    again = Meter(store, make_settings(qwen=claude), tmp_path / "j3", clock=clock)  # same numbers: no new version
+    await again.start()
+    await again.aclose()
+    assert (await meter.get_price("qwen")).version == 2  # type: ignore[union-attr]
+    op = await meter.set_price("qwen", "5", "0.5", "25", cache_write_usd="10")
+    assert (op.version, op.cache_write) == (3, 10_000_000_000)
+    assert (await meter.set_price("qwen", "5", "0.5", "25")).cache_write is None  # omitted: writes cost input
+    with pytest.raises(InvalidRequest) as ei:
+        await meter.set_price("qwen", "5", "0.5", "25", cache_write_usd="-1")
+    assert ei.value.param == "cache_write"

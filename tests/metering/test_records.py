@@ -34,3 +34,17 @@ def test_admission_round_trips_through_json() -> None:
     adm = Admission("gen-1", "key_1", "qwen", price, 3000, 20, 1738367940.5, 28972799, tracked=True)
     back = Admission.from_dict(orjson.loads(orjson.dumps(adm.to_dict())))
     assert back == adm and back.price_version == 2
+
+
+def test_cache_writes_are_shown_and_kept_in_the_record() -> None:
+    rec = record("gen-3", prompt=3544, completion=89, cached=2048)
+    rec.usage.cache_write_tokens = 1024
+    d = orjson.loads(orjson.dumps(rec.to_dict()))
+    assert d["usage"]["prompt_tokens_details"] == {"cached_tokens": 2048, "cache_write_tokens": 1024}
+    assert GenerationRecord.from_dict(d) == rec
+
+
+def test_admission_keeps_a_cache_write_price() -> None:
+    price = PriceVersion("claude", 1, 0, 5_000_000_000, 500_000_000, 25_000_000_000, cache_write=6_250_000_000)
+    adm = Admission("gen-1", "key_1", "claude", price, 3000, 20, 1738367940.5, 28972799)
+    assert Admission.from_dict(orjson.loads(orjson.dumps(adm.to_dict()))).price.cache_write == 6_250_000_000

@@ -36,11 +36,11 @@ async def set_price(model_id: str, request: Request, services: ServicesDep) -> R
     except orjson.JSONDecodeError:
         raise InvalidRequest("The body must be JSON: {input, cached_input, output} in USD per 1M tokens.") from None
     if not isinstance(body, dict) or "input" not in body or "output" not in body:
-        raise InvalidRequest("The body must be {input, cached_input?, output, effective_at?}: USD per 1M tokens, "
-                             "unix seconds.")
+        raise InvalidRequest("The body must be {input, cached_input?, output, cache_write?, effective_at?}: USD per "
+                             "1M tokens, unix seconds.")
     # every field is checked (400 naming it) by the price book: finite, 0..1,000,000 USD, effective_at 0..+10 years
     pv = await services.meter.set_price(model_id, body["input"], body.get("cached_input", body["input"]),
-                                        body["output"], body.get("effective_at"))
+                                        body["output"], body.get("effective_at"), body.get("cache_write"))
     return _json(pv.public())
 
 

@@ -73,6 +73,9 @@ def model_entry(model_id: str, card: Any, price: Any = None) -> dict[str, Any]:
         "output": _usd(price.output if price else card.pricing.output),
         "unit": "USD per 1M tokens",
     }
+    cache_write = price.cache_write if price else card.pricing.cache_write
+    if cache_write is not None:
+        pricing["cache_write"] = _usd(cache_write)
     if price is not None:
         pricing["version"] = price.version
     return {

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from therouter.fakeupstream import anthropic
 from therouter.fakeupstream.asgi import (
     BodyEncoder,
     Exchange,
@@ -42,16 +43,17 @@ from therouter.fakeupstream.flavors import (
     ErrorSpec,
     Flavor,
     bad_request,
-    context_length_error,
-    get_flavor,
+    FLAVOR_CLASSES,
     missing_field,
 )
 from therouter.fakeupstream.misbehave import echo_message, gzip_bomb
 from therouter.fakeupstream.stats import Stats
 from therouter.fakeupstream.writers import write_bomb, write_error, write_json, write_stream
 
-HTTP_ERROR_KINDS = frozenset({"400", "401", "402", "408", "429", "500", "503", "context_length"})
-CHAT_ROUTES = frozenset({ROUTE_CHAT, ROUTE_BETA_CHAT})
+HTTP_ERROR_KINDS = frozenset({"400", "401", "402", "403", "408", "429", "500", "503", "529", "context_length"})
+ROUTE_MESSAGES = "messages"  # Anthropic's /v1/messages
+CHAT_ROUTES = frozenset({ROUTE_CHAT, ROUTE_BETA_CHAT, ROUTE_MESSAGES})
+FLAVORS: dict[str, type[Flavor]] = {**FLAVOR_CLASSES, "anthropic": anthropic.AnthropicFlavor}
 REDIRECT_LOCATION = b"http://127.0.0.1:1/"
 METRICS_CONTENT_TYPE = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
 
@@ -71,7 +73,7 @@ class FakeUpstream:
 
     def __init__(self, config: FakeConfig) -> None:
         self.config = config
-        self.flavor: Flavor = get_flavor(config.flavor)
+        self.flavor: Flavor = FLAVORS[config.flavor]()
         self.initial_knobs: dict[str, Any] = config.knobs()
         self.knobs: dict[str, Any] = dict(self.initial_knobs)
         self.stats = Stats()
@@ -86,10 +88,12 @@ class FakeUpstream:
             "/models": ("GET", self._models),
             "/health": ("GET", self._health),
         }
-        if self.flavor.name == "deepseek":
+        if self.flavor.name == "anthropic":  # the Messages API only
+            routes = {"/messages": ("POST", self._route(ROUTE_MESSAGES)), "/models": ("GET", self._models)}
+        elif self.flavor.name == "deepseek":
             routes["/beta/chat/completions"] = ("POST", self._route(ROUTE_BETA_CHAT))
             routes["/beta/completions"] = ("POST", self._route(ROUTE_BETA_COMPLETIONS))
-        else:
+        elif self.flavor.name != "openai":
             routes["/metrics"] = ("GET", self._metrics)
         if self.flavor.name == "sglang":
             routes["/health_generate"] = ("GET", self._health)
@@ -103,7 +107,7 @@ class FakeUpstream:
 
     def set_api_key(self, api_key: str | None) -> None:
         self.api_key = api_key
-        self.expected_auth = f"Bearer {api_key}" if api_key else None
+        self.expected_auth = self.flavor.auth_value(api_key) if api_key else None
 
     # ---- ASGI entry point -------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -138,7 +142,8 @@ class FakeUpstream:
 
     # ---- simple endpoints -------------------------------------------------------------
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        auth = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        name = self.flavor.auth_header.encode()
+        auth = next((v.decode("latin-1") for k, v in scope["headers"] if k == name), None)
         if self.expected_auth is not None and auth != self.expected_auth:
             await write_error(self.flavor, send, self.flavor.unauthorized())
             return
@@ -207,9 +212,9 @@ class FakeUpstream:
         stats.requests += 1
         stats.in_flight += 1
         headers: dict[str, str] = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        auth = headers.get("authorization")
-        if auth is not None:
-            headers["authorization"] = "valid" if auth == self.expected_auth else "present"
+        auth = headers.get(self.flavor.auth_header)
+        if auth is not None:  # the log never keeps a key
+            headers[self.flavor.auth_header] = "valid" if auth == self.expected_auth else "present"
         entry: dict[str, Any] = {
             "t_start": time.time(),
             "t_first_byte": None,
@@ -252,7 +257,7 @@ class FakeUpstream:
         """Decode the body and per-request knobs, then validate. Returns (knobs, body, error)."""
         flavor = self.flavor
         knobs = self.knobs
-        if self.expected_auth is not None and headers.get("authorization") != "valid":
+        if self.expected_auth is not None and headers.get(self.flavor.auth_header) != "valid":
             with contextlib.suppress(orjson.JSONDecodeError):  # auth first, as real servers; still log the body
                 entry["body"] = orjson.loads(raw)
             return knobs, {}, flavor.unauthorized()
@@ -326,7 +331,7 @@ class FakeUpstream:
         stream = ex.entry["stream"]
         if fault in HTTP_ERROR_KINDS:
             if fault == "context_length":
-                spec = context_length_error(estimate_prompt_tokens(body), max_output_tokens(body) or 0,
+                spec = flavor.context_error(estimate_prompt_tokens(body), max_output_tokens(body) or 0,
                                             knobs["max_model_len"])
             else:
                 spec = FAULT_ERRORS[fault]
@@ -351,16 +356,21 @@ class FakeUpstream:
             await asyncio.sleep(knobs["stall_ms"] / 1000)
         chat = route in CHAT_ROUTES
         plan = build_plan(
-            body,
+            flavor.plan_body(body),
             knobs,
             chat=chat,
             reasoning_chunks=self._reasoning_chunks(knobs, body, route),
             empty_json=fault == "empty_json",
             new_tool_id=flavor.tool_id,
         )
+        flavor.adjust_plan(plan, body)
         rid = flavor.chat_id() if chat else flavor.completion_id()
         created = int(time.time())
-        if stream:
+        if route == ROUTE_MESSAGES and stream:
+            await anthropic.write_stream(flavor, ex, knobs, plan, fault, rid=rid, in_band=echo(FAULT_ERRORS["in_band"]))
+        elif route == ROUTE_MESSAGES:
+            await anthropic.write_json(flavor, ex, knobs, plan, fault, rid=rid)
+        elif stream:
             await write_stream(flavor, ex, knobs, body, plan, fault, chat=chat, rid=rid, created=created,
                                in_band=echo(FAULT_ERRORS["in_band"]))
         else:

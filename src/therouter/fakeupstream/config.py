@@ -12,17 +12,19 @@ from typing import Any
 
 import orjson
 
-FLAVORS: tuple[str, ...] = ("deepseek", "vllm", "sglang")
+FLAVORS: tuple[str, ...] = ("deepseek", "vllm", "sglang", "anthropic", "openai")
 
 DEFAULT_MODELS: dict[str, list[str]] = {
     "deepseek": ["deepseek-v3.2", "deepseek-v4-flash", "deepseek-v4-pro"],
     "vllm": ["deepseek-ai/DeepSeek-V3.2"],
     "sglang": ["deepseek-ai/DeepSeek-V3.2"],
+    "anthropic": ["claude-opus-4-7", "claude-sonnet-4-5"],
+    "openai": ["gpt-5.1", "gpt-4.1"],
 }
 
 ERROR_KINDS: frozenset[str] = frozenset(
     {
-        "500", "503", "429", "400", "401", "402", "408",
+        "500", "503", "429", "400", "401", "402", "403", "408", "529",
         "context_length", "in_band", "cut", "stall", "bad_json", "no_done",
         "no_usage", "hang", "redirect", "empty_json",
         # misbehaving upstreams (issue 7, point 8)
@@ -65,6 +67,7 @@ KNOB_DEFAULTS: dict[str, Any] = {
     "tool_call": "auto",
     "parallel_tools": 1,
     "cached_tokens": 0,
+    "cache_write_tokens": 0,
     "max_model_len": 131072,
     "health_status": 200,
     "queue_depth": 0,
@@ -210,6 +213,7 @@ KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
     "tool_call": _to_tool_call,
     "parallel_tools": _to_pos_int,
     "cached_tokens": _to_int,
+    "cache_write_tokens": _to_int,
     "max_model_len": _to_pos_int,
     "health_status": _to_pos_int,
     "queue_depth": _to_int,
@@ -242,6 +246,7 @@ KNOB_HELP: dict[str, str] = {
     "tool_call": "auto (tools present and tool_choice != none) | always | never",
     "parallel_tools": "number of parallel tool calls",
     "cached_tokens": "prompt tokens reported as cache hits",
+    "cache_write_tokens": "prompt tokens reported as written to the prompt cache (anthropic flavour)",
     "max_model_len": "context window reported by /models and context_length errors",
     "health_status": "HTTP status returned by /health and /health_generate",
     "queue_depth": "/metrics: reported waiting requests",
@@ -325,6 +330,7 @@ class FakeConfig:
     tool_call: str | bool = "auto"
     parallel_tools: int = 1
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
     max_model_len: int = 131072
     health_status: int = 200
     queue_depth: int = 0

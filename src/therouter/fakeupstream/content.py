@@ -36,6 +36,7 @@ class Plan:
     finish_reason: str = "stop"
     prompt_tokens: int = 1
     cached_tokens: int = 0
+    cache_write_tokens: int = 0  # prompt tokens reported as written to the cache (anthropic flavour)
 
     # Cached: a plan is complete once build_plan() returns and is never mutated afterwards.
     @cached_property
@@ -161,7 +162,9 @@ def build_plan(
 ) -> Plan:
     per = knobs["tokens_per_chunk"]
     prompt_tokens = estimate_prompt_tokens(body)
-    plan = Plan(content=[], prompt_tokens=prompt_tokens, cached_tokens=min(knobs["cached_tokens"], prompt_tokens))
+    cached = min(knobs["cached_tokens"], prompt_tokens)
+    plan = Plan(content=[], prompt_tokens=prompt_tokens, cached_tokens=cached,
+                cache_write_tokens=min(knobs["cache_write_tokens"], prompt_tokens - cached))
     budget = max_output_tokens(body)
 
     n_reason = reasoning_chunks * per if chat else 0
@@ -192,3 +195,45 @@ def build_plan(
         content = [(" " * len(t), n) for t, n in content]
     plan.content = content
     return plan
+
+
+def sample(schema: Any, key: str = "") -> Any:
+    """A small JSON value that follows ``schema`` (enough for structured outputs and tool inputs)."""
+    if not isinstance(schema, dict):
+        return "tok"
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for k in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(k), list) and schema[k]:
+            return sample(schema[k][0], key)
+    kind = schema.get("type")
+    kind = kind[0] if isinstance(kind, list) and kind else kind
+    if kind == "object" or (kind is None and isinstance(schema.get("properties"), dict)):
+        props: dict[str, Any] = schema["properties"] if isinstance(schema.get("properties"), dict) else {}
+        return {k: sample(v, k) for k, v in props.items()}
+    if kind == "array":
+        return [sample(schema.get("items"), key)]
+    if kind == "integer":
+        return 42
+    if kind == "number":
+        return 4.5
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return _CITIES[0] if key in ("city", "location") else "tok"
+
+
+def split_text(text: str, parts: int) -> list[str]:
+    step = max(1, -(-len(text) // max(parts, 1)))
+    return [text[i:i + step] for i in range(0, len(text), step)] or [""]
+
+
+def schema_content(plan: Plan, schema: Any) -> None:
+    """Structured output: the plan's content becomes JSON that follows ``schema``, over as many chunks."""
+    if plan.content and plan.finish_reason != "length":
+        plan.content = [(p, 1) for p in split_text(orjson.dumps(sample(schema)).decode(), len(plan.content))]
+        for name in ("completion_tokens", "text"):  # cached properties of the plan: counted again
+            plan.__dict__.pop(name, None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, NamedTuple
 
-from therouter.fakeupstream.content import Plan
+from therouter.fakeupstream.content import Plan, schema_content
 
 ROUTE_CHAT = "chat"
 ROUTE_COMPLETIONS = "completions"
@@ -32,6 +32,7 @@ STATUS_TYPES: dict[int, str] = {
     400: "BadRequestError",
     401: "AuthenticationError",
     402: "PaymentRequiredError",
+    403: "PermissionDeniedError",
     404: "NotFoundError",
     408: "RequestTimeoutError",
     429: "RateLimitError",
@@ -48,7 +49,10 @@ FAULT_ERRORS: dict[str, ErrorSpec] = {
     ),
     "402": ErrorSpec(402, "Insufficient Balance", "unknown_error", "invalid_request_error"),
     "408": ErrorSpec(408, "Request Timeout", "timeout_error", "request_timeout"),
+    "403": ErrorSpec(403, "Your API key does not have permission to use the specified resource",
+                     "permission_error", "permission_denied"),
     "429": ErrorSpec(429, "Rate Limit Reached", "rate_limit_error", "rate_limit_exceeded"),
+    "529": ErrorSpec(529, "Overloaded", "overloaded_error", "overloaded"),
     "500": ErrorSpec(500, "Internal Server Error", "server_error", "internal_error"),
     "503": ErrorSpec(503, "Server overloaded, please retry shortly", "server_error", "server_overloaded"),
     "in_band": ErrorSpec(500, "upstream generation failed (injected in-band error)", "server_error", "internal_error"),
@@ -91,6 +95,21 @@ class Flavor:
     chunk_extra: dict[str, Any] = {}
     response_extra: dict[str, Any] = {}
     choice_extra: dict[str, Any] = {}
+    auth_header = "authorization"  # the request header that carries the API key
+    hidden_reasoning = False  # reasoning tokens are billed but their text never sent (OpenAI's reasoning models)
+
+    def auth_value(self, api_key: str) -> str:
+        return f"Bearer {api_key}"
+
+    def context_error(self, prompt_tokens: int, completion_tokens: int, max_model_len: int) -> ErrorSpec:
+        return context_length_error(prompt_tokens, completion_tokens, max_model_len)
+
+    def plan_body(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The request as the flavour-neutral planner (``content.build_plan``) reads it: OpenAI's shape."""
+        return body
+
+    def adjust_plan(self, plan: Plan, body: dict[str, Any]) -> None:
+        """Flavour-specific touches to a plan once built."""
 
     # ---- ids -------------------------------------------------------------------------
     def chat_id(self) -> str:
@@ -407,10 +426,91 @@ class SGLangFlavor(Flavor):
         )
 
 
+class OpenAIFlavor(Flavor):
+    """OpenAI itself: reasoning models (o-series, gpt-5*) refuse ``max_tokens`` (they take ``max_completion_tokens``)
+    and any temperature but 1, bill reasoning tokens without sending their text, keep the ``developer`` role, and
+    report usage with every detail field."""
+
+    name = "openai"
+    owned_by = "openai"
+    hidden_reasoning = True
+    chunk_extra = {"system_fingerprint": "fp_fake_openai", "service_tier": "default"}
+    response_extra = {"system_fingerprint": "fp_fake_openai", "service_tier": "default"}
+
+    def error_body(self, err: ErrorSpec) -> dict[str, Any]:
+        return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+
+    stream_error = error_body
+
+    def unauthorized(self) -> ErrorSpec:
+        return ErrorSpec(401, "Incorrect API key provided. You can find your API key at "
+                         "https://platform.openai.com/account/api-keys.", "invalid_request_error", "invalid_api_key")
+
+    def default_model(self, models: list[str]) -> str | None:
+        return None
+
+    def usage(self, plan: Plan) -> dict[str, Any]:
+        completion = plan.completion_tokens
+        return {
+            "prompt_tokens": plan.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": plan.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": plan.cached_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": plan.reasoning_tokens, "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+        }
+
+    def thinking_requested(self, body: dict[str, Any]) -> bool:
+        return reasoning_model(str(body.get("model"))) and body.get("reasoning_effort") not in ("none", "minimal")
+
+    def validate(self, route: str, body: dict[str, Any], reasoning_on: bool) -> ErrorSpec | None:
+        if not reasoning_model(str(body.get("model"))):
+            return None
+        if body.get("max_tokens") is not None:
+            return ErrorSpec(400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                             "'max_completion_tokens' instead.", "invalid_request_error", "unsupported_parameter",
+                             "max_tokens")
+        t = body.get("temperature")
+        if t is not None and t != 1:
+            return ErrorSpec(400, f"Unsupported value: 'temperature' does not support {t} with this model. Only the "
+                             "default (1) value is supported.", "invalid_request_error", "unsupported_value",
+                             "temperature")
+        effort = body.get("reasoning_effort")
+        if effort is not None and effort not in ("none", "minimal", "low", "medium", "high", "xhigh"):
+            return ErrorSpec(400, f"Invalid value: '{effort}'. Supported values are: 'none', 'minimal', 'low', "
+                             "'medium', 'high' and 'xhigh'.", "invalid_request_error", "invalid_value",
+                             "reasoning_effort")
+        return None
+
+    def message(self, plan: Plan) -> dict[str, Any]:
+        msg: dict[str, Any] = {"role": "assistant", "content": plan.text if not plan.tool_calls else None,
+                               "refusal": None, "annotations": []}
+        if plan.tool_calls:
+            msg["tool_calls"] = [_tool_call_json(tc) for tc in plan.tool_calls]
+        return msg
+
+    def role_delta(self, plan: Plan) -> dict[str, Any]:
+        return {"role": "assistant", "content": "", "refusal": None}
+
+    def adjust_plan(self, plan: Plan, body: dict[str, Any]) -> None:
+        rf = body.get("response_format")
+        spec = rf.get("json_schema") if isinstance(rf, dict) and rf.get("type") == "json_schema" else None
+        if isinstance(spec, dict):  # structured outputs follow the schema
+            schema_content(plan, spec.get("schema"))
+
+    def model_entry(self, model_id: str, created: int, max_model_len: int) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "openai"}
+
+
+def reasoning_model(model: str) -> bool:
+    """OpenAI's reasoning models: the o-series and gpt-5 (not gpt-5-chat)."""
+    return (model.startswith("o") and model[1:2].isdigit()) or (model.startswith("gpt-5") and "chat" not in model)
+
+
 FLAVOR_CLASSES: dict[str, type[Flavor]] = {
     "deepseek": DeepSeekFlavor,
     "vllm": VLLMFlavor,
     "sglang": SGLangFlavor,
+    "openai": OpenAIFlavor,
 }
 
 

@@ -95,7 +95,7 @@ def stream_events(
     events: list[tuple[dict[str, Any], int, bool]] = []
     if chat:
         events.append((chunk({"delta": flavor.role_delta(plan)}), 0, False))
-        for text, n in plan.reasoning:
+        for text, n in plan.reasoning if not flavor.hidden_reasoning else ():
             events.append((chunk({"delta": flavor.reasoning_delta(text)}), n, True))
         for i, tc in enumerate(plan.tool_calls):
             head = {"index": i, "id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": ""}}

@@ -6,7 +6,8 @@ An upstream's usage report decides what a client pays, so it is checked like cli
   own estimate of it (prompt: the admission estimate; completion: the text that was relayed, /4) -- cached and
   reasoning counts have no estimate and become 0 -- and the usage is marked ``estimated``;
 * every count is clamped to what the served model can do: prompt <= the card's ``context_length``, completion <=
-  ``max_output_tokens`` x the number of choices asked for, cached <= prompt, reasoning <= completion.
+  ``max_output_tokens`` x the number of choices asked for, cached <= prompt, cache writes <= prompt - cached,
+  reasoning <= completion.
 
 Each replacement and clamp is reported as a reason (a small fixed set, fit for a metric label).
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass, replace
 from therouter.protocol.usage import Usage
 
 REASONS = ("missing", "not_a_number", "negative", "prompt_over_context", "completion_over_max_output",
-           "cached_over_prompt", "reasoning_over_completion")
+           "cached_over_prompt", "cache_write_over_prompt", "reasoning_over_completion")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,9 @@ def bound_usage(reported: Usage, bounds: Bounds | None, estimate: Usage | None =
     if u.cached_tokens > u.prompt_tokens:
         u.cached_tokens = u.prompt_tokens
         reasons.append("cached_over_prompt")
+    if u.cache_write_tokens > u.prompt_tokens - u.cached_tokens:
+        u.cache_write_tokens = u.prompt_tokens - u.cached_tokens
+        reasons.append("cache_write_over_prompt")
     if u.reasoning_tokens > u.completion_tokens:
         u.reasoning_tokens = u.completion_tokens
         reasons.append("reasoning_over_completion")

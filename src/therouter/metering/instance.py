@@ -69,14 +69,16 @@ class InFlight:
             except Exception:  # a bad reading must not stop the checkpoint of every other request
                 log.exception("metering: usage of %s could not be read for its checkpoint", self.adm.gen_id)
         return (self.stream, self.model, self.provider, self.upstream_model, u.prompt_tokens, u.completion_tokens,
-                u.cached_tokens, u.reasoning_tokens)
+                u.cached_tokens, u.reasoning_tokens, u.cache_write_tokens)
 
     def encode(self, state: tuple[Any, ...], at: float) -> str:
-        stream, model, provider, upstream_model, prompt, completion, cached, reasoning = state
+        stream, model, provider, upstream_model, prompt, completion, cached, reasoning, cache_write = state
+        usage = {"prompt": prompt, "completion": completion, "cached": cached, "reasoning": reasoning}
+        if cache_write:
+            usage["cache_write"] = cache_write
         return orjson.dumps({
             "adm": self.adm.to_dict(), "stream": stream, "model": model, "provider": provider,
-            "upstream_model": upstream_model, "at": at,
-            "usage": {"prompt": prompt, "completion": completion, "cached": cached, "reasoning": reasoning},
+            "upstream_model": upstream_model, "at": at, "usage": usage,
         }).decode()
 
 
@@ -87,7 +89,7 @@ def lost_request(raw: str) -> tuple[Admission, GenerationRecord]:
     u = d.get("usage") or {}
     usage = Usage(prompt_tokens=max(int(u.get("prompt", 0)), 0), completion_tokens=max(int(u.get("completion", 0)), 0),
                   cached_tokens=max(int(u.get("cached", 0)), 0), reasoning_tokens=max(int(u.get("reasoning", 0)), 0),
-                  estimated=True)
+                  cache_write_tokens=max(int(u.get("cache_write", 0)), 0), estimated=True)
     at = float(d.get("at", adm.admitted_at))
     record = GenerationRecord(
         id=adm.gen_id, key_id=adm.key_id, model=str(d.get("model") or adm.model), provider=str(d.get("provider", "")),

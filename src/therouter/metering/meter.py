@@ -486,8 +486,8 @@ class Meter:
     # ---- prices and reports (delegated) ---------------------------------------------------------------------------
 
     async def set_price(self, model: str, input_usd: Any, cached_input_usd: Any, output_usd: Any,
-                        effective_at: int | None = None) -> PriceVersion:
-        return await self.prices.set(model, input_usd, cached_input_usd, output_usd, effective_at)
+                        effective_at: int | None = None, cache_write_usd: Any = None) -> PriceVersion:
+        return await self.prices.set(model, input_usd, cached_input_usd, output_usd, effective_at, cache_write_usd)
 
     async def get_price(self, model: str) -> PriceVersion | None:
         return await self.prices.get(model)
@@ -538,4 +538,5 @@ def _dump(entry: Any) -> str:
 def _assign(target: Usage, source: Usage) -> None:
     target.prompt_tokens, target.completion_tokens = source.prompt_tokens, source.completion_tokens
     target.cached_tokens, target.reasoning_tokens = source.cached_tokens, source.reasoning_tokens
+    target.cache_write_tokens = source.cache_write_tokens
     target.estimated = source.estimated

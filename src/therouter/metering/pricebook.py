@@ -44,13 +44,16 @@ def price_input(input_usd: Any, cached_input_usd: Any, output_usd: Any, effectiv
                 now: float) -> tuple[int, int, int, int]:
     """An operator's price -> (input, cached_input, output in nano-USD per 1M tokens, effective_at in unix s).
     Raises InvalidRequest naming the offending field (see the module rule)."""
-    nano = []
-    for value, what in ((input_usd, "input"), (cached_input_usd, "cached_input"), (output_usd, "output")):
-        try:
-            nano.append(usd_to_nano(value, what, MAX_PRICE_USD))
-        except ValueError as e:
-            raise InvalidRequest(f"{e} (per 1M tokens).", param=what, code="invalid_value") from None
+    nano = [_usd(value, what) for value, what in ((input_usd, "input"), (cached_input_usd, "cached_input"),
+                                                  (output_usd, "output"))]
     return nano[0], nano[1], nano[2], _effective_at(effective_at, now)
+
+
+def _usd(value: Any, what: str) -> int:
+    try:
+        return usd_to_nano(value, what, MAX_PRICE_USD)
+    except ValueError as e:
+        raise InvalidRequest(f"{e} (per 1M tokens).", param=what, code="invalid_value") from None
 
 
 def _effective_at(v: Any, now: float) -> int:
@@ -70,7 +73,8 @@ class PriceBook:
                  clock: Callable[[], float]) -> None:
         self._store, self._layout, self._scripts, self._clock = store, layout, scripts, clock
         self._config = {
-            name: PriceVersion(name, 0, 0, m.pricing.input, m.pricing.cached_input, m.pricing.output, "config")
+            name: PriceVersion(name, 0, 0, m.pricing.input, m.pricing.cached_input, m.pricing.output, "config",
+                               m.pricing.cache_write)
             for name, m in settings.models.items()
         }
         self._versions: dict[str, list[PriceVersion]] = {name: [p] for name, p in self._config.items()}
@@ -121,11 +125,13 @@ class PriceBook:
             return None
 
     async def set(self, model: str, input_usd: Any, cached_input_usd: Any, output_usd: Any,
-                  effective_at: int | None = None) -> PriceVersion:
+                  effective_at: int | None = None, cache_write_usd: Any = None) -> PriceVersion:
+        """``cache_write_usd`` None: cache writes are billed at ``input`` under this version."""
         if model not in self._config:
             raise ModelNotFound(f"The model `{model}` is not in the catalogue", param="model")
         inp, cached, out, when = price_input(input_usd, cached_input_usd, output_usd, effective_at, self._clock())
-        p = PriceVersion(model, 0, when, inp, cached, out, "operator")
+        write = None if cache_write_usd is None else _usd(cache_write_usd, "cache_write")
+        p = PriceVersion(model, 0, when, inp, cached, out, "operator", write)
         version = await self._write(p, "operator", when)
         await self.refresh([model])
         return next((v for v in self._versions[model] if v.version == version), replace(p, version=version))
@@ -152,7 +158,8 @@ class PriceBook:
 
     async def _write(self, p: PriceVersion, source: str, effective_at: int) -> int:
         keys = [self._layout.price(p.model), self._layout.pricehist(p.model)]
-        args: list[str | int] = [source, p.model, p.input, p.cached_input, p.output, effective_at]
+        args: list[str | int] = [source, p.model, p.input, p.cached_input, p.output, effective_at,
+                                 "" if p.cache_write is None else p.cache_write]
         written, version = await self._scripts.run("price_set", keys, args)
         if int(written):
             fields = replace(p, version=int(version), effective_at=effective_at, source=source).public()

@@ -7,8 +7,10 @@ Money is an integer of nano-USD (1 USD = 10**9). A price is an integer of nano-U
   the nearest nano-USD and a tie goes to the provider. Integer arithmetic only, so it is exact for any size.
 * :func:`reservation_nano` rounds **up** (ceiling): a worst-case reservation is never smaller than any cost it covers.
 
-Billing rule (DeepSeek hit/miss, vLLM/SGLang ``cached_tokens``): ``cached_tokens`` are charged at ``cached_input``,
-the rest of ``prompt_tokens`` at ``input``, and ``completion_tokens`` (which include reasoning tokens) at ``output``.
+Billing rule (DeepSeek hit/miss, vLLM/SGLang ``cached_tokens``, Anthropic cache reads and writes): ``cached_tokens``
+(cache reads) are charged at ``cached_input``, ``cache_write_tokens`` (prompt tokens written to the provider's cache)
+at ``cache_write`` (``input`` where the price has none), the rest of ``prompt_tokens`` at ``input``, and
+``completion_tokens`` (which include reasoning tokens) at ``output``.
 Prices are versioned: a request is settled at the :class:`PriceVersion` captured when it was admitted, and the
 version in force at a time ``t`` is the one with the newest ``effective_at`` not after ``t`` (ties: higher version).
 """
@@ -36,6 +38,11 @@ class PriceVersion:
     cached_input: int  # nano-USD per 1M cached prompt tokens
     output: int  # nano-USD per 1M completion tokens (reasoning included)
     source: str = "config"  # "config" (loaded from the config file) or "operator" (set_price)
+    cache_write: int | None = None  # nano-USD per 1M prompt tokens written to the cache (None: at `input`)
+
+    @property
+    def cache_write_rate(self) -> int:
+        return self.input if self.cache_write is None else self.cache_write
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,16 +60,21 @@ class PriceVersion:
             input=_whole(d["input"], "input", MAX_PRICE_NANO),
             cached_input=_whole(d["cached_input"], "cached_input", MAX_PRICE_NANO),
             output=_whole(d["output"], "output", MAX_PRICE_NANO), source=str(d.get("source") or "config"),
+            cache_write=None if d.get("cache_write") in (None, "") else _whole(d["cache_write"], "cache_write",
+                                                                               MAX_PRICE_NANO),
         )
 
     def same_numbers(self, other: PriceVersion) -> bool:
-        return (self.input, self.cached_input, self.output) == (other.input, other.cached_input, other.output)
+        return ((self.input, self.cached_input, self.output, self.cache_write)
+                == (other.input, other.cached_input, other.output, other.cache_write))
 
     def public(self) -> dict[str, Any]:
         """For admin answers: nano integers plus USD strings per 1M tokens."""
         d = self.to_dict()
         d.update(input_usd=nano_to_usd(self.input), cached_input_usd=nano_to_usd(self.cached_input),
                  output_usd=nano_to_usd(self.output))
+        if self.cache_write is not None:
+            d["cache_write_usd"] = nano_to_usd(self.cache_write)
         return d
 
 
@@ -70,8 +82,10 @@ def cost_nano(usage: Usage, price: PriceVersion) -> int:
     """Exact cost in nano-USD, rounded half up (see the module docstring)."""
     prompt = max(usage.prompt_tokens, 0)
     cached = min(max(usage.cached_tokens, 0), prompt)
+    written = min(max(usage.cache_write_tokens, 0), prompt - cached)
     completion = max(usage.completion_tokens, 0)
-    scaled = (prompt - cached) * price.input + cached * price.cached_input + completion * price.output
+    scaled = ((prompt - cached - written) * price.input + cached * price.cached_input
+              + written * price.cache_write_rate + completion * price.output)
     return (scaled + _HALF) // PER_TOKENS
 
 
@@ -84,14 +98,22 @@ def billable(usage: Usage, max_prompt: int, max_completion: int) -> Usage:
         completion = min(completion, max_completion)
     if (prompt, completion) == (usage.prompt_tokens, usage.completion_tokens):
         return usage
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=min(usage.cached_tokens, prompt),
-                 reasoning_tokens=min(usage.reasoning_tokens, completion), estimated=usage.estimated)
+    cached = min(usage.cached_tokens, prompt)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
+                 reasoning_tokens=min(usage.reasoning_tokens, completion),
+                 cache_write_tokens=min(usage.cache_write_tokens, prompt - cached), estimated=usage.estimated)
+
+
+def prompt_rate(price: PriceVersion) -> int:
+    """The dearest rate a prompt token can be billed at: uncached, a cache read or a cache write (a write may cost
+    more than uncached input: Anthropic bills it at 1.25x or 2x)."""
+    return max(price.input, price.cached_input, price.cache_write_rate)
 
 
 def reservation_nano(prompt_est: int, max_output: int, price: PriceVersion) -> int:
-    """Worst case: every prompt token at the dearer prompt rate, every allowed output token at the output rate,
-    rounded up."""
-    scaled = max(prompt_est, 0) * max(price.input, price.cached_input) + max(max_output, 0) * price.output
+    """Worst case: every prompt token at the dearest prompt rate (:func:`prompt_rate`), every allowed output token
+    at the output rate, rounded up."""
+    scaled = max(prompt_est, 0) * prompt_rate(price) + max(max_output, 0) * price.output
     return -(-scaled // PER_TOKENS)
 
 
@@ -102,7 +124,8 @@ def dearest(*prices: PriceVersion) -> PriceVersion:
         return first
     return PriceVersion(model=first.model, version=first.version, effective_at=first.effective_at,
                         input=max(p.input for p in prices), cached_input=max(p.cached_input for p in prices),
-                        output=max(p.output for p in prices), source=first.source)
+                        output=max(p.output for p in prices), source=first.source,
+                        cache_write=max(p.cache_write_rate for p in prices))
 
 
 def price_at(versions: Iterable[PriceVersion], at: float) -> PriceVersion | None:

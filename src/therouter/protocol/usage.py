@@ -19,9 +19,12 @@ class Usage:
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the provider's cache (billed at cached_input)
     reasoning_tokens: int = 0  # part of completion_tokens
+    # prompt tokens written to the provider's cache (Anthropic's cache_creation_input_tokens; billed at
+    # cache_write): part of prompt_tokens, apart from cached_tokens
+    cache_write_tokens: int = 0
     estimated: bool = False  # counted locally (stream cut before the upstream reported usage)
     # fields whose upstream value could not be used: "prompt_tokens" | "completion_tokens" | "cached_tokens" |
-    # "reasoning_tokens" -> "missing" | "not_a_number" | "negative" (never stored: the meter resolves them)
+    # "reasoning_tokens" | "cache_write_tokens" -> "missing" | "not_a_number" | "negative" (never stored: the meter resolves them)
     rejected: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -30,7 +33,8 @@ class Usage:
 
     @classmethod
     def from_openai(cls, u: dict[str, Any]) -> Usage:
-        """Reads OpenAI, DeepSeek (prompt_cache_hit/miss), vLLM and SGLang (top-level reasoning_tokens) spellings."""
+        """Reads OpenAI, DeepSeek (prompt_cache_hit/miss), vLLM and SGLang (top-level reasoning_tokens) spellings, and
+        ``prompt_tokens_details.cache_write_tokens`` (what the Anthropic adapter reports cache writes as)."""
         rejected: dict[str, str] = {}
 
         def count(name: str, v: Any) -> int:
@@ -46,9 +50,10 @@ class Usage:
             cached = count("cached_tokens", hit)
             if miss is not None and prompt == 0 and "prompt_tokens" not in rejected:
                 prompt = cached + count("prompt_tokens", miss)
-        else:
-            details = u.get("prompt_tokens_details") or {}
+        details = u.get("prompt_tokens_details") or {}
+        if hit is None:
             cached = count("cached_tokens", details.get("cached_tokens")) if isinstance(details, dict) else 0
+        written = count("cache_write_tokens", details.get("cache_write_tokens")) if isinstance(details, dict) else 0
         cdetails = u.get("completion_tokens_details") or {}
         reasoning = count("reasoning_tokens", cdetails.get("reasoning_tokens")) if isinstance(cdetails, dict) else 0
         if not reasoning and "reasoning_tokens" not in rejected:
@@ -62,6 +67,7 @@ class Usage:
             completion_tokens=count("completion_tokens", u.get("completion_tokens")),
             cached_tokens=cached,  # may exceed prompt_tokens here: the meter clamps it and counts the anomaly
             reasoning_tokens=reasoning,
+            cache_write_tokens=written,  # like cached_tokens, clamped by the meter
             rejected=rejected,
         )
 
@@ -73,6 +79,10 @@ class Usage:
         out["total_tokens"] = self.total_tokens
         ptd = _details(out.get("prompt_tokens_details"))
         ptd["cached_tokens"] = self.cached_tokens
+        if self.cache_write_tokens:
+            ptd["cache_write_tokens"] = self.cache_write_tokens
+        else:
+            ptd.pop("cache_write_tokens", None)
         out["prompt_tokens_details"] = ptd
         ctd = _details(out.get("completion_tokens_details"))
         ctd["reasoning_tokens"] = self.reasoning_tokens

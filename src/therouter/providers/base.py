@@ -7,7 +7,7 @@ in a subclass as a handful of small hooks.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import orjson
 
@@ -23,6 +23,8 @@ JSON_INSTRUCTION = (
     "Respond only with a JSON object that conforms to this JSON Schema (no prose, no code fences):\n"
 )
 _USER_AGENT = f"therouter/{__version__}"
+# one stream's upstream event -> the OpenAI chunk for the client (None: nothing to send for it)
+StreamTranslator = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 
 
 class Provider:
@@ -78,8 +80,11 @@ class Provider:
     # ---- requests -----------------------------------------------------------------------------------------------
 
     def chat_request(
-        self, body: dict[str, Any], dep: Deployment, *, stream: bool, request_id: str | None = None
+        self, body: dict[str, Any], dep: Deployment, *, stream: bool, request_id: str | None = None,
+        max_output: int | None = None,
     ) -> UpstreamRequest:
+        """``body`` is the checked client body (its one output limit, if any, as ``max_tokens``); ``max_output`` the
+        model card's max output, for an upstream that needs an output limit on every request."""
         out = dict(body)
         out["model"] = dep.model
         _strip_gateway_fields(out)
@@ -101,7 +106,8 @@ class Provider:
         )
 
     def completion_request(
-        self, body: dict[str, Any], dep: Deployment, *, stream: bool, request_id: str | None = None
+        self, body: dict[str, Any], dep: Deployment, *, stream: bool, request_id: str | None = None,
+        max_output: int | None = None,
     ) -> UpstreamRequest:
         out = dict(body)
         out["model"] = dep.model
@@ -171,6 +177,16 @@ class Provider:
             choice.setdefault("logprobs", None)
         if obj.get("system_fingerprint", "") is None:
             del obj["system_fingerprint"]
+        return obj
+
+    def stream_translator(self) -> StreamTranslator:
+        """A fresh translator for one stream: each upstream data event -> the OpenAI chunk it becomes, or None when
+        it carries nothing for the client. OpenAI-compatible upstreams need no state: their chunk, normalised in
+        place. An upstream with its own event protocol (Anthropic) returns an object holding the stream's state."""
+        return self._translate_chunk
+
+    def _translate_chunk(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        self.normalize_chunk(obj)
         return obj
 
     def normalize_chunk(self, obj: dict[str, Any]) -> None:

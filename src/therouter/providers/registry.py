@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from therouter.config import ProviderConfig
 from therouter.providers._http import Transport
+from therouter.providers.anthropic import AnthropicProvider
 from therouter.providers.base import Provider
 from therouter.providers.deepseek import DeepSeekProvider
-from therouter.providers.openai import OpenAIProvider
+from therouter.providers.openai import OpenAICompatibleProvider, OpenAIProvider
 from therouter.providers.sglang import SGLangProvider
 from therouter.providers.vllm import VLLMProvider
 
@@ -15,6 +16,8 @@ ADAPTERS: dict[str, type[Provider]] = {
     "vllm": VLLMProvider,
     "sglang": SGLangProvider,
     "openai": OpenAIProvider,
+    "anthropic": AnthropicProvider,
+    "openai_compatible": OpenAICompatibleProvider,
 }
 
 

@@ -13,6 +13,8 @@ BASE = {
     "vllm": "http://vllm.internal:8000/v1",
     "sglang": "http://sglang.internal:30000/v1",
     "openai": "https://api.openai.com/v1",
+    "anthropic": "https://api.anthropic.com",
+    "openai_compatible": "http://lmdeploy.internal:23333/v1",
 }
 
 

@@ -306,3 +306,26 @@ def test_in_band_error_never_echoes_the_key() -> None:
     assert err is not None and CANARY not in err.message and CANARY not in (err.detail or "")
     err = p.in_band_error({"object": "error", "message": f"auth {CANARY}", "code": 500})
     assert err is not None and CANARY not in err.message and CANARY not in (err.detail or "")
+
+
+# ---- OpenAI's own codes -----------------------------------------------------------------------------------------------
+
+
+def test_openai_insufficient_quota_is_our_account_not_a_rate_limit() -> None:
+    """OpenAI says 429 for an exhausted balance: falling back is right, retrying or cooling down is not."""
+    body = openai_body("You exceeded your current quota, please check your plan and billing details.",
+                       code="insufficient_quota")
+    err = make_provider("openai").map_error(429, body, {"retry-after": "20"})
+    assert isinstance(err, UpstreamAuthError) and err.fallback_ok and not err.retryable
+    plain = make_provider("openai").map_error(429, openai_body("Rate limit reached", code="rate_limit_exceeded"),
+                                             {"retry-after": "20"})
+    assert isinstance(plain, UpstreamRateLimited) and plain.retry_after == 20
+
+
+@pytest.mark.parametrize(("code", "param"), [("unsupported_parameter", "max_tokens"),
+                                             ("unsupported_value", "temperature"),
+                                             ("invalid_value", "reasoning_effort")])
+def test_openai_parameter_refusals_are_the_clients_and_name_the_param(code: str, param: str) -> None:
+    err = make_provider("openai").map_error(400, openai_body(f"Unsupported parameter: '{param}'.", code=code,
+                                                             param=param), NOHDR)
+    assert isinstance(err, UpstreamRequestRejected) and (err.code, err.param) == (code, param)

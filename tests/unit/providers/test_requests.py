@@ -15,7 +15,7 @@ from therouter.providers.base import JSON_INSTRUCTION
 
 from ._helpers import BASE, CANARY, dep, make_provider
 
-KINDS = ("deepseek", "vllm", "sglang", "openai")
+KINDS = ("deepseek", "vllm", "sglang", "openai", "openai_compatible")
 FIM = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
 TOOL_CALL = {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
 
@@ -48,11 +48,32 @@ def test_url_and_upstream_model(kind: str) -> None:
     assert out["messages"] == [{"role": "user", "content": "hi"}]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "openai"])
 def test_max_completion_tokens_becomes_max_tokens(kind: str) -> None:
     _, out = send_chat(kind, chat(max_completion_tokens=321))
     assert out["max_tokens"] == 321
     assert "max_completion_tokens" not in out
+
+
+@pytest.mark.parametrize("body", [chat(max_completion_tokens=321), chat(max_tokens=321)])
+def test_openai_gets_max_completion_tokens_only(body: dict[str, Any]) -> None:
+    """OpenAI's reasoning models refuse max_tokens; every current chat model takes max_completion_tokens."""
+    _, out = send_chat("openai", body)
+    assert out["max_completion_tokens"] == 321
+    assert "max_tokens" not in out
+
+
+def test_openai_keeps_developer_role_and_reasoning_effort() -> None:
+    body = chat(messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+                reasoning_effort="minimal")
+    _, out = send_chat("openai", body)
+    assert out["messages"][0]["role"] == "developer" and out["reasoning_effort"] == "minimal"
+
+
+def test_openai_legacy_completions_keep_max_tokens() -> None:
+    req = make_provider("openai").completion_request({"model": "m", "prompt": "x", "max_tokens": 5}, dep("openai"),
+                                                     stream=False)
+    assert orjson.loads(req.body)["max_tokens"] == 5
 
 
 @pytest.mark.parametrize("kind", KINDS)
