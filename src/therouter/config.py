@@ -82,6 +82,10 @@ class ProviderConfig(_Strict):
     timeouts: Timeouts = Timeouts()
     max_connections: int = Field(512, ge=1)
     on_client_disconnect: Literal["finish", "cancel"] | None = None  # default: finish if hosted, cancel if self-hosted
+    # how a client's non-stream request is sent: `stream` (upstream streams, the gateway assembles one answer, so the
+    # first-token / idle timeouts and the first-chunk gate bound it) or `passthrough` (the JSON body, bounded by
+    # `total`). Default: stream for kind deepseek, passthrough for self-hosted kinds and kind openai.
+    non_stream: Literal["stream", "passthrough"] | None = None
     health_path: str | None = None  # default per kind
     hosted: bool | None = None  # default: deepseek/openai are hosted, vllm/sglang self-hosted
     fim_base_url: str | None = None  # DeepSeek: defaults to <base_url>/beta
@@ -102,6 +106,12 @@ class ProviderConfig(_Strict):
         if self.on_client_disconnect:
             return self.on_client_disconnect
         return "finish" if self.is_hosted else "cancel"
+
+    @property
+    def assembles(self) -> bool:
+        """A client's non-stream request is sent upstream as a stream and assembled by the gateway."""
+        mode = self.non_stream or ("stream" if self.kind == "deepseek" else "passthrough")
+        return mode == "stream"
 
 
 Capability = Literal["tools", "json_object", "json_schema", "fim", "vision", "reasoning"]

@@ -36,12 +36,13 @@ class GenerationRecord:
     latency_ms: int
     outcome: Outcome
     stream: bool
-    ttft_ms: int | None = None  # None for non-stream answers
+    ttft_ms: int | None = None  # to the first chunk; None when the upstream was not streamed (passthrough answers)
     cost_nano: int = 0  # filled by Meter.settle
     price_version: int = 0  # filled by Meter.settle
     attempts: list[dict[str, Any]] = field(default_factory=list)  # {provider, outcome, latency_ms, status?, error?,
     skipped: list[dict[str, Any]] = field(default_factory=list)  # possibly_accepted?} / {provider, reason}
     request_id: str = ""  # the client's x-request-id (or the one the gateway gave the request)
+    finish_reason: str | None = None  # the upstream's (first choice's), None when it never said
 
     def counters(self) -> dict[str, int]:
         """What this record adds to each counter hash (settle and rebuild both use it)."""
@@ -62,7 +63,7 @@ class GenerationRecord:
             "cost_usd": nano_to_usd(self.cost_nano), "price_version": self.price_version, "created": self.created,
             "latency_ms": self.latency_ms, "ttft_ms": self.ttft_ms, "outcome": self.outcome, "stream": self.stream,
             "attempts": [dict(a) for a in self.attempts], "skipped": [dict(s) for s in self.skipped],
-            "request_id": self.request_id,
+            "request_id": self.request_id, "finish_reason": self.finish_reason,
         }
 
     @classmethod
@@ -81,4 +82,5 @@ class GenerationRecord:
             price_version=int(d.get("price_version", 0)),
             attempts=[dict(a) for a in d.get("attempts") or []], skipped=[dict(s) for s in d.get("skipped") or []],
             request_id=str(d.get("request_id") or ""),
+            finish_reason=d["finish_reason"] if isinstance(d.get("finish_reason"), str) else None,
         )
