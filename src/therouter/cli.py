@@ -119,9 +119,10 @@ def cmd_keys(a: argparse.Namespace) -> int:
             print("error: --budget must be more than 0 USD (leave it out for no budget; revoke a key to stop it)",
                   file=sys.stderr)
             return 2
-        models = tuple(m.strip() for m in (a.models or "").split(",") if m.strip())
+        # an alias is stored as the model it names (routing, limits and records all use the canonical id)
+        models = tuple(dict.fromkeys(s.canonical(m.strip()) for m in (a.models or "").split(",") if m.strip()))
         try:
-            model_limits = dict(_model_limit(v) for v in a.model_limit or ())
+            model_limits = {s.canonical(m): v for m, v in (_model_limit(v) for v in a.model_limit or ())}
         except ValueError as e:
             print(f"error: --model-limit {e}", file=sys.stderr)
             return 2

@@ -131,16 +131,18 @@ class Gateway:
                      wait_disconnect: Callable[[], Awaitable[None]] | None = None) -> JSONAnswer | StreamAnswer:
         s = self.settings.server
         body = validate.parse_body(raw, s.max_body_bytes, s.max_json_depth)
-        model = validate.require_model(body)
+        asked = validate.require_model(body)
+        model = self.settings.canonical(asked)  # an alias resolves here: everything after sees the canonical id
         card = self.router.card(model)
         if card is None:
-            raise ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.",
+            raise ModelNotFound(f"The model `{asked}` does not exist or you do not have access to it.",
                                 param="model")
-        if key.models and model not in key.models:
-            raise PermissionDenied(f"This API key is not allowed to use the model `{model}`.", param="model")
+        allowed = tuple(self.settings.canonical(m) for m in key.models)
+        if allowed and model not in allowed:
+            raise PermissionDenied(f"This API key is not allowed to use the model `{asked}`.", param="model")
         checked = validate.check("chat" if endpoint == "chat" else "completions", body, card, model)
-        prefs = parse_preferences(body, self.router.providers, self.settings.models, model, key.models,
-                                  self.router.state.options.max_models)
+        prefs = parse_preferences(body, self.router.providers, self.settings.models, model, allowed,
+                                  self.router.state.options.max_models, aliases=self.settings.aliases)
         call = Call(key=key, endpoint=endpoint, checked=checked, gen_id=new_id(endpoint), request_id=request_id,
                     created=int(time.time()), started=self.clock(), prefs=prefs)
         routes = self._first_routes(call)

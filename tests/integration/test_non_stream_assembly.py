@@ -29,7 +29,8 @@ from therouter.redisproc import RedisProcess
 T = {"connect": 1, "first_token": 2, "idle": 2, "total": 20}
 CARD: dict[str, Any] = {
     "context_length": 4096, "max_output_tokens": 1024,
-    "supported_parameters": ["temperature", "max_tokens", "top_p", "tools", "tool_choice", "response_format", "stop"],
+    "supported_parameters": ["temperature", "max_tokens", "top_p", "tools", "tool_choice", "response_format", "stop",
+                             "n"],
     "pricing": {"input": 0.96, "cached_input": 0.24, "output": 2.88},
 }
 UPSTREAM = {"deepseek": "deepseek-v3.2", "vllm": "deepseek-ai/DeepSeek-V3.2", "sglang": "deepseek-ai/DeepSeek-V3.2"}
@@ -123,6 +124,9 @@ CASES = {
                                    "response_format": {"type": "json_object"}}),
     "length": ("/chat/completions", {"messages": HELLO, "max_tokens": 5}),
     "completion": ("/completions", {"prompt": "def fib(n):"}),
+    "several_choices": ("/chat/completions", {"messages": HELLO, "n": 2, "fake": {"reasoning": 1}}),
+    "several_choices_tools": ("/chat/completions", {"messages": HELLO, "n": 3, "tools": TOOLS}),
+    "several_completions": ("/completions", {"prompt": "def fib(n):", "n": 2}),
 }
 
 
@@ -141,6 +145,7 @@ def test_assembled_answer_equals_the_upstreams_own_non_stream_answer(gw: Gateway
     assert a["object"] == b["object"] == ("chat.completion" if path == "/chat/completions" else "text_completion")
     assert comparable(a, flavor) == comparable(b, flavor)  # text, reasoning, tool calls, logprobs, usage and cost
     assert a["usage"]["completion_tokens"] > 0
+    assert [c["index"] for c in a["choices"]] == list(range(body.get("n", 1)))
     if case.startswith("reasoning"):
         assert a["choices"][0]["message"]["reasoning_content"]
         assert a["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0

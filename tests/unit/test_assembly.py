@@ -17,7 +17,7 @@ from therouter.errors import UpstreamBadResponse
 from therouter.fakeupstream.config import KNOB_DEFAULTS
 from therouter.fakeupstream.content import build_plan
 from therouter.fakeupstream.flavors import get_flavor
-from therouter.fakeupstream.render import response_body, stream_events
+from therouter.fakeupstream.render import choices_of, response_body, stream_events
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -30,6 +30,9 @@ CASES = {
     "length": ({"messages": HELLO, "max_tokens": 5}, {}, 2),
     "cached_multi_token_chunks": ({"messages": HELLO}, {"cached_tokens": 2, "tokens_per_chunk": 3}, 0),
     "completion": ({"prompt": "def fib(n):"}, {}, 0),
+    "n2": ({"messages": HELLO, "n": 2}, {}, 2),
+    "n3_tools": ({"messages": HELLO, "tools": TOOLS, "n": 3}, {"parallel_tools": 2}, 0),
+    "completion_n2": ({"prompt": "def fib(n):", "n": 2}, {}, 0),
 }
 
 
@@ -47,12 +50,13 @@ def both_ways(kind: str, case: str) -> tuple[Assembler, dict[str, Any], dict[str
     plan = build_plan(request, {**KNOB_DEFAULTS, **knobs}, chat=chat, reasoning_chunks=reasoning, empty_json=False,
                       new_tool_id=flavor.tool_id)
     events = stream_events(flavor, plan, chat=chat, rid="up-1", created=1, model="m",
-                           include_usage=flavor.include_usage(request), send_usage=True)
+                           include_usage=flavor.include_usage(request), send_usage=True, n=choices_of(request))
     asm = assembler(kind, chat)
     for data, _, _ in events:
         asm.feed(orjson.loads(data[len(b"data: "):]))
     got = asm.provider.normalize_completion(asm.result(gen_id="gen-1", created=7, model="public"))
-    raw = response_body(flavor, plan, chat=chat, rid="gen-1", created=7, model="public", send_usage=True)
+    raw = response_body(flavor, plan, chat=chat, rid="gen-1", created=7, model="public", send_usage=True,
+                        n=choices_of(request))
     want = asm.provider.parse_json(orjson.dumps(raw))
     return asm, got, want
 
@@ -65,6 +69,11 @@ def test_assembled_answer_equals_the_upstreams_non_stream_answer(kind: str, case
     assert asm.usage_raw is not None
     assert asm.provider.usage(asm.usage_raw) == asm.provider.usage(want["usage"])
     assert asm.finish_reason == want["choices"][0]["finish_reason"]
+    assert [c["index"] for c in got["choices"]] == list(range(body_n(case)))
+
+
+def body_n(case: str) -> int:
+    return int(CASES[case][0].get("n", 1))
 
 
 def test_tool_call_arguments_are_joined_per_index_in_index_order() -> None:
