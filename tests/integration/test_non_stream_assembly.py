@@ -202,8 +202,8 @@ def _send_and_leave(gw: Gateway, key: str, body: dict[str, Any], rid: str, after
 
 def test_a_non_stream_client_that_leaves_is_billed_what_was_produced(gw: Gateway, key: str,
                                                                      fakes: dict[str, Fake]) -> None:
-    chunks = 60
-    fakes["deepseek"].configure(chunks=chunks, chunk_delay_ms=100)  # a 6 s answer
+    chunks = 100
+    fakes["deepseek"].configure(chunks=chunks, chunk_delay_ms=100)  # a 10 s answer
     fakes["deepseek"].reset()
     rid = "leave-" + uuid.uuid4().hex[:8]
     _send_and_leave(gw, key, {"model": "eq/deepseek-stream", "messages": HELLO}, rid, after=1.0)
