@@ -60,6 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.server.max_header_bytes)  # outermost: runs first
     errors.install(app)
     app.include_router(openai_routes.router)
+    app.include_router(openai_routes.router, prefix="/api")  # OpenRouter's base path: /api/v1/...
     app.include_router(admin.router)
     app.include_router(admin_keys.router)
     app.include_router(ops.router)

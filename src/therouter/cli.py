@@ -209,7 +209,8 @@ def _key_body(a: argparse.Namespace) -> dict[str, Any]:
 
 def _key_fields(a: argparse.Namespace, s: Settings, creating: bool) -> dict[str, Any]:
     try:
-        return key_fields(_key_body(a), s.models, time.time(), creating=creating, labels=CLI_LABELS)
+        return key_fields(_key_body(a), s.models, time.time(), creating=creating, labels=CLI_LABELS,
+                          aliases=s.aliases)
     except InvalidRequest as e:
         raise ValueError(e.message) from None
 

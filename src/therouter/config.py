@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_CONFIG_PATH = "config/therouter.yaml"
 ProviderKind = Literal["deepseek", "vllm", "sglang", "openai", "anthropic", "openai_compatible"]
@@ -119,6 +128,10 @@ class ProviderConfig(_Strict):
     timeouts: Timeouts = Timeouts()
     max_connections: int = Field(512, ge=1)
     on_client_disconnect: Literal["finish", "cancel"] | None = None  # default: finish if hosted, cancel if self-hosted
+    # how a client's non-stream request is sent: `stream` (upstream streams, the gateway assembles one answer, so the
+    # first-token / idle timeouts and the first-chunk gate bound it) or `passthrough` (the JSON body, bounded by
+    # `total`). Default: stream for kind deepseek, passthrough for self-hosted kinds and kind openai.
+    non_stream: Literal["stream", "passthrough"] | None = None
     health_path: str | None = None  # default per kind
     hosted: bool | None = None  # default: deepseek/openai/anthropic hosted; vllm/sglang/openai_compatible self-hosted
     fim_base_url: str | None = None  # DeepSeek: defaults to <base_url>/beta
@@ -139,6 +152,12 @@ class ProviderConfig(_Strict):
         if self.on_client_disconnect:
             return self.on_client_disconnect
         return "finish" if self.is_hosted else "cancel"
+
+    @property
+    def assembles(self) -> bool:
+        """A client's non-stream request is sent upstream as a stream and assembled by the gateway."""
+        mode = self.non_stream or ("stream" if self.kind == "deepseek" else "passthrough")
+        return mode == "stream"
 
 
 Capability = Literal["tools", "json_object", "json_schema", "fim", "vision", "reasoning"]
@@ -216,6 +235,7 @@ def usd_to_nano(value: Any, what: str = "price", maximum: Decimal | int | None =
 
 class ModelConfig(_Strict):
     context_length: int = Field(ge=1)
+    aliases: tuple[str, ...] = ()  # other names clients may use (e.g. `deepseek-chat`); resolved before routing
     max_output_tokens: int = Field(ge=1)
     modalities: Modalities = Modalities()
     supported_parameters: tuple[str, ...] = ()
@@ -299,6 +319,7 @@ class Settings(_Strict):
     admin_key: SecretStr | None = None  # from THEROUTER_ADMIN_KEY
     otel_endpoint: str | None = None  # from OTEL_EXPORTER_OTLP_ENDPOINT: traces on (needs the `otel` extra)
     data_dir: str = ".therouter"  # journal and local state
+    _aliases: dict[str, str] = PrivateAttr(default_factory=dict)  # alias -> canonical model id
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
@@ -309,7 +330,32 @@ class Settings(_Strict):
                     raise ValueError(
                         f"models.{mid}.deployments.{i}.provider: unknown provider {d.provider!r} (known: {known})"
                     )
+        self._aliases = _alias_map(self.models)
         return self
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Every alias and the canonical model id it names."""
+        return self._aliases
+
+    def canonical(self, model_id: str) -> str:
+        """The catalogue's id for a name a client sent: an alias resolves, anything else is returned as it is."""
+        return self._aliases.get(model_id, model_id)
+
+
+def _alias_map(models: Mapping[str, ModelConfig]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for mid, m in models.items():
+        for i, alias in enumerate(m.aliases):
+            where = f"models.{mid}.aliases.{i}"
+            if not alias or alias != alias.strip():
+                raise ValueError(f"{where}: an alias must be a non-empty name without surrounding spaces")
+            if alias in models:
+                raise ValueError(f"{where}: alias {alias!r} is already a model id")
+            if alias in out:
+                raise ValueError(f"{where}: alias {alias!r} is already an alias of {out[alias]!r}")
+            out[alias] = mid
+    return out
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 import orjson
 
 from therouter import params, validate
+from therouter.assembly import Assembler
 from therouter.config import Deployment, ModelConfig, Settings
 from therouter.errors import (
     GatewayError,
@@ -36,12 +37,12 @@ from therouter.observability import Finished, Metrics
 from therouter.protocol.usage import Usage
 from therouter.providers._http import UpstreamRequest
 from therouter.providers.base import Provider
-from therouter.routing.attempts import AttemptPolicy, Exhausted, all_failed
+from therouter.routing.attempts import AttemptPolicy, Exhausted, all_failed, unless_gone
 from therouter.routing.balance import prompt_prefix
 from therouter.routing.preferences import NO_PREFERENCES, Preferences, parse_preferences
 from therouter.routing.router import Candidate, Needs, Router, Skip
 from therouter.routing.state import Lease
-from therouter.streaming import ChunkRewriter, UpstreamEvents
+from therouter.streaming import ChunkRewriter, UpstreamEvents, UsageTap
 from therouter.tracing import Tracing
 
 log = logging.getLogger("therouter.gateway")
@@ -77,7 +78,7 @@ class Call:
     skipped: list[Skip] = field(default_factory=list)
     settled: bool = False
     lease: Lease | None = None  # the serving attempt's in-flight slot, held until the answer is complete
-    ttft: float | None = None  # streams: seconds from the request to the first content chunk (the gate)
+    ttft: float | None = None  # streamed upstream: seconds from the request to the first content chunk (the gate)
     release: Callable[[], None] | None = None  # leaves the retry budget's count of requests in flight
     built: dict[tuple[str, Deployment], UpstreamRequest] = field(default_factory=dict)  # per (provider, deployment)
     observed: bool = False  # its answer was counted and logged (once)
@@ -98,6 +99,14 @@ class Call:
         if self.release is not None:
             self.release()
             self.release = None
+
+
+@dataclass(slots=True)
+class _Assembly:
+    """A non-stream answer being assembled from an upstream stream that passed the first-chunk gate."""
+
+    events: UpstreamEvents
+    asm: Assembler
 
 
 def new_id(endpoint: str) -> str:
@@ -131,17 +140,19 @@ class Gateway:
             self.tracing.begin(endpoint, request_id)
         try:
             body = validate.parse_body(raw, s.max_body_bytes, s.max_json_depth)
-            model = validate.require_model(body)
+            asked = validate.require_model(body)
+            model = self.settings.canonical(asked)  # an alias resolves here: everything after sees the canonical id
             card = self.router.card(model)
             if card is None:
-                raise ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.",
+                raise ModelNotFound(f"The model `{asked}` does not exist or you do not have access to it.",
                                     param="model")
-            if key.models and model not in key.models:
-                raise PermissionDenied(f"This API key is not allowed to use the model `{model}`.", param="model")
+            allowed = tuple(self.settings.canonical(m) for m in key.models)
+            if allowed and model not in allowed:
+                raise PermissionDenied(f"This API key is not allowed to use the model `{asked}`.", param="model")
             checked = validate.check("chat" if endpoint == "chat" else "completions", body, card, model,
                                      catalogue=self._allowed_models(key))
-            prefs = parse_preferences(body, self.router.providers, self.settings.models, model, key.models,
-                                      self.router.state.options.max_models)
+            prefs = parse_preferences(body, self.router.providers, self.settings.models, model, allowed,
+                                      self.router.state.options.max_models, aliases=self.settings.aliases)
             call = Call(key=key, endpoint=endpoint, checked=checked, gen_id=new_id(endpoint), request_id=request_id,
                         created=int(time.time()), started=started, prefs=prefs)
             routes = self._first_routes(call)
@@ -238,7 +249,7 @@ class Gateway:
             # hints this host does not honour are left out (and named in the answer); see params.py
             dropped = params.dropped_for(call.checked.body, self.settings.models[model_id], dep)
             body = params.without(call.checked.body, dropped)
-            req = build(body, dep, stream=call.checked.stream, request_id=call.request_id,
+            req = build(body, dep, stream=call.checked.stream or p.config.assembles, request_id=call.request_id,
                         max_output=self.settings.models[model_id].max_output_tokens)
             req.meta["dropped"] = dropped
             call.built[(p.name, dep)] = req
@@ -295,16 +306,25 @@ class Gateway:
 
     async def _json(self, call: Call, routes: dict[str, list[Candidate]],
                     wait_disconnect: Callable[[], Awaitable[None]] | None) -> JSONAnswer:
-        async def attempt(c: Candidate) -> tuple[dict[str, Any], Usage]:
+        async def attempt(c: Candidate) -> tuple[dict[str, Any], Usage] | _Assembly:
+            if c.provider.config.assembles:  # sent as a stream: the first-chunk gate and stream timeouts apply
+                return await self._open_assembly(call, c)
             return await self._json_attempt(call, c)
 
-        cand, (obj, usage) = await self._route(call, routes, attempt, cancel_on=wait_disconnect)
+        cand, result = await self._route(call, routes, attempt, cancel_on=wait_disconnect)
+        if isinstance(result, _Assembly):
+            return await self._assemble(call, cand, result.events, result.asm, wait_disconnect)
+        obj, usage = result
         call.ttft = self.clock() - call.started  # the whole answer is its first token
         if call.lease is not None:
             self.router.state.observe_throughput(cand.key, usage.completion_tokens,
                                                  self.clock() - call.lease.started)
         call.done()
-        cost = await self._settle(call, cand, usage, "completed", stream=False, estimate=_json_estimate(call, obj))
+        cost = await self._settle(call, cand, usage, "completed", stream=False, estimate=_json_estimate(call, obj),
+                                  finish_reason=_finish_reason(obj))
+        return self._json_answer(call, cand, obj, usage, cost)
+
+    def _json_answer(self, call: Call, cand: Candidate, obj: dict[str, Any], usage: Usage, cost: int) -> JSONAnswer:
         obj["id"] = call.gen_id
         obj["model"] = cand.model_id
         obj["provider"] = cand.name
@@ -339,6 +359,53 @@ class Gateway:
         u = obj.get("usage")
         return obj, p.usage(u) if isinstance(u, dict) else _json_estimate(call, obj)
 
+    async def _open_assembly(self, call: Call, c: Candidate) -> _Assembly:
+        """A non-stream request sent upstream as a stream: opened and held at the first-chunk gate like a stream."""
+        events = await self._connect(call, c, total=self._deadline(call) - self.clock())
+        asm = Assembler(c.provider, chat=call.endpoint == "chat",
+                        max_bytes=self.settings.server.max_upstream_body_bytes)
+        self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=False,
+                           usage=lambda: asm.final_usage(call.checked.prompt_tokens))
+        await self._gate(c.provider, events, asm.feed)
+        return _Assembly(events, asm)
+
+    async def _assemble(self, call: Call, cand: Candidate, events: UpstreamEvents, asm: Assembler,
+                        wait_disconnect: Callable[[], Awaitable[None]] | None) -> JSONAnswer:
+        """Past the gate: read the rest into one answer. A client that leaves closes the upstream and is billed what
+        was produced; a break is an error answer (502) billed like a broken stream. Settled once, shielded."""
+        call.ttft = self.clock() - call.started
+        outcome = "client_cancelled"
+        error: GatewayError | None = None
+        try:
+            drain = self._drain(cand, events, asm)
+            await (unless_gone(drain, wait_disconnect) if wait_disconnect is not None else drain)
+            outcome = "completed"
+        except GatewayError as e:
+            outcome, error = _broken_stream_outcome(e), e
+            log.warning("assembled answer %s from %s broke: %s: %s", call.gen_id, cand.name, e.code,
+                        e.detail or e.message)
+        finally:
+            usage, cost = await asyncio.shield(asyncio.ensure_future(
+                self._finish_stream(call, cand, events, asm, outcome, error)))
+        if error is not None:
+            failed = UpstreamError(f"Provider `{cand.name}` failed mid-answer: {error.message}", code=error.code,
+                                   headers=self._headers(call, cand))
+            self._observe(call, cand, failed.status, outcome, usage, cost, failed)
+            raise failed
+        obj = cand.provider.normalize_completion(asm.result(gen_id=call.gen_id, created=call.created,
+                                                            model=cand.model_id))
+        return self._json_answer(call, cand, obj, usage, cost)
+
+    async def _drain(self, cand: Candidate, events: UpstreamEvents, asm: Assembler) -> None:
+        async for obj in events:
+            err = cand.provider.in_band_error(obj)
+            if err is not None:  # the upstream's words go to the log and the record, never to the client
+                raise UpstreamError("The provider reported an error in its stream.", sent=True,
+                                    code="upstream_in_band_error", detail=err.detail)
+            asm.feed(obj)
+        if not events.saw_done and asm.finish_reason is None:
+            raise UpstreamStreamError("upstream closed the stream before it finished", sent=True, code="upstream_cut")
+
     # ---- stream -----------------------------------------------------------------------------------------------
 
     async def _stream(self, call: Call, routes: dict[str, list[Candidate]],
@@ -355,6 +422,19 @@ class Gateway:
 
     async def _open_stream(self, call: Call, c: Candidate) -> tuple[UpstreamEvents, ChunkRewriter, list[bytes]]:
         """Open the upstream stream and hold it until its first data event is real generation (first-chunk gate)."""
+        p = c.provider
+        events = await self._connect(call, c)
+        rw = ChunkRewriter(p, gen_id=call.gen_id, model=c.model_id, created=call.created,
+                           object_=call.object, include_usage=call.checked.include_usage,
+                           exclude_reasoning=_exclude_reasoning(call))
+        # checkpoints read the rewriter's own counters: what a lost instance's stream is billed for
+        self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=True,
+                           usage=lambda: rw.final_usage(call.checked.prompt_tokens))
+        return events, rw, [await self._gate(p, events, rw.rewrite)]
+
+    async def _connect(self, call: Call, c: Candidate, total: float | None = None) -> UpstreamEvents:
+        """Send the request; a 200 becomes the upstream's events under the first-token / idle / total clocks (an
+        answer for a non-stream client is also capped at the request's deadline)."""
         p, t = c.provider, c.provider.config.timeouts
         req = self._request(call, p, c.dep, c.model_id)
         first_token = min(t.first_token, max(self._deadline(call) - self.clock(), 0.001))
@@ -369,17 +449,15 @@ class Gateway:
             finally:
                 await resp.close()
             raise p.map_error(resp.status, raw, resp.headers)
-        events = UpstreamEvents(resp, first_token=first_token, idle=t.idle, total=t.total, clock=self.clock,
-                                started=sent_at, max_event_bytes=self.settings.server.max_upstream_event_bytes)
-        rw = ChunkRewriter(p, gen_id=call.gen_id, model=c.model_id, created=call.created,
-                           object_=call.object, include_usage=call.checked.include_usage,
-                           exclude_reasoning=_exclude_reasoning(call))
-        # checkpoints read the rewriter's own counters: what a lost instance's stream is billed for
-        self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=True,
-                           usage=lambda: rw.final_usage(call.checked.prompt_tokens))
-        first: list[bytes] = []
+        cap = t.total if total is None else max(min(t.total, total), 0.001)
+        return UpstreamEvents(resp, first_token=first_token, idle=t.idle, total=cap, clock=self.clock,
+                              started=sent_at, max_event_bytes=self.settings.server.max_upstream_event_bytes)
+
+    async def _gate(self, p: Provider, events: UpstreamEvents, take: Callable[[dict[str, Any]], Any]) -> Any:
+        """Read until ``take`` returns something (the first data event that is real generation) and return it; an
+        in-band error, an empty stream or any failure before that closes the upstream and fails the attempt."""
         try:
-            while not first:
+            while True:
                 try:
                     obj = await events.__anext__()
                 except StopAsyncIteration:
@@ -387,13 +465,12 @@ class Gateway:
                 err = p.in_band_error(obj)
                 if err is not None:
                     raise err
-                out = rw.rewrite(obj)
+                out = take(obj)
                 if out:
-                    first.append(out)
+                    return out
         except BaseException:
             await events.aclose()
             raise
-        return events, rw, first
 
     async def _pump(self, call: Call, cand: Candidate, events: UpstreamEvents, rw: ChunkRewriter,
                     first: list[bytes]) -> AsyncIterator[bytes]:
@@ -430,7 +507,7 @@ class Gateway:
             yield rw.usage_event(usage, {"cost": cost_fragment(cost)})
         yield b"data: [DONE]\n\n"
 
-    async def _finish_stream(self, call: Call, cand: Candidate, events: UpstreamEvents, rw: ChunkRewriter,
+    async def _finish_stream(self, call: Call, cand: Candidate, events: UpstreamEvents, rw: UsageTap,
                              outcome: str, error: GatewayError | None) -> tuple[Usage, int]:
         """Close the upstream, free the slots, feed the measurements and settle: once, whatever ended the stream."""
         if call.settled:
@@ -449,32 +526,33 @@ class Gateway:
         elif outcome == "completed" and call.lease is not None:
             state.observe_throughput(cand.key, usage.completion_tokens, self.clock() - call.lease.started)
         call.done()
-        cost = await self._settle(call, cand, usage, outcome, stream=True,
-                                  estimate=rw.estimate(call.checked.prompt_tokens))
-        self._observe(call, cand, 200, outcome, usage, cost, error)  # the stream's 200 was sent
+        cost = await self._settle(call, cand, usage, outcome, stream=call.checked.stream,
+                                  estimate=rw.estimate(call.checked.prompt_tokens), finish_reason=rw.finish_reason)
+        if call.checked.stream:
+            self._observe(call, cand, 200, outcome, usage, cost, error)  # the stream's 200 was sent
         return usage, cost
 
     # ---- metering ---------------------------------------------------------------------------------------------
 
     def _record(self, call: Call, cand: Candidate | None, usage: Usage, outcome: str,
-                stream: bool) -> GenerationRecord:
-        ttft_ms = int(call.ttft * 1000) if stream and call.ttft is not None else None
+                stream: bool, finish_reason: str | None = None) -> GenerationRecord:
+        ttft_ms = int(call.ttft * 1000) if call.ttft is not None else None
         return GenerationRecord(
             id=call.gen_id, key_id=call.key.id, model=cand.model_id if cand else call.checked.model,
             provider=cand.name if cand else "", upstream_model=cand.dep.model if cand else "",
             usage=usage, cost_nano=0, price_version=call.adm.price_version if call.adm else 0,
             created=call.created, latency_ms=int((self.clock() - call.started) * 1000), ttft_ms=ttft_ms,
             outcome=outcome, stream=stream, attempts=list(call.attempts),
-            skipped=[s.to_dict() for s in call.skipped], request_id=call.request_id,
+            skipped=[s.to_dict() for s in call.skipped], request_id=call.request_id, finish_reason=finish_reason,
             dropped_params=self._dropped(call, cand) if cand else [],
             downgraded=self._downgraded(call, cand) if cand else [],
         )
 
     async def _settle(self, call: Call, cand: Candidate | None, usage: Usage, outcome: str, stream: bool,
-                      estimate: Usage | None = None) -> int:
+                      estimate: Usage | None = None, finish_reason: str | None = None) -> int:
         call.settled = True
         assert call.adm is not None
-        rec = self._record(call, cand, usage, outcome, stream)
+        rec = self._record(call, cand, usage, outcome, stream, finish_reason)
         return await asyncio.shield(self.meter.settle(call.adm, rec, estimate, call.checked.sequences))
 
     async def _settle_failure(self, call: Call, exc: BaseException) -> tuple[Usage | None, int]:
@@ -485,7 +563,7 @@ class Gateway:
         outcome, usage = _failure_outcome(exc), Usage()
         if outcome == "client_cancelled":
             # the client left while an upstream had the request: the prompt was processed, so it is billed
-            # (estimated); a non-stream answer on a `finish` provider never gets here, it completes and is billed
+            # (estimated); a passthrough answer on a `finish` provider never gets here, it completes and is billed
             usage = Usage(prompt_tokens=call.checked.prompt_tokens, estimated=True)
         rec = self._record(call, None, usage, outcome, call.checked.stream)
         return usage, await asyncio.shield(self.meter.settle(call.adm, rec, choices=call.checked.sequences))
@@ -586,6 +664,12 @@ def _exclude_reasoning(call: Call) -> bool:
 def _json_estimate(call: Call, obj: dict[str, Any]) -> Usage:
     """The gateway's own count of a non-stream answer: the prompt estimate and the answer's text / 4."""
     return Usage(prompt_tokens=call.checked.prompt_tokens, completion_tokens=_json_chars(obj) // 4 + 1, estimated=True)
+
+
+def _finish_reason(obj: dict[str, Any]) -> str | None:
+    choices = obj.get("choices")
+    fr = choices[0].get("finish_reason") if isinstance(choices, list) and choices else None
+    return fr if isinstance(fr, str) else None
 
 
 def _broken_stream_outcome(e: GatewayError) -> Outcome:

@@ -40,8 +40,9 @@ PERIODS = ("total", "day", "month")
 
 
 def key_fields(body: Any, catalogue: Collection[str], now: float, *, creating: bool,
-               labels: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """A create / update body -> the ``KeyRecord`` attributes it sets (see the module rules)."""
+               labels: Mapping[str, str] | None = None, aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A create / update body -> the ``KeyRecord`` attributes it sets (see the module rules). A model alias is
+    stored as the model it names (routing, limits and records all use the canonical id)."""
     if not isinstance(body, Mapping):
         raise InvalidRequest("The body must be a JSON object with the key's settings: " + ", ".join(FIELDS) + ".")
     unknown = [f for f in body if f not in FIELDS]
@@ -59,6 +60,10 @@ def key_fields(body: Any, catalogue: Collection[str], now: float, *, creating: b
     for f, v in body.items():
         if v is None and f in ("name", "budget_period"):
             raise InvalidRequest(f"{label(f)} cannot be null.", param=f, code="invalid_value")
+        if aliases and f == "models" and isinstance(v, list):
+            v = [aliases.get(m, m) if isinstance(m, str) else m for m in v]
+        if aliases and f == "model_limits" and isinstance(v, Mapping):
+            v = {aliases.get(m, m) if isinstance(m, str) else m: lim for m, lim in v.items()}
         out.update(_parse(f, v, catalogue, now, label(f)))
     return out
 

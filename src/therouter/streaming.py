@@ -110,21 +110,38 @@ class UpstreamEvents:
             pass
 
 
-class ChunkRewriter:
+class UsageTap:
+    """What every reader of an upstream stream keeps for metering: the last usage reported, the finish reason, and the
+    produced text's length (for an estimate when usage never arrives)."""
+
+    def __init__(self, provider: Provider) -> None:
+        self.provider = provider
+        self.usage_raw: dict[str, Any] | None = None
+        self.finish_reason: str | None = None
+        self.chars = 0  # produced text, for an estimate when usage never arrives
+
+    def final_usage(self, prompt_estimate: int) -> Usage:
+        if self.usage_raw is not None:
+            return self.provider.usage(self.usage_raw)
+        return self.estimate(prompt_estimate)
+
+    def estimate(self, prompt_estimate: int) -> Usage:
+        """The gateway's own count: the prompt estimate and the relayed text / 4."""
+        return Usage(prompt_tokens=prompt_estimate, completion_tokens=(self.chars + 3) // 4, estimated=True)
+
+
+class ChunkRewriter(UsageTap):
     """Per-stream state: identity rewrite, usage capture and produced-text accounting."""
 
     def __init__(self, provider: Provider, *, gen_id: str, model: str, created: int, object_: str,
                  include_usage: bool, exclude_reasoning: bool = False) -> None:
-        self.provider = provider
+        super().__init__(provider)
         self.exclude_reasoning = exclude_reasoning  # `reasoning.exclude`: not sent, still counted and billed
         self.gen_id = gen_id
         self.model = model
         self.created = created
         self.object = object_
         self.include_usage = include_usage
-        self.usage_raw: dict[str, Any] | None = None
-        self.finish_reason: str | None = None
-        self.chars = 0  # produced text, for an estimate when usage never arrives
         self.sent_role = False
         self._translate = provider.stream_translator()  # per stream: an upstream's own events -> OpenAI chunks
 
@@ -173,15 +190,6 @@ class ChunkRewriter:
                     self.chars += len(fn.get("arguments") or "") + len(fn.get("name") or "")
         elif isinstance(ch.get("text"), str):
             self.chars += len(ch["text"])
-
-    def final_usage(self, prompt_estimate: int) -> Usage:
-        if self.usage_raw is not None:
-            return self.provider.usage(self.usage_raw)
-        return self.estimate(prompt_estimate)
-
-    def estimate(self, prompt_estimate: int) -> Usage:
-        """The gateway's own count: the prompt estimate and the relayed text / 4."""
-        return Usage(prompt_tokens=prompt_estimate, completion_tokens=(self.chars + 3) // 4, estimated=True)
 
     def usage_event(self, usage: Usage, cost: dict[str, Any]) -> bytes:
         body = usage.to_openai(self.usage_raw)

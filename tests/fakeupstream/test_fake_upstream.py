@@ -71,6 +71,30 @@ async def post(c: httpx.AsyncClient, path: str, body: Any, headers: dict[str, st
 # --------------------------------------------------------------------------- shapes
 
 
+@pytest.mark.parametrize("flavor", FLAVORS)
+async def test_n_choices_each_under_its_index_and_usage_counts_them_all(flavor: str) -> None:
+    async with client(flavor) as c:
+        one = (await post(c, "/chat/completions", chat_body(flavor))).json()
+        two = (await post(c, "/chat/completions", chat_body(flavor, n=2))).json()
+        assert [ch["index"] for ch in two["choices"]] == [0, 1]
+        assert two["choices"][0]["message"] == two["choices"][1]["message"] == one["choices"][0]["message"]
+        assert two["usage"]["completion_tokens"] == 2 * one["usage"]["completion_tokens"]
+        assert two["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]
+        r = await post(c, "/chat/completions", chat_body(flavor, n=2, stream=True,
+                                                         stream_options={"include_usage": True}))
+        chunks, done = sse_json(r.text)
+        assert done
+        indexes = [ch["index"] for k in chunks for ch in k.get("choices") or ()]
+        assert indexes[:4] == [0, 1, 0, 1]  # interleaved, as vLLM streams several choices
+        text = {i: "".join(ch["delta"].get("content") or "" for k in chunks for ch in k.get("choices") or ()
+                           if ch["index"] == i) for i in (0, 1)}
+        assert text[0] == text[1] == one["choices"][0]["message"]["content"]
+        finishes = [ch["finish_reason"] for k in chunks for ch in k.get("choices") or () if ch["finish_reason"]]
+        assert finishes == ["stop", "stop"]
+        usage = [k["usage"] for k in chunks if k.get("usage")]
+        assert len(usage) == 1 and usage[0]["completion_tokens"] == two["usage"]["completion_tokens"]
+
+
 async def test_deepseek_non_stream_shape_and_usage() -> None:
     async with client("deepseek", cached_tokens=2) as c:
         r = await post(c, "/chat/completions", chat_body("deepseek"))

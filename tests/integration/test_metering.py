@@ -444,11 +444,12 @@ def test_budget_holds_across_two_worker_processes(redis_proc: RedisProcess, fake
 
 
 @pytest.mark.parametrize("model,flavor,policy", [("selfhost/only-vllm", "vllm", "cancel"),
-                                                 (MODEL, "deepseek", "finish")])
+                                                 (MODEL, "deepseek", "cancel")])
 def test_non_stream_disconnect_policy(gateway: Gateway, fakes: dict[str, Fake], model: str, flavor: str,
                                       policy: str) -> None:
-    """Self-hosted (cancel): the upstream is cancelled and the prompt is billed. Hosted (finish): the answer
-    completes upstream (we owe the provider for it) and the full usage is billed. Either way a record exists."""
+    """Self-hosted passthrough (cancel): the upstream is cancelled and the prompt is billed. DeepSeek sends a
+    non-stream request as a stream (`non_stream: stream`): a client that leaves before the first chunk closes it
+    too. (A hosted passthrough provider's `finish`: test_non_stream_assembly.py.) Either way a record exists."""
     key = asyncio.run(make_key(gateway, f"drop-{policy}"))
     fakes[flavor].configure(latency_ms=1500)
     fakes[flavor].reset()

@@ -51,6 +51,7 @@ def rig(redis_proc: RedisProcess, tmp_path_factory: pytest.TempPathFactory) -> I
         **{f"ds-{s}": provider("deepseek", ds.url) for s in ("cool", "breaker", "prefs", "models")},
         **{f"vl-{s}": provider("vllm", v1.url) for s in ("down", "cool", "slow", "breaker", "prefs", "models")},
         "ds-slow": provider("deepseek", ds.url, first_token=1, total=1.5),
+        "ds-slow-json": {**provider("deepseek", ds.url, first_token=1, total=1.5), "non_stream": "passthrough"},
         "sg-prefs": provider("sglang", sg.url),
         "dead-1": provider("deepseek", dead), "dead-2": provider("deepseek", dead), "dead-3": provider("openai", dead),
         # replicas
@@ -61,6 +62,7 @@ def rig(redis_proc: RedisProcess, tmp_path_factory: pytest.TempPathFactory) -> I
         "r/down": [{"provider": "dead-1"}, {"provider": "vl-down", "priority": 1}],
         "r/cooldown": [{"provider": "ds-cool"}, {"provider": "vl-cool", "priority": 1}],
         "r/slow": [{"provider": "ds-slow"}, {"provider": "vl-slow", "priority": 1}],
+        "r/slow-json": [{"provider": "ds-slow-json"}, {"provider": "vl-slow", "priority": 1}],
         "r/breaker": [{"provider": "ds-breaker"}, {"provider": "vl-breaker", "priority": 1}],
         "r/allfail": [{"provider": "dead-2"}, {"provider": "dead-3", "priority": 1}],
         "r/weights": [{"provider": "w-big", "weight": 3}, {"provider": "w-small", "weight": 1}],
@@ -121,14 +123,18 @@ def test_primary_429_retry_after_cooldown_respected(rig: Rig) -> None:
     assert ask(rig.client, "r/cooldown")[:2] == ("ds-cool", 1)
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_primary_slow_times_out_then_falls_back_within_deadline(rig: Rig, stream: bool) -> None:
-    rig.ds.configure(latency_ms=4000)  # beyond first_token (1 s, streams) and total (1.5 s, non-stream)
+@pytest.mark.parametrize("model,stream,bound", [("r/slow", True, 0.9), ("r/slow", False, 0.9),
+                                               ("r/slow-json", False, 1.4)])
+def test_primary_slow_times_out_then_falls_back_within_deadline(rig: Rig, model: str, stream: bool,
+                                                                bound: float) -> None:
+    """Beyond first_token (1 s: streams, and non-stream requests DeepSeek streams) or, for a passthrough non-stream
+    request, total (1.5 s)."""
+    rig.ds.configure(latency_ms=4000)
     t0 = time.monotonic()
-    served, attempts, gen_id = ask(rig.client, "r/slow", stream=stream)
+    served, attempts, gen_id = ask(rig.client, model, stream=stream)
     took = time.monotonic() - t0
     assert (served, attempts) == ("vl-slow", 2)
-    assert (0.9 if stream else 1.4) < took < 3.5  # one per-try timeout, then the fallback; deadline is 15 s
+    assert bound < took < 3.5  # one per-try timeout, then the fallback; deadline is 15 s
     rec = generation(rig.gw, rig.key, gen_id)
     assert rec is not None
     assert rec["attempts"][0]["code"] in ("upstream_timeout", "first_token_timeout")

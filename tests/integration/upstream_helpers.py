@@ -36,6 +36,9 @@ def start_own_gateway(redis_url: str, fakes: dict[str, Fake], tmp: Path) -> Gate
     cfg = gateway_config(redis_url, f"up{uuid.uuid4().hex[:8]}:", fakes, tmp / "data")
     cfg["server"]["max_upstream_event_bytes"] = EVENT_LIMIT
     cfg["server"]["max_upstream_body_bytes"] = BODY_LIMIT
+    # the non-stream cases here are about the passthrough body reader (answers assembled from a stream are read as
+    # the stream cases are): deepseek forwards non-stream requests as they come
+    cfg["providers"]["deepseek"]["non_stream"] = "passthrough"
     card = {k: v for k, v in cfg["models"][MODEL].items() if k != "deployments"}
     closed = cfg["providers"]["nowhere"]["base_url"].removesuffix("/v1")  # a free port nothing listens on
     cfg["providers"]["nowhere-hosted"] = {"kind": "deepseek", "base_url": closed,

@@ -69,3 +69,12 @@ def test_models_list_checks() -> None:
         with pytest.raises(GatewayError) as e:
             parse({"models": bad})
         assert e.value.status == 400 and e.value.param == "models"
+
+
+def test_an_alias_in_models_is_its_model() -> None:
+    p = parse_preferences({"models": ["bee", "b", "a-alias"]}, PROVIDERS, MODELS, "a", (), max_models=3,
+                          aliases={"bee": "b", "a-alias": "a"})
+    assert p.models == ("b",)  # resolved, deduplicated, the request's own model dropped
+    with pytest.raises(GatewayError) as e:
+        parse_preferences({"models": ["bee"]}, PROVIDERS, MODELS, "a", ("a",), aliases={"bee": "b"})
+    assert e.value.status == 403  # the key's allowlist is checked on the model the alias names

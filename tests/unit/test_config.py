@@ -128,3 +128,45 @@ def test_slow_client_limits_are_typed() -> None:
         raw.setdefault("server", {}).update(bad)
         with pytest.raises(ConfigError, match=r"server\." + next(iter(bad))):
             parse_settings(raw, "x.yaml", env={})
+
+
+def test_shipped_aliases_resolve_to_canonical_ids() -> None:
+    s = load_settings(ROOT / "config" / "therouter.yaml", env={})
+    assert s.canonical("deepseek-chat") == "deepseek/deepseek-v3.2"
+    assert s.canonical("deepseek-v4-flash") == "deepseek/deepseek-v4-flash"
+    assert s.canonical("deepseek/deepseek-v4-pro") == "deepseek/deepseek-v4-pro"  # an id is its own name
+    assert s.canonical("gpt-4o") == "gpt-4o"  # unknown names are left for the caller's 404
+    assert set(s.aliases.values()) <= set(s.models)
+
+
+@pytest.mark.parametrize("aliases,error", [
+    (["deepseek/deepseek-v4-pro"], r"alias 'deepseek/deepseek-v4-pro' is already a model id"),
+    (["x", "x"], r"alias 'x' is already an alias of 'deepseek/deepseek-v3.2'"),
+    ([" x"], r"non-empty name without surrounding spaces"),
+    ([""], r"non-empty name"),
+])
+def test_an_alias_that_collides_is_a_config_error(aliases: list[str], error: str) -> None:
+    raw = shipped()
+    raw["models"]["deepseek/deepseek-v3.2"]["aliases"] = aliases
+    with pytest.raises(ConfigError, match=r"x.yaml: models.deepseek/deepseek-v3.2.aliases.\d: .*" + error):
+        parse_settings(raw, "x.yaml", env={})
+
+
+def test_an_alias_of_one_model_colliding_with_an_alias_of_another_is_a_config_error() -> None:
+    raw = shipped()
+    raw["models"]["deepseek/deepseek-v4-pro"]["aliases"] = ["deepseek-chat"]  # shipped on v3.2 already
+    with pytest.raises(ConfigError, match=r"alias 'deepseek-chat' is already an alias of 'deepseek/deepseek-v3.2'"):
+        parse_settings(raw, "x.yaml", env={})
+
+
+@pytest.mark.parametrize("kind,mode,assembles", [
+    ("deepseek", None, True), ("openai", None, False), ("vllm", None, False), ("sglang", None, False),
+    ("deepseek", "passthrough", False), ("vllm", "stream", True), ("openai", "stream", True),
+])
+def test_non_stream_mode_defaults_per_kind_and_is_switchable(kind: str, mode: str | None, assembles: bool) -> None:
+    raw = shipped()
+    raw["providers"]["p"] = {"kind": kind, "base_url": "http://127.0.0.1:9/v1", **({"non_stream": mode} if mode else {})}
+    assert parse_settings(raw, "x.yaml", env={}).providers["p"].assembles is assembles
+    raw["providers"]["p"]["non_stream"] = "buffered"
+    with pytest.raises(ConfigError, match=r"providers.p.non_stream"):
+        parse_settings(raw, "x.yaml", env={})

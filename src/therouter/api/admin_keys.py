@@ -47,7 +47,8 @@ async def _key(services: Services, key_id: str) -> KeyRecord:
 @router.post("/keys")
 async def create_key(request: Request, services: ServicesDep) -> Response:
     now = time.time()
-    fields = key_fields(await _body(request), services.settings.models, now, creating=True)
+    fields = key_fields(await _body(request), services.settings.models, now, creating=True,
+                        aliases=services.settings.aliases)
     plaintext, rec = await services.store.create_key(fields.pop("name"), **fields)
     return _json({"object": "api_key", "key": plaintext, **rec.public(now)}, status=201)
 
@@ -71,7 +72,8 @@ async def update_key(key_id: str, request: Request, services: ServicesDep) -> Re
     if rec.revoked:
         raise InvalidRequest(f"The key `{key_id}` is revoked; a revoked key cannot be changed.", param="id",
                              code="key_revoked", status=409)
-    changes = key_fields(await _body(request), services.settings.models, time.time(), creating=False)
+    changes = key_fields(await _body(request), services.settings.models, time.time(), creating=False,
+                         aliases=services.settings.aliases)
     updated = await services.store.update_key(key_id, **changes)
     if updated is None:
         raise NotFound(f"No key with `{key_id}`.", param="id")

@@ -1,4 +1,8 @@
-"""/v1: the OpenAI-compatible surface. Handlers parse, call the gateway and render; nothing else."""
+"""/v1: the OpenAI-compatible surface. Handlers parse, call the gateway and render; nothing else.
+
+The same router is also mounted under ``/api`` (``/api/v1/...``, OpenRouter's base path), and the read endpoints
+carry OpenRouter's field names beside ours (:mod:`therouter.api.openrouter`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from therouter import params
+from therouter.api import openrouter
 from therouter.api.deps import KeyDep, ServicesDep
 from therouter.api.middleware import SANE_REQUEST_ID
 from therouter.api.streaming import SSEResponse
@@ -67,10 +72,9 @@ async def completions(request: Request, key: KeyDep, services: ServicesDep) -> A
 
 
 def model_entry(model_id: str, card: Any, price: Any = None) -> dict[str, Any]:
-    pricing = {
-        "input": _usd(price.input if price else card.pricing.input),
-        "cached_input": _usd(price.cached_input if price else card.pricing.cached_input),
-        "output": _usd(price.output if price else card.pricing.output),
+    rates = (price or card.pricing).input, (price or card.pricing).cached_input, (price or card.pricing).output
+    pricing: dict[str, Any] = {
+        "input": _usd(rates[0]), "cached_input": _usd(rates[1]), "output": _usd(rates[2]),
         "unit": "USD per 1M tokens",
     }
     cache_write = price.cache_write if price else card.pricing.cache_write
@@ -78,12 +82,18 @@ def model_entry(model_id: str, card: Any, price: Any = None) -> dict[str, Any]:
         pricing["cache_write"] = _usd(cache_write)
     if price is not None:
         pricing["version"] = price.version
+    extra = openrouter.model_fields(card, *rates)
+    pricing.update(extra.pop("pricing"))  # OpenRouter's per-token strings beside our per-1M ones
     return {
-        "id": model_id, "object": "model", "created": card.created, "owned_by": card.owned_by,
+        "id": model_id, "object": "model", "created": card.created, "owned_by": card.owned_by, "name": model_id,
         "context_length": card.context_length, "max_output_tokens": card.max_output_tokens,
         "modalities": {"input": list(card.modalities.input), "output": list(card.modalities.output)},
-        "supported_parameters": params.model_parameters(card), "pricing": pricing,
+        "supported_parameters": params.model_parameters(card), "pricing": pricing, **extra,
     }
+
+
+def alias_entry(alias: str, canonical: dict[str, Any]) -> dict[str, Any]:
+    return {**canonical, "id": alias, "name": alias, "alias_of": canonical["id"]}
 
 
 def _usd(nano_per_m: int) -> str:
@@ -103,22 +113,35 @@ async def _prices(services: Any) -> dict[str, Any]:
     return out
 
 
+def _allowed(key: Any, services: Any) -> set[str] | None:
+    """The canonical ids a key may use (None: every model); an alias in its list counts as its model."""
+    return {services.settings.canonical(m) for m in key.models} if key.models else None
+
+
 @router.get("/models")
 async def list_models(key: KeyDep, services: ServicesDep) -> Response:
-    prices = await _prices(services)
-    data = [model_entry(mid, card, prices.get(mid)) for mid, card in services.settings.models.items()
-            if not key.models or mid in key.models]
-    return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+    """The catalogue, then each alias as its own entry (``alias_of`` names the model it resolves to)."""
+    prices, allowed, settings = await _prices(services), _allowed(key, services), services.settings
+    entries = {mid: model_entry(mid, card, prices.get(mid)) for mid, card in settings.models.items()
+               if allowed is None or mid in allowed}
+    aliases = [alias_entry(a, entries[mid]) for a, mid in settings.aliases.items() if mid in entries]
+    return Response(orjson.dumps({"object": "list", "data": [*entries.values(), *aliases]}),
+                    media_type="application/json")
 
 
 @router.get("/models/{model_id:path}")
 async def get_model(model_id: str, key: KeyDep, services: ServicesDep) -> Response:
-    card = services.settings.models.get(model_id)
-    if card is None or (key.models and model_id not in key.models):
+    canonical = services.settings.canonical(model_id)
+    card = services.settings.models.get(canonical)
+    allowed = _allowed(key, services)
+    if card is None or (allowed is not None and canonical not in allowed):
         raise ModelNotFound(f"The model `{model_id}` does not exist or you do not have access to it.",
                             param="model")
     prices = await _prices(services)
-    return Response(orjson.dumps(model_entry(model_id, card, prices.get(model_id))), media_type="application/json")
+    entry = model_entry(canonical, card, prices.get(canonical))
+    if canonical != model_id:
+        entry = alias_entry(model_id, entry)
+    return Response(orjson.dumps(entry), media_type="application/json")
 
 
 @router.get("/generation")
@@ -134,9 +157,14 @@ async def generation(key: KeyDep, services: ServicesDep, id: str = "", request_i
         param, what = "id", f"id `{id}`"
     if rec is None or rec.get("key_id") != key.id:
         raise NotFound(f"No generation with {what} for this key.", param=param)
-    return Response(orjson.dumps({"data": rec}), media_type="application/json")
+    return Response(orjson.dumps({"data": {**openrouter.generation_fields(rec), **rec}}),
+                    media_type="application/json")
 
 
 @router.get("/key")
+@router.get("/auth/key")  # OpenRouter's older path for the same answer
 async def key_info(key: KeyDep, services: ServicesDep) -> Response:
-    return Response(orjson.dumps({"data": await services.meter.key_summary(key)}), media_type="application/json")
+    summary = await services.meter.key_summary(key)
+    extra = openrouter.key_fields(summary, label=key.name or key.hint, rpm=key.rpm,
+                                  window_ms=services.meter.options.window_ms)
+    return Response(orjson.dumps({"data": {**extra, **summary}}), media_type="application/json")

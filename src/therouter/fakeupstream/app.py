@@ -47,6 +47,7 @@ from therouter.fakeupstream.flavors import (
     missing_field,
 )
 from therouter.fakeupstream.misbehave import echo_message, gzip_bomb
+from therouter.fakeupstream.render import choices_of
 from therouter.fakeupstream.stats import Stats
 from therouter.fakeupstream.writers import write_bomb, write_error, write_json, write_stream
 
@@ -374,7 +375,8 @@ class FakeUpstream:
             await write_stream(flavor, ex, knobs, body, plan, fault, chat=chat, rid=rid, created=created,
                                in_band=echo(FAULT_ERRORS["in_band"]))
         else:
-            await write_json(flavor, ex, knobs, plan, fault, chat=chat, rid=rid, created=created)
+            await write_json(flavor, ex, knobs, plan, fault, chat=chat, rid=rid, created=created,
+                             n=choices_of(body))
 
 
 def create_app(config: FakeConfig) -> FakeUpstream:

@@ -20,7 +20,7 @@ from therouter.fakeupstream.asgi import (
 from therouter.fakeupstream.content import Plan
 from therouter.fakeupstream.flavors import FAULT_ERRORS, ErrorSpec, Flavor
 from therouter.fakeupstream.misbehave import huge_body, huge_event_pieces, misshape_body, misshape_event
-from therouter.fakeupstream.render import BAD_JSON, DONE, Event, response_body, sse, stream_events
+from therouter.fakeupstream.render import BAD_JSON, DONE, Event, choices_of, response_body, sse, stream_events
 
 KEEPALIVE = b": keep-alive\n\n"
 
@@ -51,11 +51,11 @@ async def write_error(flavor: Flavor, target: Exchange | Send, err: ErrorSpec, e
 
 async def write_json(
     flavor: Flavor, ex: Exchange, knobs: dict[str, Any], plan: Plan, fault: str | None,
-    *, chat: bool, rid: str, created: int,
+    *, chat: bool, rid: str, created: int, n: int = 1,
 ) -> None:
     payload = orjson.dumps(
         response_body(flavor, plan, chat=chat, rid=rid, created=created, model=ex.entry["model"],
-                      send_usage=fault != "no_usage", usage_patch=knobs.get("usage_patch"))
+                      send_usage=fault != "no_usage", usage_patch=knobs.get("usage_patch"), n=n)
     )
     if fault == "bad_json":
         payload = b"{not json"
@@ -78,7 +78,7 @@ async def write_json(
             await _sleep_ms(knobs["stall_ms"])
     else:
         await ex.start(200, JSON_HEADERS + [content_length(payload)])
-    ex.entry["tokens_sent"] = plan.completion_tokens
+    ex.entry["tokens_sent"] = plan.completion_tokens * n
     await ex.finish(payload)
 
 
@@ -99,7 +99,7 @@ async def write_stream(
     events: list[Event] = stream_events(
         flavor, plan, chat=chat, rid=rid, created=created, model=entry["model"],
         include_usage=flavor.include_usage(body), send_usage=fault != "no_usage",
-        usage_patch=knobs.get("usage_patch"),
+        usage_patch=knobs.get("usage_patch"), n=choices_of(body),
     )
     cut_at = _position_after_gen(events, knobs["cut_after"]) if fault in ("cut", "in_band_mid") else -1
     stall_at = _position_after_gen(events, knobs["stall_after"]) if fault == "stall" else -1

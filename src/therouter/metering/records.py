@@ -36,7 +36,7 @@ class GenerationRecord:
     latency_ms: int
     outcome: Outcome
     stream: bool
-    ttft_ms: int | None = None  # None for non-stream answers
+    ttft_ms: int | None = None  # to the first chunk; None when the upstream was not streamed (passthrough answers)
     cost_nano: int = 0  # filled by Meter.settle
     price_version: int = 0  # filled by Meter.settle
     attempts: list[dict[str, Any]] = field(default_factory=list)  # {provider, outcome, latency_ms, status?, error?,
@@ -44,6 +44,7 @@ class GenerationRecord:
     request_id: str = ""  # the client's x-request-id (or the one the gateway gave the request)
     dropped_params: list[str] = field(default_factory=list)  # hints the serving deployment did not honour
     downgraded: list[str] = field(default_factory=list)  # e.g. json_schema served in JSON mode with an instruction
+    finish_reason: str | None = None  # the upstream's (first choice's), None when it never said
 
     def counters(self) -> dict[str, int]:
         """What this record adds to each counter hash (settle and rebuild both use it)."""
@@ -64,7 +65,7 @@ class GenerationRecord:
             "cost_usd": nano_to_usd(self.cost_nano), "price_version": self.price_version, "created": self.created,
             "latency_ms": self.latency_ms, "ttft_ms": self.ttft_ms, "outcome": self.outcome, "stream": self.stream,
             "attempts": [dict(a) for a in self.attempts], "skipped": [dict(s) for s in self.skipped],
-            "request_id": self.request_id,
+            "request_id": self.request_id, "finish_reason": self.finish_reason,
             "dropped_params": list(self.dropped_params), "downgraded": list(self.downgraded),
         }
 
@@ -86,4 +87,5 @@ class GenerationRecord:
             request_id=str(d.get("request_id") or ""),
             dropped_params=[str(x) for x in d.get("dropped_params") or []],
             downgraded=[str(x) for x in d.get("downgraded") or []],
+            finish_reason=d["finish_reason"] if isinstance(d.get("finish_reason"), str) else None,
         )

@@ -169,14 +169,21 @@ class Provider:
             raise UpstreamBadResponse("The provider sent an answer without choices.", sent=True,
                                       detail=f"body is {type(obj).__name__} without a choices list")
         check_completion(obj)
+        return self.normalize_completion(obj)
+
+    def normalize_completion(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """A non-stream answer (as received, or assembled from a stream), in place: OpenAI's spellings and shape.
+        Optional top-level fields that are null (``system_fingerprint``; vLLM's ``service_tier``, ``prompt_logprobs``,
+        ``kv_transfer_params``) are absent, as in a stream's chunks; other fields pass through as they are."""
         for choice in obj["choices"]:
             msg = choice.get("message")
             if msg is not None:
                 self._reasoning_out(msg)
                 _openai_message(msg)
             choice.setdefault("logprobs", None)
-        if obj.get("system_fingerprint", "") is None:
-            del obj["system_fingerprint"]
+        for k in _ABSENT_WHEN_NULL:
+            if k in obj and obj[k] is None:
+                del obj[k]
         return obj
 
     def stream_translator(self) -> StreamTranslator:
@@ -249,15 +256,26 @@ class Provider:
         return error_from_upstream(status, msg, code, param, {}, secrets=self.secrets(), in_stream=True)
 
 
-_NOT_NULLABLE = ("annotations", "function_call", "audio", "tool_calls")
+_NOT_NULLABLE = ("annotations", "function_call", "audio", "tool_calls", "reasoning_content")
+_ABSENT_WHEN_NULL = ("system_fingerprint", "service_tier", "prompt_logprobs", "kv_transfer_params")  # top level
 
 
 def _openai_message(msg: dict[str, Any]) -> None:
-    """OpenAI's message shape: `refusal` is always present; list/object fields are absent rather than null."""
+    """OpenAI's message shape: `refusal` is always present; list/object fields and `reasoning_content` are absent
+    rather than null (or, for `tool_calls`, empty); a tool call has no stream `index`; a message that only calls tools
+    has `content: null` (DeepSeek sends "", vLLM and SGLang null). One answer whichever served it, and whether it was
+    streamed upstream or not."""
     msg.setdefault("refusal", None)
     for k in _NOT_NULLABLE:
         if k in msg and msg[k] is None:
             del msg[k]
+    calls = msg.get("tool_calls")
+    if calls == []:
+        del msg["tool_calls"]
+    elif calls:
+        msg["tool_calls"] = [{k: v for k, v in tc.items() if k != "index"} if "index" in tc else tc for tc in calls]
+        if msg.get("content") == "":
+            msg["content"] = None
 
 
 _GATEWAY_FIELDS = ("models", "provider", "route", "transforms", "fake_gateway")

@@ -119,16 +119,18 @@ class AttemptPolicy:
                     self.on_retry(cand)
                 lease = state.begin(cand.key, probe)
                 t0 = clock()
+                streamed = stream or cand.provider.config.assembles  # sent upstream as a stream
                 try:
-                    # a client that leaves cancels the attempt: always for streams (nothing will read the answer),
-                    # and for non-stream answers on providers whose policy is `cancel` (self-hosted by default)
-                    if cancel_on is not None and (stream or cand.provider.config.disconnect_policy == "cancel"):
-                        result = await _unless_gone(attempt(cand), cancel_on)
+                    # a client that leaves cancels the attempt: always for streamed answers (nothing will read them;
+                    # a non-stream one is assembled from a stream), and for passthrough answers on providers whose
+                    # policy is `cancel` (self-hosted by default)
+                    if cancel_on is not None and (streamed or cand.provider.config.disconnect_policy == "cancel"):
+                        result = await unless_gone(attempt(cand), cancel_on)
                     else:
                         result = await attempt(cand)
                 except GatewayError as e:
                     lease.close()
-                    self._failed(call, cand, e, clock() - t0, probe, retry, stream)
+                    self._failed(call, cand, e, clock() - t0, probe, retry, streamed)
                     if not e.fallback_ok:
                         raise
                     errors.append((cand, e))
@@ -147,7 +149,7 @@ class AttemptPolicy:
                     self.budget.retry_done()
             dt = clock() - t0
             state.breaker(cand.key).success(probe or grant == "forced")  # a forced success is evidence too
-            state.observe(cand.key, True, dt, stream)
+            state.observe(cand.key, True, dt, streamed)  # a streamed attempt's dt is its time to first chunk
             call.attempts.append(_record(cand, None, dt, probe, retry))
             self._observe(cand, None, dt)
             if errors and self.on_failover and errors[0][0].key != cand.key:
@@ -207,7 +209,7 @@ class AttemptPolicy:
             obs(cand, err, dt)
 
 
-async def _unless_gone(work: Awaitable[T], gone: Callable[[], Awaitable[None]]) -> T:
+async def unless_gone(work: Awaitable[T], gone: Callable[[], Awaitable[None]]) -> T:
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(gone())
     try:

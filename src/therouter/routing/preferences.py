@@ -7,7 +7,7 @@
 ```
 
 Provider names are the keys of the config's ``providers``; an unknown name is a 400 (param ``provider``). Every model
-in ``models`` must exist (404) and be allowed for the key (403). Unknown keys inside ``provider`` (OpenRouter has more,
+in ``models`` must exist (404) and be allowed for the key (403); an alias there resolves to its canonical id first. Unknown keys inside ``provider`` (OpenRouter has more,
 e.g. ``data_collection``) are ignored. Both fields are stripped before the request goes upstream.
 """
 
@@ -50,8 +50,9 @@ NO_PREFERENCES = Preferences()
 
 
 def parse_preferences(body: Mapping[str, Any], providers: Collection[str], models: Collection[str],
-                      model: str, key_models: Collection[str] = (), max_models: int = 5) -> Preferences:
-    fallback = _models(body.get("models"), models, model, key_models, max_models)
+                      model: str, key_models: Collection[str] = (), max_models: int = 5,
+                      aliases: Mapping[str, str] | None = None) -> Preferences:
+    fallback = _models(body.get("models"), models, model, key_models, max_models, aliases or {})
     raw = body.get("provider")
     if raw is None:
         return Preferences(models=fallback) if fallback else NO_PREFERENCES
@@ -98,13 +99,14 @@ def _flag(raw: Mapping[str, Any], field: str, default: bool) -> bool:
 
 
 def _models(v: Any, models: Collection[str], model: str, key_models: Collection[str],
-            max_models: int) -> tuple[str, ...]:
+            max_models: int, aliases: Mapping[str, str]) -> tuple[str, ...]:
     if v is None:
         return ()
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise InvalidRequest("'models' must be a list of model ids.", param="models")
     if len(v) > max_models:
         raise InvalidRequest(f"'models' lists {len(v)} models; at most {max_models} are allowed.", param="models")
+    v = [aliases.get(m, m) for m in v]
     for m in v:
         if m not in models:
             raise ModelNotFound(f"The model `{m[:200]}` in 'models' does not exist or you do not have access to it.",

@@ -180,3 +180,33 @@ def test_usage_invariants(prompt, completion, cached, hit, reasoning, top_reason
     assert 0 <= out["prompt_tokens_details"]["cached_tokens"] <= prompt
     assert out["completion_tokens_details"]["reasoning_tokens"] == min(reasoning, completion)  # part of completion
     assert all(isinstance(out[k], int) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
+
+
+# ---- one non-stream shape, whichever upstream served it and whether it was streamed ---------------------------------
+
+
+@pytest.mark.parametrize("kind", ["deepseek", "vllm", "sglang"])
+def test_a_message_that_only_calls_tools_has_null_content_and_no_stream_index(kind: str) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    obj = make_provider(kind).parse_json(completion({"role": "assistant", "content": "",  # DeepSeek's spelling
+                                                     "tool_calls": [{"index": 0, **call}]}))
+    msg = obj["choices"][0]["message"]
+    assert msg["content"] is None and msg["tool_calls"] == [call]
+
+
+def test_text_with_tool_calls_is_kept_and_an_empty_answer_stays_empty() -> None:
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    p = make_provider("deepseek")
+    assert p.parse_json(completion({"role": "assistant", "content": "Let me check.", "tool_calls": [call]})
+                        )["choices"][0]["message"]["content"] == "Let me check."
+    assert p.parse_json(completion({"role": "assistant", "content": ""}))["choices"][0]["message"]["content"] == ""
+
+
+def test_vllm_nulls_and_empty_lists_are_absent() -> None:
+    raw = completion({"role": "assistant", "content": "x", "refusal": None, "annotations": None, "audio": None,
+                      "function_call": None, "tool_calls": [], "reasoning": None},
+                     service_tier=None, system_fingerprint=None, prompt_logprobs=None, kv_transfer_params=None,
+                     custom_field=None)
+    obj = make_provider("vllm").parse_json(raw)
+    assert obj["choices"][0]["message"] == {"role": "assistant", "content": "x", "refusal": None}
+    assert {k for k in obj if k not in ("id", "object", "created", "model", "choices")} == {"custom_field"}
