@@ -315,7 +315,6 @@ class Gateway:
         if isinstance(result, _Assembly):
             return await self._assemble(call, cand, result.events, result.asm, wait_disconnect)
         obj, usage = result
-        call.ttft = self.clock() - call.started  # the whole answer is its first token
         if call.lease is not None:
             self.router.state.observe_throughput(cand.key, usage.completion_tokens,
                                                  self.clock() - call.lease.started)
