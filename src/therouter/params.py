@@ -72,6 +72,13 @@ def model_parameters(card: ModelConfig) -> list[str]:
     return sorted(out)
 
 
+def per_deployment(card: ModelConfig) -> list[dict[str, Any]]:
+    """`/v1/models`: what each deployment honours (hosted and self-hosted hosts differ), in routing order."""
+    return [{"provider": d.provider, "priority": d.priority,
+             "supported_parameters": sorted(honoured(card, d) - {"stream", "stream_options", "max_completion_tokens"})}
+            for d in sorted(card.deployments, key=lambda d: d.priority)]
+
+
 def hints_in(body: Mapping[str, Any]) -> list[str]:
     """Hint parameters present in the body (any value but null): dropped where a deployment lacks them."""
     found = [k for k in HINTS if body.get(k) is not None]

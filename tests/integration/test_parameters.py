@@ -221,3 +221,11 @@ def test_reasoning_exclude_strips_it_but_bills_it(gw: Gateway, key: str, fakes: 
     # without exclude the same upstream shows its reasoning
     r = c.chat.completions.create(model="test/thinking", messages=HELLO)
     assert (r.choices[0].message.model_extra or {}).get("reasoning_content")
+
+
+def test_models_show_what_each_deployment_honours(gw: Gateway, key: str) -> None:
+    r = httpx.get(gw.v1 + "/models/" + MODEL, headers={"Authorization": f"Bearer {key}"})
+    entry = r.json()
+    assert set(SELFHOST) <= set(entry["supported_parameters"])  # some deployment honours each
+    by = {d["provider"]: set(d["supported_parameters"]) for d in entry["deployments"]}
+    assert "seed" not in by["deepseek"] and {"seed", "n", "logit_bias"} <= by["vllm-local"]

@@ -89,6 +89,7 @@ def model_entry(model_id: str, card: Any, price: Any = None) -> dict[str, Any]:
         "context_length": card.context_length, "max_output_tokens": card.max_output_tokens,
         "modalities": {"input": list(card.modalities.input), "output": list(card.modalities.output)},
         "supported_parameters": params.model_parameters(card), "pricing": pricing, **extra,
+        "deployments": params.per_deployment(card),
     }
 
 
