@@ -5,7 +5,8 @@
 
 It starts a private redis-server, a `therouter fake-upstream` (DeepSeek flavour, no artificial delay), and the gateway
 (`therouter serve`) on free loopback ports, runs the same load against the upstream directly and through the gateway
-(non-stream and stream), prints a table and writes bench/results/latest.json. Loopback only, bounded in count.
+(non-stream -- assembled from an upstream stream, the default for kind deepseek, and passed through as JSON -- and
+stream), prints a table and writes bench/results/latest.json. Loopback only, bounded in count.
 """
 
 from __future__ import annotations
@@ -104,13 +105,18 @@ def main() -> int:
             "server": {"upstream_client": a.client, "model_check_interval": 0},
             "store": {"redis_url": redis.url, "key_prefix": "bench:"},
             "data_dir": str(tmp / "data"),
+            # the same upstream twice: a client's non-stream request assembled from an upstream stream (the default
+            # for kind deepseek) or passed through as JSON
             "providers": {"up": {"kind": "deepseek", "base_url": f"http://127.0.0.1:{up_port}",
-                                 "max_connections": 1024}},
-            "models": {"deepseek/deepseek-v3.2": {
+                                 "max_connections": 1024, "non_stream": "stream"},
+                          "up-passthrough": {"kind": "deepseek", "base_url": f"http://127.0.0.1:{up_port}",
+                                             "max_connections": 1024, "non_stream": "passthrough"}},
+            "models": {m: {
                 "context_length": 131072, "max_output_tokens": 32768,
                 "supported_parameters": ["temperature", "max_tokens", "top_p", "stop"],
                 "pricing": {"input": 0.96, "cached_input": 0.96, "output": 2.88},
-                "deployments": [{"provider": "up", "model": "deepseek-v3.2"}]}},
+                "deployments": [{"provider": p, "model": "deepseek-v3.2"}]}
+                for m, p in (("deepseek/deepseek-v3.2", "up"), ("bench/passthrough", "up-passthrough"))},
         }
         (tmp / "bench.yaml").write_text(yaml.safe_dump(cfg))
         procs.append(start([sys.executable, "-m", "therouter", "serve", "--config", str(tmp / "bench.yaml"),
@@ -136,6 +142,11 @@ def main() -> int:
                                  stream))
             results[name] = {"direct": d, "gateway": g,
                              "added_p50_ms": g["p50_ms"] - d["p50_ms"], "added_p99_ms": g["p99_ms"] - d["p99_ms"]}
+            if not stream:  # the same JSON load, passed through instead of assembled: what assembly costs
+                pt = asyncio.run(load(gw_url, {"authorization": f"Bearer {key}"},
+                                      {**BODY, "model": "bench/passthrough"}, a.requests, a.concurrency, False))
+                results["json-passthrough"] = {"direct": d, "gateway": pt, "added_p50_ms": pt["p50_ms"] - d["p50_ms"],
+                                               "added_p99_ms": pt["p99_ms"] - d["p99_ms"]}
         meta = {"requests": a.requests, "concurrency": a.concurrency, "workers": a.workers, "client": a.client,
                 "cpus": os.cpu_count(), "python": platform.python_version(),
                 "date": time.strftime("%Y-%m-%d", time.gmtime())}
