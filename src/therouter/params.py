@@ -21,7 +21,8 @@ capability (its adapter maps them to the host's own switch).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from therouter.config import Deployment, ModelConfig
 

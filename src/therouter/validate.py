@@ -14,8 +14,9 @@ reserved. Unknown fields pass through to the upstream untouched.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ValidationError

@@ -16,8 +16,16 @@ from typing import Any
 import openai
 
 from tests.integration.conftest import Fake, make_key, start_gateway, stop
-from tests.integration.test_crash import _rebuild, crash_config, key_info, kill, lost_record, start_stream, wait_for
-from tests.integration.test_crash import checkpointed
+from tests.integration.test_crash import (
+    _rebuild,
+    checkpointed,
+    crash_config,
+    key_info,
+    kill,
+    lost_record,
+    start_stream,
+    wait_for,
+)
 from therouter.redisproc import RedisProcess
 
 MODEL = "deepseek/deepseek-v3.2"

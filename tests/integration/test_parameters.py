@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from therouter.redisproc import RedisProcess
 from tests.integration.conftest import Fake, Gateway, gateway_config, make_key, start_gateway, stop
+from therouter.redisproc import RedisProcess
 
 MODEL = "deepseek/deepseek-v3.2"
 HELLO = [{"role": "user", "content": "hello there"}]

@@ -16,13 +16,13 @@ from typing import Any
 import orjson
 import pytest
 
+from therouter import validate
 from therouter.config import Deployment, ProviderConfig, parse_settings
 from therouter.errors import GatewayError
 from therouter.metering.prices import PriceVersion, billable, cost_nano, dearest, reservation_nano
 from therouter.protocol.usage import Usage
 from therouter.providers._http import HttpxTransport
 from therouter.providers.registry import build_provider
-from therouter import validate
 
 TEXTS = ["hello", "héllo wörld", "日本語のテキスト", "🙂🙃🚀" * 3, "a" * 300, "{\"json\": [1, 2]}", "\n\t\\\"", ""]
 
