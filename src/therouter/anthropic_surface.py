@@ -73,6 +73,7 @@ class MessagesRequest:
     model: str  # the id the client sent (the answer's `model`)
     stream: bool
     openai: dict[str, Any]
+    native: dict[str, Any]  # the body as the client sent it: an Anthropic deployment gets it as it is
     stop_sequences: list[str] = field(default_factory=list)
 
 
@@ -115,7 +116,7 @@ def read_request(body: dict[str, Any], *, count_only: bool = False) -> MessagesR
         out["user"] = meta["user_id"]
     _tools(body, out)
     _thinking(body.get("thinking"), out)
-    return MessagesRequest(model=model, stream=stream, openai=out, stop_sequences=list(stops or ()))
+    return MessagesRequest(model=model, stream=stream, openai=out, native=body, stop_sequences=list(stops or ()))
 
 
 def _text_of(content: Any, where: str) -> str:

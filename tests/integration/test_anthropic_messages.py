@@ -16,7 +16,15 @@ import anthropic
 import httpx
 import pytest
 
-from tests.integration.conftest import Fake, Gateway, gateway_config, make_key, start_fake, start_gateway, stop
+from tests.integration.conftest import (
+    Fake,
+    Gateway,
+    gateway_config,
+    make_key,
+    start_fake,
+    start_gateway,
+    stop,
+)
 from therouter.redisproc import RedisProcess
 
 CLAUDE_MODEL = "claude-sonnet-4-5"
@@ -226,27 +234,44 @@ def test_fallback_from_failing_hosted_to_self_hosted(rig: Rig) -> None:
     assert rec["provider"] == "vllm-local" and rec["cost_nano"] > 0
 
 
-def test_anthropic_deployment_keeps_thinking_signatures(rig: Rig) -> None:
-    """An Anthropic deployment behind /v1/messages: thinking blocks come back signed, and the signature the client
-    sends back reaches the upstream intact (through reasoning_details)."""
+def test_anthropic_deployment_gets_the_request_natively(rig: Rig) -> None:
+    """An Anthropic deployment behind /v1/messages gets the client's own Messages body: cache_control and the
+    thinking signature sent back survive (the fake's request log), the output limit is the checked one; thinking comes
+    back signed and cache reads / writes are reported in Anthropic's usage fields."""
     c = rig.client()
-    kw: dict[str, Any] = {"model": "anthropic/claude-test", "max_tokens": 4096, "tools": [WEATHER],
-                          "thinking": {"type": "enabled", "budget_tokens": 1024}}
-    turn = [{"role": "user", "content": "Weather in Oslo?"}]
-    msg = c.messages.create(messages=turn, **kw)  # type: ignore[arg-type]
+    rig.claude.configure(cached_tokens=5, cache_write_tokens=3)
+    try:
+        kw: dict[str, Any] = {
+            "model": "anthropic/claude-test", "max_tokens": 4096, "tools": [WEATHER],
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "system": [{"type": "text", "text": "You are terse. " * 20, "cache_control": {"type": "ephemeral"}}]}
+        turn = [{"role": "user", "content": [{"type": "text", "text": "Weather in Oslo?",
+                                              "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}]
+        raw = c.messages.with_raw_response.create(messages=turn, **kw)  # type: ignore[arg-type]
+        msg = raw.parse()
+    finally:
+        rig.claude.configure(cached_tokens=0, cache_write_tokens=0)
+    assert raw.headers["x-therouter-provider"] == "anthropic" and msg.model == "anthropic/claude-test"
+    assert msg.usage.cache_read_input_tokens == 5 and msg.usage.cache_creation_input_tokens == 3
+    assert msg.usage.input_tokens > 0
+    up = rig.claude.last()["body"]
+    assert up["model"] == "claude-opus-4-7" and up["max_tokens"] == 4096
+    assert up["system"] == kw["system"] and up["messages"] == turn and up["tools"] == [WEATHER]
+    assert up["thinking"] == {"type": "enabled", "budget_tokens": 1024}
     kinds = [b.type for b in msg.content]
     assert kinds[0] == "thinking" and "tool_use" in kinds
     signature = msg.content[0].signature  # type: ignore[union-attr]
     assert signature
     use = next(b for b in msg.content if b.type == "tool_use")
-    second = [*turn, {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in msg.content]},
+    sent_back = [b.model_dump(exclude_none=True) for b in msg.content]
+    second = [*turn, {"role": "assistant", "content": sent_back},
               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "2 C"}]}]
-    c.messages.create(messages=second, **kw)  # type: ignore[arg-type]
+    with c.messages.stream(messages=second, **kw) as s:  # type: ignore[arg-type]
+        s.get_final_message()
     up = rig.claude.last()["body"]
-    assert up["thinking"]["type"] in ("enabled", "adaptive")
-    blocks = up["messages"][1]["content"]
-    assert blocks[0]["type"] == "thinking" and blocks[0]["signature"] == signature
-    assert blocks[-1]["type"] == "tool_use" and blocks[-1]["id"] == use.id
+    assert up["stream"] is True and up["messages"][1]["content"] == sent_back
+    assert up["messages"][1]["content"][0]["signature"] == signature
+    assert generation(rig, msg.id)["usage"]["prompt_tokens_details"]["cached_tokens"] == 5
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ async def messages(request: Request, services: ServicesDep) -> Any:
                 return
 
     request.state.observed = True  # from here on the gateway counts and logs the request, whatever happens
-    answer = await services.gateway.handle(key, "chat", orjson.dumps(req.openai), request.state.request_id, gone)
+    answer = await services.gateway.handle(key, "chat", orjson.dumps(req.openai), request.state.request_id, gone,
+                                           native=req.native)
     if isinstance(answer, StreamAnswer):
         gen_id = answer.headers.get("x-therouter-generation-id", "")
         stream = surface.MessageStream(req, gen_id, validate.estimate_chat_tokens(req.openai))
