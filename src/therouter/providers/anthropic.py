@@ -63,10 +63,12 @@ class AnthropicProvider(Provider):
         self, native: dict[str, Any], body: dict[str, Any], dep: Deployment, *, stream: bool,
         request_id: str | None = None,
     ) -> UpstreamRequest | None:
-        """A client's own Messages body, sent as it came (``cache_control``, thinking signatures, documents and
-        their citations survive), except what the gateway decides: the deployment's model, the checked output limit
-        (the one reserved for), and streaming."""
+        """A client's own Messages body, sent as it came (``cache_control`` and thinking signatures survive), except
+        what the gateway decides: the deployment's model, the checked output limit (the one reserved for), and
+        streaming. Thinking blocks without a signature (another model's, from an earlier turn served elsewhere) are
+        left out: Anthropic refuses them."""
         out = {k: v for k, v in native.items() if k not in ("model", "max_tokens", "stream")}
+        out["messages"] = [_signed_only(m) for m in native.get("messages") or ()]
         out = {"model": dep.model, "max_tokens": body.get("max_tokens") or DEFAULT_MAX_TOKENS, **out}
         if stream:
             out["stream"] = True
@@ -119,3 +121,11 @@ class AnthropicProvider(Provider):
         if status == 400 and "prompt is too long" in low:
             etype = "context_length_exceeded"
         return error_from_upstream(status, msg, etype, param, headers, secrets=self.secrets(), in_stream=in_stream)
+
+
+def _signed_only(m: Any) -> Any:
+    content = m.get("content") if isinstance(m, dict) and m.get("role") == "assistant" else None
+    if not isinstance(content, list):
+        return m
+    kept = [b for b in content if not (isinstance(b, dict) and b.get("type") == "thinking" and not b.get("signature"))]
+    return m if len(kept) == len(content) else {**m, "content": kept}
