@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from therouter import __version__
 from therouter.api import admin, admin_keys, errors, ops
+from therouter.api import anthropic as anthropic_routes
 from therouter.api import openai as openai_routes
 from therouter.api.middleware import (
     BodyDeadlineMiddleware,
@@ -61,6 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     app.include_router(openai_routes.router)
     app.include_router(openai_routes.router, prefix="/api")  # OpenRouter's base path: /api/v1/...
+    app.include_router(anthropic_routes.router)  # Anthropic's Messages API: /v1/messages, /anthropic/v1/messages
     app.include_router(admin.router)
     app.include_router(admin_keys.router)
     app.include_router(ops.router)

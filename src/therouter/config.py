@@ -6,6 +6,7 @@ path and what is wrong, in one line.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from decimal import Decimal, InvalidOperation
@@ -235,7 +236,9 @@ def usd_to_nano(value: Any, what: str = "price", maximum: Decimal | int | None =
 
 class ModelConfig(_Strict):
     context_length: int = Field(ge=1)
-    aliases: tuple[str, ...] = ()  # other names clients may use (e.g. `deepseek-chat`); resolved before routing
+    # other names clients may use (e.g. `deepseek-chat`), resolved before routing; a name with `*` is a pattern
+    # (e.g. `claude-*`): exact aliases and model ids win over patterns, and the longest matching pattern wins
+    aliases: tuple[str, ...] = ()
     max_output_tokens: int = Field(ge=1)
     modalities: Modalities = Modalities()
     supported_parameters: tuple[str, ...] = ()
@@ -320,6 +323,7 @@ class Settings(_Strict):
     otel_endpoint: str | None = None  # from OTEL_EXPORTER_OTLP_ENDPOINT: traces on (needs the `otel` extra)
     data_dir: str = ".therouter"  # journal and local state
     _aliases: dict[str, str] = PrivateAttr(default_factory=dict)  # alias -> canonical model id
+    _patterns: tuple[tuple[str, str], ...] = PrivateAttr(default=())  # (pattern, canonical id), longest first
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
@@ -330,17 +334,27 @@ class Settings(_Strict):
                     raise ValueError(
                         f"models.{mid}.deployments.{i}.provider: unknown provider {d.provider!r} (known: {known})"
                     )
-        self._aliases = _alias_map(self.models)
+        exact = _alias_map(self.models)
+        self._aliases = {a: m for a, m in exact.items() if "*" not in a}
+        self._patterns = tuple(sorted(((a, m) for a, m in exact.items() if "*" in a), key=lambda p: -len(p[0])))
         return self
 
     @property
     def aliases(self) -> dict[str, str]:
-        """Every alias and the canonical model id it names."""
+        """Every exact alias and the canonical model id it names (patterns are not names: see :meth:`canonical`)."""
         return self._aliases
 
     def canonical(self, model_id: str) -> str:
-        """The catalogue's id for a name a client sent: an alias resolves, anything else is returned as it is."""
-        return self._aliases.get(model_id, model_id)
+        """The catalogue's id for a name a client sent: an exact alias resolves, a model id is itself, then the
+        longest matching pattern alias (`claude-*`) resolves; anything else is returned as it is."""
+        if model_id in self._aliases:
+            return self._aliases[model_id]
+        if model_id in self.models:
+            return model_id
+        for pattern, mid in self._patterns:
+            if fnmatch.fnmatchcase(model_id, pattern):
+                return mid
+        return model_id
 
 
 def _alias_map(models: Mapping[str, ModelConfig]) -> dict[str, str]:

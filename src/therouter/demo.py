@@ -69,6 +69,13 @@ The same code reaches a Claude-routed model (a simulated Anthropic Messages API,
   r = client.chat.completions.create(model="anthropic/claude-opus-4.7",
                                      messages=[{{"role": "user", "content": "Hello!"}}])
 
+Claude Code or the Anthropic SDK (pip install anthropic), on deepseek/deepseek-v3.2 (every claude-* id is an alias):
+  ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_AUTH_TOKEN={key} claude
+  import anthropic
+  client = anthropic.Anthropic(base_url="http://127.0.0.1:{port}", api_key="{key}")
+  m = client.messages.create(model="claude-sonnet-4-5", max_tokens=256,
+                             messages=[{{"role": "user", "content": "Hello!"}}])
+
 Spend of the demo key: curl -s {base}/key -H "Authorization: Bearer {key}"
 
 Operate it from another terminal (keys, usage and the /admin endpoints, against this demo's Redis):

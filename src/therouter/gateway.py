@@ -82,6 +82,7 @@ class Call:
     release: Callable[[], None] | None = None  # leaves the retry budget's count of requests in flight
     built: dict[tuple[str, Deployment], UpstreamRequest] = field(default_factory=dict)  # per (provider, deployment)
     observed: bool = False  # its answer was counted and logged (once)
+    native: dict[str, Any] | None = None  # the client's own wire body (/v1/messages), for a provider that speaks it
 
     @property
     def object(self) -> str:
@@ -133,7 +134,11 @@ class Gateway:
     # ---- entry ----------------------------------------------------------------------------------------------
 
     async def handle(self, key: KeyRecord, endpoint: str, raw: bytes, request_id: str,
-                     wait_disconnect: Callable[[], Awaitable[None]] | None = None) -> JSONAnswer | StreamAnswer:
+                     wait_disconnect: Callable[[], Awaitable[None]] | None = None,
+                     native: dict[str, Any] | None = None) -> JSONAnswer | StreamAnswer:
+        """``native``: the request as the client sent it in another wire format (an Anthropic Messages body), of
+        which ``raw`` is the OpenAI translation: a provider that speaks it gets it as it is (see
+        :meth:`Provider.native_request`); everything else (limits, routing, metering) reads the translation."""
         s = self.settings.server
         started, model = self.clock(), ""
         if self.tracing is not None:
@@ -154,7 +159,7 @@ class Gateway:
             prefs = parse_preferences(body, self.router.providers, self.settings.models, model, allowed,
                                       self.router.state.options.max_models, aliases=self.settings.aliases)
             call = Call(key=key, endpoint=endpoint, checked=checked, gen_id=new_id(endpoint), request_id=request_id,
-                        created=int(time.time()), started=started, prefs=prefs)
+                        created=int(time.time()), started=started, prefs=prefs, native=native)
             routes = self._first_routes(call)
             call.adm = await self.meter.admit(key, model, checked.prompt_tokens, checked.max_tokens or 0,
                                               call.gen_id, sequences=checked.sequences,
@@ -249,8 +254,11 @@ class Gateway:
             # hints this host does not honour are left out (and named in the answer); see params.py
             dropped = params.dropped_for(call.checked.body, self.settings.models[model_id], dep)
             body = params.without(call.checked.body, dropped)
-            req = build(body, dep, stream=call.checked.stream or p.config.assembles, request_id=call.request_id,
-                        max_output=self.settings.models[model_id].max_output_tokens)
+            stream = call.checked.stream or p.config.assembles
+            native = None if call.native is None else p.native_request(call.native, call.checked.body, dep,
+                                                                       stream=stream, request_id=call.request_id)
+            req = native or build(body, dep, stream=stream, request_id=call.request_id,
+                                  max_output=self.settings.models[model_id].max_output_tokens)
             req.meta["dropped"] = dropped
             call.built[(p.name, dep)] = req
         return req

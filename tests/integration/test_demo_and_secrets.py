@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 
@@ -76,6 +77,13 @@ def test_demo_starts_everything_and_serves_the_sdk(tmp_path: Path, repo_root: Pa
         text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model="deepseek/deepseek-v3.2", messages=[{"role": "user", "content": "Hi"}], stream=True) if c.choices)
         assert text
+        # Claude Code's settings (base URL + token + a claude-* id) against the demo: deepseek/deepseek-v3.2 serves
+        assert "ANTHROPIC_BASE_URL=" in out and "anthropic.Anthropic(" in out
+        # (closed here, so its connection's TIME_WAIT is the client's and the gateway's port is free at the end)
+        with anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", auth_token=m.group(1), max_retries=0) as claude:
+            msg = claude.messages.with_raw_response.create(model="claude-sonnet-4-5", max_tokens=64,
+                                                            messages=[{"role": "user", "content": "Hello!"}])
+        assert msg.headers["x-therouter-provider"] == "deepseek" and msg.parse().content[0].type == "text"
         redis_files = list((tmp_path / "demo" / "redis").iterdir())
         assert redis_files, "the demo's redis keeps its data under the data folder"
 
@@ -86,7 +94,7 @@ def test_demo_starts_everything_and_serves_the_sdk(tmp_path: Path, repo_root: Pa
         listing = operator_cli(repo_root, env, "keys", "list")
         assert listing.returncode == 0 and re.search(r"key_\w+ +demo ", listing.stdout), listing.stdout
         usage = operator_cli(repo_root, env, "usage", "--json", "--group-by", "key")
-        assert [(u["key_name"], u["requests"]) for u in json.loads(usage.stdout)["data"]] == [("demo", 2)]
+        assert [(u["key_name"], u["requests"]) for u in json.loads(usage.stdout)["data"]] == [("demo", 3)]
         keys = httpx.get(f"http://127.0.0.1:{port}/admin/keys", timeout=10,
                          headers={"Authorization": f"Bearer {env['THEROUTER_ADMIN_KEY']}"})
         assert keys.status_code == 200 and [k["name"] for k in keys.json()["data"]] == ["demo"]

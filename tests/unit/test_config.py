@@ -170,3 +170,25 @@ def test_non_stream_mode_defaults_per_kind_and_is_switchable(kind: str, mode: st
     raw["providers"]["p"]["non_stream"] = "buffered"
     with pytest.raises(ConfigError, match=r"providers.p.non_stream"):
         parse_settings(raw, "x.yaml", env={})
+
+
+def test_pattern_aliases_lose_to_exact_aliases_and_ids_and_the_longest_pattern_wins() -> None:
+    raw = shipped()
+    raw["models"]["deepseek/deepseek-v3.2"]["aliases"] = ["claude-*", "claude-opus-4-7-exact"]
+    raw["models"]["deepseek/deepseek-v4-pro"]["aliases"] = ["claude-opus-*", "deepseek/*"]
+    s = parse_settings(raw, "x.yaml", env={})
+    assert s.canonical("claude-sonnet-4-5") == "deepseek/deepseek-v3.2"
+    assert s.canonical("claude-3-7-sonnet-latest") == "deepseek/deepseek-v3.2"
+    assert s.canonical("claude-opus-4-7-20260101") == "deepseek/deepseek-v4-pro"  # the longer pattern
+    assert s.canonical("claude-opus-4-7-exact") == "deepseek/deepseek-v3.2"  # an exact alias beats any pattern
+    assert s.canonical("deepseek/deepseek-v4-flash") == "deepseek/deepseek-v4-flash"  # a real id beats a pattern
+    assert s.canonical("deepseek/unknown") == "deepseek/deepseek-v4-pro"
+    assert s.canonical("gpt-4o") == "gpt-4o"
+    assert "claude-*" not in s.aliases  # a pattern is not a name: /v1/models does not list it
+
+
+def test_the_shipped_config_maps_claude_ids_to_deepseek() -> None:
+    s = load_settings(ROOT / "config" / "therouter.yaml", env={})
+    for mid in ("claude-sonnet-4-5", "claude-opus-4-7", "claude-sonnet-4-5-20250929", "claude-3-5-haiku-latest"):
+        assert s.canonical(mid) == "deepseek/deepseek-v3.2"
+    assert s.canonical("anthropic/claude-opus-4.7") == "anthropic/claude-opus-4.7"

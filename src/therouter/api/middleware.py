@@ -11,7 +11,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from therouter.api.errors import error_response
+from therouter.api.errors import error_response, is_anthropic
 from therouter.errors import RequestHeadersTooLarge, RequestTimeout, ServiceUnavailable
 from therouter.logs import REQUEST_ID
 
@@ -64,7 +64,8 @@ class HeaderLimitMiddleware:
             if size > self.max_bytes:
                 err = RequestHeadersTooLarge(f"The request headers are {size} bytes; the limit is {self.max_bytes} "
                                              "bytes.")
-                await error_response(err, extra_headers={"Connection": "close"})(scope, receive, send)
+                await error_response(err, extra_headers={"Connection": "close"},
+                                     anthropic=is_anthropic(scope["path"]))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -88,7 +89,7 @@ class ConcurrencyLimitMiddleware:
         if self.in_flight >= self.limit:
             err = ServiceUnavailable(f"This gateway worker is serving its limit of {self.limit} requests; retry "
                                      "shortly.", code="server_overloaded", retry_after=1)
-            await error_response(err)(scope, receive, send)
+            await error_response(err, anthropic=is_anthropic(scope["path"]))(scope, receive, send)
             return
         self.in_flight += 1
         try:

@@ -114,12 +114,20 @@ def to_completion(obj: Any) -> dict[str, Any]:
         "choices": [{"index": 0, "message": msg, "finish_reason": finish_reason(obj.get("stop_reason"), bool(calls))
                      or "stop", "logprobs": None}],
     }
+    _matched(obj, out["choices"][0])
     u = obj.get("usage")
     if u is not None:
         if not isinstance(u, dict):
             raise bad_shape(f"usage is {type(u).__name__}, not an object")
         out["usage"] = openai_usage(u)
     return out
+
+
+def _matched(src: dict[str, Any], choice: dict[str, Any]) -> None:
+    """The stop sequence that ended the answer, as vLLM names it (``choices[].stop_reason``): /v1/messages answers
+    ``stop_reason: stop_sequence`` with it."""
+    if src.get("stop_reason") == "stop_sequence" and isinstance(src.get("stop_sequence"), str):
+        choice["stop_reason"] = src["stop_sequence"]
 
 
 def _str(b: dict[str, Any], key: str) -> str:
@@ -176,6 +184,7 @@ class AnthropicStream:
                 raise bad_shape("message_delta without a delta object")
             self._usage(ev.get("usage"))
             out = self._chunk({}, finish_reason(delta.get("stop_reason"), self.tools > 0))
+            _matched(delta, out["choices"][0])
             if self.usage:
                 out["usage"] = openai_usage(self.usage)
             return out

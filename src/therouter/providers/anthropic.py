@@ -22,7 +22,7 @@ import orjson
 
 from therouter.config import Deployment
 from therouter.errors import GatewayError, InvalidRequest, UpstreamBadResponse
-from therouter.providers._anthropic_request import build_body
+from therouter.providers._anthropic_request import DEFAULT_MAX_TOKENS, build_body
 from therouter.providers._anthropic_response import AnthropicStream, to_completion
 from therouter.providers._http import UpstreamRequest, error_from_upstream
 from therouter.providers._sanitize import MAX_INPUT
@@ -56,6 +56,22 @@ class AnthropicProvider(Provider):
         max_output: int | None = None,
     ) -> UpstreamRequest:
         out = build_body(body, dep, stream=stream, max_output=max_output)
+        return UpstreamRequest("POST", self.config.base_url + "/v1/messages", self.headers(request_id),
+                               orjson.dumps(out))
+
+    def native_request(
+        self, native: dict[str, Any], body: dict[str, Any], dep: Deployment, *, stream: bool,
+        request_id: str | None = None,
+    ) -> UpstreamRequest | None:
+        """A client's own Messages body, sent as it came (``cache_control`` and thinking signatures survive), except
+        what the gateway decides: the deployment's model, the checked output limit (the one reserved for), and
+        streaming. Thinking blocks without a signature (another model's, from an earlier turn served elsewhere) are
+        left out: Anthropic refuses them."""
+        out = {k: v for k, v in native.items() if k not in ("model", "max_tokens", "stream")}
+        out["messages"] = [_signed_only(m) for m in native.get("messages") or ()]
+        out = {"model": dep.model, "max_tokens": body.get("max_tokens") or DEFAULT_MAX_TOKENS, **out}
+        if stream:
+            out["stream"] = True
         return UpstreamRequest("POST", self.config.base_url + "/v1/messages", self.headers(request_id),
                                orjson.dumps(out))
 
@@ -105,3 +121,11 @@ class AnthropicProvider(Provider):
         if status == 400 and "prompt is too long" in low:
             etype = "context_length_exceeded"
         return error_from_upstream(status, msg, etype, param, headers, secrets=self.secrets(), in_stream=in_stream)
+
+
+def _signed_only(m: Any) -> Any:
+    content = m.get("content") if isinstance(m, dict) and m.get("role") == "assistant" else None
+    if not isinstance(content, list):
+        return m
+    kept = [b for b in content if not (isinstance(b, dict) and b.get("type") == "thinking" and not b.get("signature"))]
+    return m if len(kept) == len(content) else {**m, "content": kept}

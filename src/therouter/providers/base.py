@@ -125,6 +125,15 @@ class Provider:
             out.pop("stream_options", None)
         return UpstreamRequest("POST", url, self.headers(request_id), orjson.dumps(out))
 
+    def native_request(
+        self, native: dict[str, Any], body: dict[str, Any], dep: Deployment, *, stream: bool,
+        request_id: str | None = None,
+    ) -> UpstreamRequest | None:
+        """A request in the provider's own wire format, from a client that spoke it (``native``: e.g. an Anthropic
+        Messages body from /v1/messages), with ``body`` the checked OpenAI translation whose limits hold. None: this
+        provider takes the OpenAI translation (:meth:`chat_request`)."""
+        return None
+
     # hooks ----------------------------------------------------------------------------------------------------
 
     def adapt_message(self, m: dict[str, Any]) -> dict[str, Any]:

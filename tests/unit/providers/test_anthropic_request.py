@@ -243,3 +243,26 @@ def test_completions_endpoint_is_refused() -> None:
     with pytest.raises(InvalidRequest):
         make_provider("anthropic").completion_request({"model": "m", "prompt": "x"}, dep("anthropic"),
                                                       stream=False)
+
+
+def test_native_request_sends_the_clients_messages_body_as_it_came() -> None:
+    native = {"model": "claude-sonnet-4-5", "max_tokens": 999999, "stream": False, "top_k": 3,
+              "system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral"}}],
+              "messages": [{"role": "user", "content": [{"type": "text", "text": "q", "cache_control": {"type": "ephemeral"}}]},
+                           {"role": "assistant", "content": [
+                               {"type": "thinking", "thinking": "deepseek's", "signature": ""},
+                               {"type": "thinking", "thinking": "mine", "signature": "sig"},
+                               {"type": "tool_use", "id": "t", "name": "f", "input": {}}]},
+                           {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "r"}]}]}
+    p = make_provider("anthropic")
+    req = p.native_request(native, {"max_tokens": 512}, dep("anthropic", model="claude-opus-4-7"), stream=True)
+    assert req is not None and req.url == "https://api.anthropic.com/v1/messages"
+    assert req.headers["x-api-key"] == CANARY
+    out = orjson.loads(req.body)
+    # the gateway's decisions: the deployment's model, the checked (reserved) output limit, streaming
+    assert (out["model"], out["max_tokens"], out["stream"], out["top_k"]) == ("claude-opus-4-7", 512, True, 3)
+    assert out["system"] == native["system"] and out["messages"][0] == native["messages"][0]
+    assert out["messages"][1]["content"] == native["messages"][1]["content"][1:]  # the unsigned block left out
+    assert out["messages"][2] == native["messages"][2]
+    # an OpenAI-shaped provider takes the translation instead
+    assert make_provider("deepseek").native_request(native, {}, dep("deepseek"), stream=False) is None

@@ -11,6 +11,7 @@ import pytest
 
 from therouter.errors import GatewayError, UpstreamBadResponse, UpstreamRequestRejected
 from therouter.protocol.usage import Usage
+from therouter.providers._anthropic_response import AnthropicStream, to_completion
 from therouter.providers.base import Provider
 from therouter.sse import SSEDecoder
 from therouter.streaming import ChunkRewriter
@@ -311,3 +312,15 @@ def test_credit_balance_is_our_account_not_the_client() -> None:
     e = make_provider("anthropic").map_error(
         400, err_body("invalid_request_error", "Your credit balance is too low to access the Anthropic API."), {})
     assert e.fallback_ok and e.status != 400
+
+
+def test_the_matched_stop_sequence_is_named_as_vllm_does() -> None:
+    done = to_completion({"content": [{"type": "text", "text": "a"}], "stop_reason": "stop_sequence",
+                          "stop_sequence": "END"})
+    assert done["choices"][0]["finish_reason"] == "stop" and done["choices"][0]["stop_reason"] == "END"
+    plain = to_completion({"content": [{"type": "text", "text": "a"}], "stop_reason": "end_turn",
+                           "stop_sequence": None})
+    assert "stop_reason" not in plain["choices"][0]
+    s = AnthropicStream()
+    out = s({"type": "message_delta", "delta": {"stop_reason": "stop_sequence", "stop_sequence": "END"}})
+    assert out is not None and out["choices"][0]["stop_reason"] == "END"

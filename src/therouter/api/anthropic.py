@@ -1,0 +1,139 @@
+"""/v1/messages (also /anthropic/v1/messages): Anthropic's Messages API. Handlers authenticate, translate the request
+once (:mod:`therouter.anthropic_surface`), call the gateway as for /v1/chat/completions, and translate the answer
+back. Errors on these paths are rendered in Anthropic's shape by :mod:`therouter.api.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from therouter import anthropic_surface as surface
+from therouter import validate
+from therouter.api.deps import ServicesDep
+from therouter.api.openai import read_body
+from therouter.api.streaming import SSEResponse
+from therouter.errors import GatewayError, ModelNotFound
+from therouter.gateway import StreamAnswer
+from therouter.keys import KeyRecord
+
+router = APIRouter()
+PATHS = ("/v1/messages", "/anthropic/v1/messages")
+
+
+async def _key(request: Request, services: Any) -> KeyRecord:
+    """The same keys as /v1: Anthropic's ``x-api-key`` header, or ``Authorization: Bearer``."""
+    api_key = request.headers.get("x-api-key")
+    header = f"Bearer {api_key}" if api_key else request.headers.get("authorization")
+    return await services.auth.authenticate(header)  # type: ignore[no-any-return]
+
+
+async def _read(request: Request, services: Any, count_only: bool = False) -> surface.MessagesRequest:
+    s = services.settings.server
+    raw = await read_body(request, s.max_body_bytes)
+    return surface.read_request(validate.parse_body(raw, s.max_body_bytes, s.max_json_depth), count_only=count_only)
+
+
+async def messages(request: Request, services: ServicesDep) -> Any:
+    key = await _key(request, services)
+    req = await _read(request, services)
+
+    async def gone() -> None:
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                return
+
+    request.state.observed = True  # from here on the gateway counts and logs the request, whatever happens
+    answer = await services.gateway.handle(key, "chat", orjson.dumps(req.openai), request.state.request_id, gone,
+                                           native=req.native)
+    if isinstance(answer, StreamAnswer):
+        gen_id = answer.headers.get("x-therouter-generation-id", "")
+        stream = surface.MessageStream(req, gen_id, validate.estimate_chat_tokens(req.openai))
+        return SSEResponse(_events(answer.events, stream), answer.headers,
+                           services.settings.server.stream_write_timeout)
+    body = surface.to_message(orjson.loads(answer.body), req)
+    return Response(orjson.dumps(body), status_code=answer.status, headers=answer.headers,
+                    media_type="application/json")
+
+
+async def count_tokens(request: Request, services: ServicesDep) -> Response:
+    """``{"input_tokens": N}``: the gateway's own estimate of the prompt, the one its budgets reserve for."""
+    key = await _key(request, services)
+    req = await _read(request, services, count_only=True)
+    model = services.settings.canonical(req.model)
+    allowed = {services.settings.canonical(m) for m in key.models}
+    if model not in services.settings.models or (allowed and model not in allowed):
+        raise ModelNotFound(f"The model `{req.model}` does not exist or you do not have access to it.", param="model")
+    return Response(orjson.dumps({"input_tokens": validate.estimate_chat_tokens(req.openai)}),
+                    media_type="application/json")
+
+
+for _p in PATHS:
+    router.add_api_route(_p, messages, methods=["POST"])
+    router.add_api_route(_p + "/count_tokens", count_tokens, methods=["POST"])
+
+
+async def _events(chunks: AsyncIterator[bytes], stream: surface.MessageStream,
+                  ping_seconds: float = surface.PING_SECONDS) -> AsyncIterator[bytes]:
+    """The gateway's SSE bytes -> Anthropic's events, a ``ping`` whenever the upstream is silent for a while."""
+    it = chunks.__aiter__()
+    buf = b""
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=ping_seconds)
+            if not done:
+                yield b"".join(stream.ping())
+                continue
+            try:
+                piece = pending.result()
+            except StopAsyncIteration:
+                break
+            finally:
+                pending = None
+            buf += piece
+            while b"\n\n" in buf:
+                frame, buf = buf.split(b"\n\n", 1)
+                out, finished = _frame(frame, stream)
+                if out:
+                    yield b"".join(out)
+                if finished:
+                    return
+        # the gateway always ends with [DONE] or an error event: anything else is a break, said as one
+        yield b"".join(stream.error("api_error", "The stream ended unexpectedly."))
+    except GatewayError as e:
+        yield b"".join(stream.error(surface.error_status(e)[1], e.message))
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            try:
+                await pending
+            except (asyncio.CancelledError, StopAsyncIteration, GatewayError):
+                pass
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _frame(frame: bytes, stream: surface.MessageStream) -> tuple[list[bytes], bool]:
+    """One SSE frame of the gateway's stream -> (Anthropic events, the stream is over)."""
+    data = b"\n".join(line[5:].lstrip() for line in frame.split(b"\n") if line.startswith(b"data:"))
+    if not data:
+        return [], False
+    if data == b"[DONE]":
+        return stream.done(), True
+    obj = orjson.loads(data)
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(err, dict):
+        status = {"rate_limit_exceeded": 429, "upstream_rate_limited": 429}.get(str(err.get("code")), 500)
+        kind = surface.ERROR_TYPES.get(status, (status, "api_error"))[1]
+        return stream.error(kind, str(err.get("message") or "error")), True
+    return stream.chunk(obj), False
