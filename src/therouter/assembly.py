@@ -66,18 +66,13 @@ class Assembler(UsageTap):
         self._choices: dict[int, _Choice] = {}
         self._top: dict[str, Any] = {}
         self._held = 0  # text characters and logprob entries held (bounded by max_bytes)
-        # per stream: shape checked (UpstreamBadResponse), provider spellings (or its own events) made OpenAI's
-        self._translate = provider.stream_translator()
 
     def feed(self, obj: dict[str, Any]) -> bool:
         """Take one upstream chunk; True when it carried choices (the first-chunk gate's test)."""
-        translated = self._translate(obj)
-        if translated is None:
+        chunk = self.take(obj)
+        if chunk is None:
             return False
-        obj = translated
-        usage = obj.pop("usage", None)
-        if isinstance(usage, dict):
-            self.usage_raw = usage
+        obj = chunk
         for k, v in obj.items():
             if k not in _TOP_SKIP and (v is not None or k not in self._top):
                 self._top[k] = v

@@ -161,9 +161,11 @@ class Gateway:
             call = Call(key=key, endpoint=endpoint, checked=checked, gen_id=new_id(endpoint), request_id=request_id,
                         created=int(time.time()), started=started, prefs=prefs, native=native)
             routes = self._first_routes(call)
+            # the prompt bound builds every deployment's request: only a budget needs it (the reservation)
+            bound = self._prompt_bound(call) if key.budget_nano is not None else None
             call.adm = await self.meter.admit(key, model, checked.prompt_tokens, checked.max_tokens or 0,
-                                              call.gen_id, sequences=checked.sequences,
-                                              prompt_bound=self._prompt_bound(call), fallbacks=prefs.models)
+                                              call.gen_id, sequences=checked.sequences, prompt_bound=bound,
+                                              fallbacks=prefs.models)
         except BaseException as e:  # refused before admission: counted and logged, nothing to settle
             outcome = "refused" if isinstance(e, GatewayError) else _failure_outcome(e)
             self._finish(Finished(request_id, _status(e), outcome, model if model in self.settings.models else "",
@@ -288,8 +290,9 @@ class Gateway:
             dropped = self._dropped(call, cand)
             if dropped:
                 h["x-therouter-dropped-params"] = ",".join(dropped)
-            if self._downgraded(call, cand):
-                h["x-therouter-downgraded"] = ",".join(self._downgraded(call, cand))
+            downgraded = self._downgraded(call, cand)
+            if downgraded:
+                h["x-therouter-downgraded"] = ",".join(downgraded)
         h["x-therouter-attempts"] = str(len(call.attempts))
         h["x-therouter-generation-id"] = call.gen_id
         return h

@@ -119,6 +119,17 @@ class UsageTap:
         self.usage_raw: dict[str, Any] | None = None
         self.finish_reason: str | None = None
         self.chars = 0  # produced text, for an estimate when usage never arrives
+        # per stream: shape checked (UpstreamBadResponse), provider spellings (or its own events) made OpenAI's
+        self._translate = provider.stream_translator()
+
+    def take(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """One upstream event -> the OpenAI chunk it becomes (None: nothing for the client), its usage kept."""
+        chunk = self._translate(obj)
+        if chunk is not None:
+            usage = chunk.pop("usage", None)
+            if isinstance(usage, dict):
+                self.usage_raw = usage
+        return chunk
 
     def final_usage(self, prompt_estimate: int) -> Usage:
         if self.usage_raw is not None:
@@ -143,17 +154,13 @@ class ChunkRewriter(UsageTap):
         self.object = object_
         self.include_usage = include_usage
         self.sent_role = False
-        self._translate = provider.stream_translator()  # per stream: an upstream's own events -> OpenAI chunks
 
     def rewrite(self, obj: dict[str, Any]) -> bytes | None:
         """One upstream chunk -> the bytes of one client event (or None when nothing is left to send)."""
-        translated = self._translate(obj)
-        if translated is None:
+        chunk = self.take(obj)
+        if chunk is None:
             return None
-        obj = translated
-        usage = obj.pop("usage", None)
-        if isinstance(usage, dict):
-            self.usage_raw = usage
+        obj = chunk
         choices = obj.get("choices")
         if not choices:
             return None  # a usage-only chunk: re-emitted at the end, the OpenAI way
