@@ -4,8 +4,8 @@ private three-node Redis Cluster, started the first time a test asks for it."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import AsyncIterator, Iterator
 
 import pytest
 

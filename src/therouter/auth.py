@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from therouter.errors import AuthenticationFailed, StoreUnavailable
 from therouter.keys import KeyRecord, hash_key

@@ -8,7 +8,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Coroutine
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from therouter.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
 from therouter.errors import InvalidRequest
@@ -76,7 +77,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import logging.config
 
     from therouter.logs import dict_config
-
     from therouter.server import uvicorn_options
 
     s = _settings(a.config)

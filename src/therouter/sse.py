@@ -12,7 +12,7 @@ every read, so a long line arriving in small reads costs linear time.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import orjson
 

@@ -13,8 +13,8 @@ import openai
 import pytest
 import yaml
 
-from therouter.redisproc import free_port
 from tests.integration.conftest import Gateway
+from therouter.redisproc import free_port
 
 MODEL = "deepseek/deepseek-v3.2"
 

@@ -14,7 +14,16 @@ import httpx
 
 from tests.integration.conftest import CANARY, make_key, stop
 from tests.integration.routing_helpers import (
-    admin, ask, config, deployment, fake_at, generation, kill, provider, sdk, start_routed_gateway,
+    admin,
+    ask,
+    config,
+    deployment,
+    fake_at,
+    generation,
+    kill,
+    provider,
+    sdk,
+    start_routed_gateway,
 )
 from therouter.redisproc import RedisProcess
 

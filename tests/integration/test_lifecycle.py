@@ -15,11 +15,11 @@ from typing import Any
 import httpx
 import openai
 
+from tests.integration.conftest import Fake, gateway_config, make_key, post_raw, start_gateway, stop
 from therouter.config import StoreConfig, load_settings
 from therouter.metering.meter import Meter
 from therouter.redisproc import RedisProcess
 from therouter.store import Store
-from tests.integration.conftest import Fake, gateway_config, make_key, post_raw, start_gateway, stop
 
 MODEL = "deepseek/deepseek-v3.2"
 HELLO = [{"role": "user", "content": "hello"}]

@@ -16,11 +16,20 @@ import httpx
 import openai
 import pytest
 
+from tests.integration.conftest import (
+    ADMIN_KEY,
+    Fake,
+    Gateway,
+    gateway_config,
+    make_key,
+    post_raw,
+    read_events,
+    start_gateway,
+    stop,
+)
 from therouter.config import StoreConfig
 from therouter.redisproc import RedisProcess
 from therouter.store import Store
-from tests.integration.conftest import (ADMIN_KEY, Fake, Gateway, gateway_config, make_key, post_raw, read_events,
-                                       start_gateway, stop)
 
 MODEL = "deepseek/deepseek-v3.2"
 HELLO = [{"role": "user", "content": "hello there, how are you"}]

@@ -14,6 +14,7 @@ from referencing.jsonschema import DRAFT202012
 
 from tests.integration.conftest import Fake, Gateway
 
+
 def _nullable(node: Any) -> Any:
     """The spec still marks some fields with OpenAPI 3.0's `nullable: true`, which JSON Schema ignores: honour it."""
     if isinstance(node, dict):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import httpx
 import openai
@@ -19,7 +19,16 @@ import pytest
 
 from tests.integration.conftest import ADMIN_KEY, CANARY, Fake, Gateway, make_key, stop
 from tests.integration.routing_helpers import (
-    HELLO, admin, ask, config, deployment, fake_at, generation, provider, sdk, start_routed_gateway,
+    HELLO,
+    admin,
+    ask,
+    config,
+    deployment,
+    fake_at,
+    generation,
+    provider,
+    sdk,
+    start_routed_gateway,
 )
 from therouter.redisproc import RedisProcess, free_port
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from therouter.config import Settings, parse_settings
 from therouter.metering import GenerationRecord
 from therouter.protocol.usage import Usage
 
-T0 = datetime(2025, 1, 31, 23, 59, 0, tzinfo=timezone.utc).timestamp()  # one minute before a day and month end
+T0 = datetime(2025, 1, 31, 23, 59, 0, tzinfo=UTC).timestamp()  # one minute before a day and month end
 
 
 class FakeClock:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from tests.routing._helpers import FakeClock
 from therouter.routing.breaker import Breaker, Window
 from therouter.routing.options import BreakerPolicy
-
-from tests.routing._helpers import FakeClock
 
 POLICY = BreakerPolicy(consecutive_failures=5, failure_ratio=0.5, ratio_window=30, ratio_min_requests=20,
                        base_ejection=5, max_ejection=60, decay=60, probe_timeout=10)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from collections import Counter
 
+from tests.routing._helpers import FakeClock, router, settings
 from therouter.routing.options import BreakerPolicy, RoutingOptions
 from therouter.routing.preferences import Preferences
 from therouter.routing.router import Needs
-
-from tests.routing._helpers import FakeClock, router, settings
 
 HOSTED = {"ds": "deepseek", "oa": "openai"}
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+from tests.routing._helpers import FakeClock
 from therouter.errors import StoreUnavailable
 from therouter.routing.options import RoutingOptions
 from therouter.routing.shared import SharedSync
 from therouter.routing.state import RoutingState
-
-from tests.routing._helpers import FakeClock
 
 DEPS = [("ds", "m"), ("v", "m")]
 

@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from therouter.services import Services
 from therouter.auth import admin_ok
 from therouter.errors import AuthenticationFailed
 from therouter.keys import KeyRecord
+from therouter.services import Services
 
 
 async def get_services(request: Request) -> Services:

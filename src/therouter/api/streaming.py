@@ -9,7 +9,7 @@ in a shielded ``finally``).
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -22,7 +22,7 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-
 
 
 class SSEResponse(Response):
-    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str],  # noqa: D107
+    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str],
                  write_timeout: float = 60.0) -> None:
         self.events = events
         self.write_timeout = write_timeout

@@ -36,6 +36,7 @@ from therouter.fakeupstream.config import (
 from therouter.fakeupstream.content import build_plan, estimate_prompt_tokens, max_output_tokens
 from therouter.fakeupstream.flavors import (
     FAULT_ERRORS,
+    FLAVOR_CLASSES,
     ROUTE_BETA_CHAT,
     ROUTE_BETA_COMPLETIONS,
     ROUTE_CHAT,
@@ -43,7 +44,6 @@ from therouter.fakeupstream.flavors import (
     ErrorSpec,
     Flavor,
     bad_request,
-    FLAVOR_CLASSES,
     missing_field,
 )
 from therouter.fakeupstream.misbehave import echo_message, gzip_bomb

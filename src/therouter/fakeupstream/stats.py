@@ -15,7 +15,7 @@ class Stats:
     request by raw path except the ``/_fake/*`` admin endpoints.
     """
 
-    __slots__ = ("requests", "in_flight", "by_path", "log")
+    __slots__ = ("by_path", "in_flight", "log", "requests")
 
     def __init__(self) -> None:
         self.in_flight = 0

@@ -31,17 +31,17 @@ Gateway instances (slot {meter}, see instance.py)
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from therouter.keys import BudgetPeriod
 
 
 def day_id(at: float) -> str:
-    return datetime.fromtimestamp(at, timezone.utc).strftime("%Y%m%d")
+    return datetime.fromtimestamp(at, UTC).strftime("%Y%m%d")
 
 
 def month_id(at: float) -> str:
-    return datetime.fromtimestamp(at, timezone.utc).strftime("%Y%m")
+    return datetime.fromtimestamp(at, UTC).strftime("%Y%m")
 
 
 def period_id(period: BudgetPeriod, at: float) -> str:

@@ -17,9 +17,10 @@ version in force at a time ``t`` is the one with the newest ``effective_at`` not
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from decimal import Decimal
-from typing import Any, Iterable
+from typing import Any
 
 from therouter.config import MAX_PRICE_USD, NANO
 from therouter.protocol.usage import Usage

@@ -10,8 +10,9 @@ meanwhile (otherwise it recomputes, up to a few times). A period counter that al
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 

@@ -7,8 +7,9 @@ EVALSHA; redis-py reloads a script itself after a ``NOSCRIPT`` (e.g. after a Red
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from therouter.store import Store
 

@@ -7,7 +7,8 @@ in a subclass as a handful of small hooks.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import orjson
 
@@ -253,7 +254,7 @@ class Provider:
 
     def in_band_error(self, obj: dict[str, Any]) -> GatewayError | None:
         """An error object inside a 200 stream (OpenAI shape, or vLLM / SGLang ``{"object":"error"}``)."""
-        if "error" in obj and obj["error"]:
+        if obj.get("error"):
             err = obj["error"]
         elif obj.get("object") == "error":
             err = obj

@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 

@@ -11,7 +11,8 @@ ejections while one that has been healthy for a while starts again from the base
 from __future__ import annotations
 
 import time
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 from therouter.routing.options import BreakerPolicy
 

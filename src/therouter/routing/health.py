@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import orjson
 
@@ -63,7 +64,7 @@ class HealthMonitor:
         for hook in self.on_start:
             try:
                 await hook()
-            except Exception:  # noqa: BLE001 - start-up must not fail on an optional hook
+            except Exception:
                 log.exception("routing start-up hook failed")
         await self.check_all()
         self._last_models = time.monotonic()
@@ -82,7 +83,7 @@ class HealthMonitor:
         for hook in self.on_stop:
             try:
                 await hook()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("routing shutdown hook failed")
         if self._task:
             self._task.cancel()
@@ -100,7 +101,7 @@ class HealthMonitor:
                 self._last_models = time.monotonic()
             try:
                 await self.check_all(models=due)
-            except Exception:  # noqa: BLE001 - a check must never kill the loop
+            except Exception:
                 log.exception("health check failed")
 
     async def _get(self, p: Provider, url: str, timeout: float = 3.0) -> tuple[int, bytes]:

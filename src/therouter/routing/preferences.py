@@ -13,8 +13,9 @@ e.g. ``data_collection``) are ignored. Both fields are stripped before the reque
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any, Collection, Literal, Mapping
+from typing import Any, Literal
 
 from therouter.errors import InvalidRequest, ModelNotFound, PermissionDenied
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from therouter.errors import GatewayError
 from therouter.routing.state import DepKey, RoutingState
@@ -126,7 +127,7 @@ class SharedSync:
             await asyncio.sleep(self.state.options.sync_interval)
             try:
                 await self.refresh()
-            except Exception:  # noqa: BLE001 - the loop must survive anything
+            except Exception:
                 log.exception("routing state refresh failed")
 
     def poke(self) -> None:

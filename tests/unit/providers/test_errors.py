@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import httpx
@@ -152,10 +152,10 @@ def test_429_retry_after(headers: dict[str, str], expect: float | None) -> None:
 
 
 def test_retry_after_http_date() -> None:
-    when = datetime.now(timezone.utc) + timedelta(seconds=30)
+    when = datetime.now(UTC) + timedelta(seconds=30)
     ra = retry_after_seconds(httpx.Headers({"Retry-After": format_datetime(when, usegmt=True)}))
     assert ra is not None and 25 <= ra <= 31
-    past = datetime.now(timezone.utc) - timedelta(seconds=30)
+    past = datetime.now(UTC) - timedelta(seconds=30)
     assert retry_after_seconds(httpx.Headers({"Retry-After": format_datetime(past, usegmt=True)})) == 0.0
 
 

@@ -10,7 +10,7 @@ import gzip
 import socket
 import time
 import zlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import httpx
