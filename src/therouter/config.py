@@ -186,7 +186,9 @@ class Pricing(_Strict):
     @classmethod
     def _to_nano(cls, data: Any) -> Any:
         if not isinstance(data, Mapping):
-            raise ValueError("must be a mapping {input, cached_input, output, cache_write?} in USD per 1M tokens")
+            # ValueError, not TypeError: pydantic reports only ValueError as a validation error naming the field
+            msg = "must be a mapping {input, cached_input, output, cache_write?} in USD per 1M tokens"
+            raise ValueError(msg)  # noqa: TRY004
         out = dict(data)
         if "cached_input" not in out and "input" in out:
             out["cached_input"] = out["input"]
@@ -218,7 +220,7 @@ def usd_to_nano(value: Any, what: str = "price", maximum: Decimal | int | None =
     """An amount of USD (a number or its decimal text) -> integer nano-USD. Raises ValueError naming ``what`` for
     anything else: bools, non-numbers, NaN, infinities, negatives, more than 9 decimals, more than ``maximum``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
-        raise ValueError(f"{what} must be a number of USD")
+        raise ValueError(f"{what} must be a number of USD")  # noqa: TRY004 - called by validators (see _to_nano)
     try:
         d = Decimal(str(value).strip())
     except InvalidOperation:

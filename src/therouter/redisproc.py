@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Self
 
 
 def free_port() -> int:
@@ -86,7 +87,7 @@ class RedisProcess:
         self.stop()
         self.start()
 
-    def __enter__(self) -> RedisProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -106,7 +106,7 @@ class UpstreamEvents:
     async def aclose(self) -> None:
         try:
             await self.resp.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection must never raise
+        except Exception:  # noqa: BLE001, S110 - closing a broken connection must never raise
             pass
 
 

@@ -15,7 +15,8 @@ ROOTS = ["CreateChatCompletionResponse", "CreateChatCompletionStreamResponse", "
 
 
 def main(path: str) -> None:
-    spec = yaml.load(open(path), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    with open(path) as f:
+        spec = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     comps = spec["components"]["schemas"]
     need: set[str] = set()
     stack = list(ROOTS)

@@ -169,8 +169,8 @@ def test_stream_options_without_stream_400(gateway: Gateway, api_key: str) -> No
 
 @pytest.mark.parametrize("content", [b"", b"null", b'"str"', b"{}", b'{"model": 5, "messages": 3}',
                                      b'{"model": "deepseek/deepseek-v3.2", "messages": [1, 2]}',
-                                     b'{"model": "deepseek/deepseek-v3.2", "messages": [{"role": "user"}], '
-                                     b'"tools": "x"}',
+                                     (b'{"model": "deepseek/deepseek-v3.2", "messages": [{"role": "user"}], '
+                                      b'"tools": "x"}'),
                                      b"\xff\xfe garbage"])
 def test_garbage_never_500(gateway: Gateway, api_key: str, content: bytes) -> None:
     r = post(gateway, api_key, content=content)

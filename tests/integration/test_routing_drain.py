@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import httpx
 import openai
@@ -50,7 +51,7 @@ class Stream:
             n += 1
             time.sleep(self.pause)
 
-    def __enter__(self) -> Stream:
+    def __enter__(self) -> Self:
         for t in self._threads:
             t.start()
         return self

@@ -90,7 +90,7 @@ async def test_same_deployment_retried_after_backoff_when_nothing_else() -> None
     r, pol, clock, slept = setup(SOLO)
     call = FakeCall()
     script = Script(clock, {"a": [UpstreamError("500 once"), "ok"]})
-    cand, result = await run(r, pol, clock, script, call)
+    _cand, result = await run(r, pol, clock, script, call)
     assert result == "ok" and len(slept) == 1 and 0 <= slept[0] <= 0.1
     assert call.attempts[1].get("retry") is True
     assert pol.budget.retries == 0  # the retry slot was given back
@@ -157,7 +157,7 @@ async def test_attempts_are_bounded_and_backoff_grows() -> None:
 
 
 async def test_everything_fits_inside_the_deadline() -> None:
-    r, pol, clock, slept = setup(SOLO, RoutingOptions(max_attempts=10, backoff_base=1, backoff_max=4))
+    r, pol, clock, _slept = setup(SOLO, RoutingOptions(max_attempts=10, backoff_base=1, backoff_max=4))
     start = clock.now
     script = Script(clock, {"a": [UpstreamTimeout("slow")] * 10}, cost=1.0, deadline=start + 3.5)
     with pytest.raises(Exhausted):

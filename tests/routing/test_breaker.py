@@ -118,7 +118,7 @@ def test_unresolved_probe_frees_its_slot() -> None:
 
 
 def test_outcomes_of_requests_started_before_the_ejection_are_ignored() -> None:
-    b, clock, _ = make()
+    b, _clock, _ = make()
     for _ in range(5):
         b.failure()
     until = b.open_until
@@ -136,7 +136,7 @@ def test_reset_closes_and_forgets() -> None:
 
 
 def test_stream_breaks_count_toward_the_ratio_only() -> None:
-    b, clock, _ = make()
+    b, _clock, _ = make()
     for _ in range(10):
         b.record_window(False)
     assert b.consecutive == 0 and b.state == "closed"

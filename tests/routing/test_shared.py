@@ -53,7 +53,7 @@ async def test_drain_on_one_worker_reaches_the_other() -> None:
     w1, w2 = worker(store, clock, wall), worker(store, clock, wall)
     w1.set_drained("ds", True)
     assert await w1.sync.flush()  # type: ignore[union-attr]
-    value, ttl = store.data["drain:ds"]
+    _value, ttl = store.data["drain:ds"]
     assert ttl == RoutingOptions().drain_ttl  # every key has a TTL
     assert not w2.drained("ds")
     assert await w2.sync.refresh()  # type: ignore[union-attr]

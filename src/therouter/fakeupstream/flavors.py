@@ -6,7 +6,7 @@ See /work/shared/reference/wire-formats.md sections 2-4.
 from __future__ import annotations
 
 import uuid
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from therouter.fakeupstream.content import Plan, schema_content
 
@@ -92,9 +92,9 @@ class Flavor:
     #: how the finish_reason is sent in streams: "empty_content" (DeepSeek: delta {"content": ""}),
     #: "attach" (vLLM: on the last generated chunk), "empty_delta" (SGLang: delta {})
     finish_mode = "empty_delta"
-    chunk_extra: dict[str, Any] = {}
-    response_extra: dict[str, Any] = {}
-    choice_extra: dict[str, Any] = {}
+    chunk_extra: ClassVar[dict[str, Any]] = {}
+    response_extra: ClassVar[dict[str, Any]] = {}
+    choice_extra: ClassVar[dict[str, Any]] = {}
     auth_header = "authorization"  # the request header that carries the API key
     hidden_reasoning = False  # reasoning tokens are billed but their text never sent (OpenAI's reasoning models)
 
@@ -220,8 +220,8 @@ class DeepSeekFlavor(Flavor):
     reasoning_field = "reasoning_content"
     owned_by = "deepseek"
     finish_mode = "empty_content"
-    chunk_extra = {"system_fingerprint": "fp_fake_deepseek"}
-    response_extra = {"system_fingerprint": "fp_fake_deepseek"}
+    chunk_extra: ClassVar[dict[str, Any]] = {"system_fingerprint": "fp_fake_deepseek"}
+    response_extra: ClassVar[dict[str, Any]] = {"system_fingerprint": "fp_fake_deepseek"}
 
     def chat_id(self) -> str:
         return str(uuid.uuid4())
@@ -321,10 +321,10 @@ class VLLMFlavor(Flavor):
     reasoning_field = "reasoning"
     owned_by = "vllm"
     finish_mode = "attach"
-    response_extra = {
+    response_extra: ClassVar[dict[str, Any]] = {
         "service_tier": None, "system_fingerprint": None, "prompt_logprobs": None, "kv_transfer_params": None,
     }
-    choice_extra = {"stop_reason": None}
+    choice_extra: ClassVar[dict[str, Any]] = {"stop_reason": None}
 
     def tool_id(self) -> str:
         return f"chatcmpl-tool-{uuid.uuid4().hex}"
@@ -393,7 +393,7 @@ class SGLangFlavor(Flavor):
     reasoning_field = "reasoning_content"
     owned_by = "sglang"
     finish_mode = "empty_delta"
-    choice_extra = {"matched_stop": None}
+    choice_extra: ClassVar[dict[str, Any]] = {"matched_stop": None}
 
     def chat_id(self) -> str:
         return uuid.uuid4().hex
@@ -434,8 +434,8 @@ class OpenAIFlavor(Flavor):
     name = "openai"
     owned_by = "openai"
     hidden_reasoning = True
-    chunk_extra = {"system_fingerprint": "fp_fake_openai", "service_tier": "default"}
-    response_extra = {"system_fingerprint": "fp_fake_openai", "service_tier": "default"}
+    chunk_extra: ClassVar[dict[str, Any]] = {"system_fingerprint": "fp_fake_openai", "service_tier": "default"}
+    response_extra: ClassVar[dict[str, Any]] = {"system_fingerprint": "fp_fake_openai", "service_tier": "default"}
 
     def error_body(self, err: ErrorSpec) -> dict[str, Any]:
         return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}

@@ -317,7 +317,7 @@ class Meter:
         if first or post_owed or (replay and not only_if_reserved):
             try:
                 await self.store.call(lambda: self._post(adm, rec_json, only_if_missing=not (first or post_owed)))
-            except Exception:
+            except Exception:  # noqa: BLE001 - whatever stopped the post, the journal keeps the record
                 await self._journal(adm, record, post=True)
 
     def _settle_keys(self, adm: Admission, record: GenerationRecord) -> list[str]:
@@ -414,7 +414,7 @@ class Meter:
             return
         try:
             await self._release(adm.key_id, adm.gen_id, adm.window, adm.model)
-        except Exception:
+        except Exception:  # noqa: BLE001 - never raises: a failed release is owed and retried
             self._owe_release(adm.gen_id, adm.key_id, adm.window, adm.model)
 
     async def _release(self, key_id: str, gen_id: str, window: int, model: str) -> None:
@@ -532,7 +532,7 @@ def _json(d: dict[str, Any]) -> str:
 def _dump(entry: Any) -> str:
     try:
         return _json(entry)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a log line must be written whatever the entry holds
         return repr(entry)
 
 

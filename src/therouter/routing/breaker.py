@@ -176,7 +176,6 @@ class Breaker:
 
     def snapshot(self) -> dict[str, object]:
         st = self.state
-        ok, failed = self.window.counts()
         out: dict[str, object] = {"state": st, "consecutive_failures": self.consecutive, "ejections": self.ejections}
         if st != "closed":
             out["reason"] = self.last_reason
