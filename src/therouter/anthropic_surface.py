@@ -358,7 +358,7 @@ def to_message(obj: dict[str, Any], req: MessagesRequest) -> dict[str, Any]:
     """An OpenAI chat completion (the gateway's answer) -> Anthropic's ``message`` object."""
     choices = obj.get("choices")
     ch = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-    msg = ch.get("message") if isinstance(ch.get("message"), dict) else {}
+    msg = ch["message"] if isinstance(ch.get("message"), dict) else {}
     content = _thinking_blocks(msg)
     if msg.get("content"):
         content.append({"type": "text", "text": str(msg["content"])})
@@ -435,7 +435,7 @@ class MessageStream:
         ch = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
         if ch is None:
             return out
-        d = ch.get("delta") if isinstance(ch.get("delta"), dict) else {}
+        d = ch["delta"] if isinstance(ch.get("delta"), dict) else {}
         reasoning = d.get("reasoning_content") or d.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             out += self._block("thinking") + self._delta({"type": "thinking_delta", "thinking": reasoning})
@@ -448,8 +448,8 @@ class MessageStream:
         for tc in d.get("tool_calls") or ():
             if not isinstance(tc, dict):
                 continue
-            fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
-            idx = tc.get("index") if isinstance(tc.get("index"), int) else 0
+            fn = tc["function"] if isinstance(tc.get("function"), dict) else {}
+            idx = tc["index"] if isinstance(tc.get("index"), int) else 0
             out += self._block("tool", idx, {"type": "tool_use", "id": str(tc.get("id") or ""),
                                              "name": str(fn.get("name") or ""), "input": {}})
             if isinstance(fn.get("arguments"), str) and fn["arguments"]:

@@ -31,7 +31,8 @@ from therouter.errors import (
 )
 from therouter.keys import KeyRecord
 from therouter.logs import log_request
-from therouter.metering.meter import Admission, Meter
+from therouter.metering.admission import Admission
+from therouter.metering.meter import Meter
 from therouter.metering.prices import nano_to_usd
 from therouter.metering.records import GenerationRecord, Outcome
 from therouter.observability import Finished, Metrics
@@ -200,7 +201,7 @@ class Gateway:
 
     def _candidates(self, call: Call, model_id: str) -> list[Candidate]:
         b = call.checked.body
-        rf = b.get("response_format") if isinstance(b.get("response_format"), dict) else {}
+        rf = b["response_format"] if isinstance(b.get("response_format"), dict) else {}
         strict = call.prefs.require_parameters or self.settings.routing.unsupported_parameters == "reject"
         needs = validate_needs(b, call, rf, b.get("stop"), strict)
         opts = self.router.state.options
@@ -385,7 +386,7 @@ class Gateway:
         """Past the gate: read the rest into one answer. A client that leaves closes the upstream and is billed what
         was produced; a break is an error answer (502) billed like a broken stream. Settled once, shielded."""
         call.ttft = self.clock() - call.started
-        outcome = "client_cancelled"
+        outcome: Outcome = "client_cancelled"
         error: GatewayError | None = None
         try:
             drain = self._drain(cand, events, asm)
@@ -485,7 +486,7 @@ class Gateway:
 
     async def _pump(self, call: Call, cand: Candidate, events: UpstreamEvents, rw: ChunkRewriter,
                     first: list[bytes]) -> AsyncIterator[bytes]:
-        outcome = "client_cancelled"
+        outcome: Outcome = "client_cancelled"
         error: GatewayError | None = None
         try:
             for b in first:
@@ -519,7 +520,7 @@ class Gateway:
         yield b"data: [DONE]\n\n"
 
     async def _finish_stream(self, call: Call, cand: Candidate, events: UpstreamEvents, rw: UsageTap,
-                             outcome: str, error: GatewayError | None) -> tuple[Usage, int]:
+                             outcome: Outcome, error: GatewayError | None) -> tuple[Usage, int]:
         """Close the upstream, free the slots, feed the measurements and settle: once, whatever ended the stream."""
         if call.settled:
             return Usage(), 0
@@ -545,7 +546,7 @@ class Gateway:
 
     # ---- metering ---------------------------------------------------------------------------------------------
 
-    def _record(self, call: Call, cand: Candidate | None, usage: Usage, outcome: str,
+    def _record(self, call: Call, cand: Candidate | None, usage: Usage, outcome: Outcome,
                 stream: bool, finish_reason: str | None = None) -> GenerationRecord:
         ttft_ms = int(call.ttft * 1000) if call.ttft is not None else None
         return GenerationRecord(
@@ -559,7 +560,7 @@ class Gateway:
             downgraded=self._downgraded(call, cand) if cand else [],
         )
 
-    async def _settle(self, call: Call, cand: Candidate | None, usage: Usage, outcome: str, stream: bool,
+    async def _settle(self, call: Call, cand: Candidate | None, usage: Usage, outcome: Outcome, stream: bool,
                       estimate: Usage | None = None, finish_reason: str | None = None) -> int:
         call.settled = True
         assert call.adm is not None
@@ -643,7 +644,7 @@ def _status(e: BaseException) -> int:
     return 499 if isinstance(e, asyncio.CancelledError) else 500
 
 
-def _failure_outcome(e: BaseException) -> str:
+def _failure_outcome(e: BaseException) -> Outcome:
     """The outcome of a request that got no answer: the client left, the upstream refused the request itself
     (e.g. its content), or it failed."""
     if isinstance(e, asyncio.CancelledError):

@@ -225,7 +225,7 @@ def exposition(metrics: Metrics, scrape_values: Mapping[str, tuple[str, float]],
             registry.unregister(extra)
     forget_dead_workers(path, alive or pid_alive)
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=path)
+    MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]  # prometheus_client: unannotated
     registry.register(_ScrapeValues(scrape_values))
     return generate_latest(registry)
 
@@ -238,7 +238,7 @@ def forget_dead_workers(path: str, alive: Callable[[int], bool]) -> list[int]:
         if tail.isdigit() and not alive(int(tail)):
             dead.add(int(tail))
     for pid in dead:
-        mark_process_dead(pid, path)
+        mark_process_dead(pid, path)  # type: ignore[no-untyped-call]  # prometheus_client: unannotated
     return sorted(dead)
 
 
@@ -254,7 +254,7 @@ def worker_exit(pid: int | None = None) -> None:
     """A worker shutting down: its live gauges (requests in flight, circuits) stop counting."""
     path = multiproc_dir()
     if path is not None:
-        mark_process_dead(os.getpid() if pid is None else pid, path)
+        mark_process_dead(os.getpid() if pid is None else pid, path)  # type: ignore[no-untyped-call]  # (as above)
 
 
 def pid_alive(pid: int) -> bool:

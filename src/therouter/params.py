@@ -50,8 +50,8 @@ def _asks(name: str, value: Any, defaults: Mapping[str, Any]) -> bool:
         return False
     default = defaults[name]
     if name == "modalities":
-        return value != ["text"]
-    return default is _UNSET or value != default
+        return bool(value != ["text"])
+    return default is _UNSET or bool(value != default)
 
 
 def honoured(card: ModelConfig, dep: Deployment) -> frozenset[str]:

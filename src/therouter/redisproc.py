@@ -41,7 +41,7 @@ class RedisProcess:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> RedisProcess:
+    def start(self, timeout: float = 10.0) -> Self:
         binary = find_redis_server()
         if binary is None:
             raise RuntimeError("redis-server not found: install it with `apt-get install -y redis-server`")

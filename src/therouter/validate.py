@@ -164,8 +164,8 @@ def _pydantic(cls: type[BaseModel], body: dict[str, Any]) -> None:
         if err["type"] == "missing":
             raise InvalidRequest(f"Missing required parameter: '{where}'.", param=param,
                                  code="missing_required_parameter") from None
-        expected = [_EXPECTED[x["type"]] for x in errs
-                    if _path(tuple(x["loc"])) == where and _EXPECTED.get(x["type"])]
+        expected = [text for x in errs
+                    if _path(tuple(x["loc"])) == where and (text := _EXPECTED.get(x["type"])) is not None]
         if expected and all(x["type"] in _EXPECTED for x in errs if _path(tuple(x["loc"])) == where):
             want = " or ".join(dict.fromkeys(expected))
             want = f"one of {want}" if len(set(expected)) > 1 else want

@@ -19,7 +19,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from therouter.errors import (
     GatewayError,
@@ -106,7 +106,7 @@ class AttemptPolicy:
                     if why:
                         call.skipped.append(Skip(cand.name, why, cand.model_id))
                         continue
-                grant = state.breaker(cand.key).acquire()
+                grant: Literal["go", "probe", "forced"] | None = state.breaker(cand.key).acquire()
                 if grant is None and cand.forced:
                     grant = "forced"  # the last usable deployment: sent although its circuit is open
                 if grant is None:  # the circuit opened (or its probe was taken) while this request was routed

@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
-from typing import Protocol
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, Protocol
 
 from therouter.errors import GatewayError
 from therouter.routing.state import DepKey, RoutingState
@@ -53,7 +53,7 @@ class SharedSync:
         self._pending_drains: dict[str, bool] = {}
         self._changes: dict[str, int] = {}  # provider -> local drain changes so far (a read older than one loses)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._refreshing: asyncio.Task[None] | None = None
+        self._refreshing: asyncio.Task[bool] | None = None
         self._last = float("-inf")
         self._loop: asyncio.Task[None] | None = None
         self.last_ok: float | None = None  # wall time of the last successful refresh
@@ -106,11 +106,11 @@ class SharedSync:
         except (GatewayError, OSError):
             pass  # the cooldown still holds locally; other workers learn of it from their own 429s
 
-    def _spawn(self, coro: object) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         try:
-            task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+            task = asyncio.get_running_loop().create_task(coro)
         except RuntimeError:  # no loop (unit tests of the pure parts): nothing to share with
-            coro.close()  # type: ignore[attr-defined]
+            coro.close()
             return
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
