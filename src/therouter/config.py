@@ -290,10 +290,6 @@ class RoutingOptions(_Strict):
     # x-therouter-dropped-params) or the deployment is skipped (400 naming it if none is left); see params.py
     unsupported_parameters: Literal["drop", "reject"] = "drop"
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RoutingOptions:
-        return cls.model_validate(data)
-
     def affinity_for(self, model_id: str) -> bool:
         return "*" in self.prefix_affinity or model_id in self.prefix_affinity
 

@@ -25,7 +25,6 @@ from therouter.errors import (
     ModelNotFound,
     PermissionDenied,
     UpstreamError,
-    UpstreamRateLimited,
     UpstreamStreamError,
     UpstreamTimeout,
 )
@@ -700,6 +699,3 @@ def _json_chars(obj: dict[str, Any]) -> int:
         elif isinstance(ch, dict):
             n += len(str(ch.get("text") or ""))
     return n
-
-
-__all__ = ["Gateway", "JSONAnswer", "StreamAnswer", "UpstreamError", "UpstreamRateLimited"]

@@ -256,10 +256,6 @@ class Store:
         data = await self.call(lambda: self.redis.hgetall(self.k("key", h)))
         return KeyRecord.from_redis(data) if data else None
 
-    async def key_by_id(self, key_id: str) -> KeyRecord | None:
-        h = await self.call(lambda: self.redis.get(self.k("keyid", key_id)))
-        return await self.key_by_hash(h) if h else None
-
     async def list_keys(self) -> list[KeyRecord]:
         ids = sorted(await self.call(lambda: self.redis.smembers(self.k("keys"))))
         found = await self.keys_by_ids(ids)

@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from therouter.config import Settings, parse_settings
-from therouter.metering import GenerationRecord
+from therouter.metering import GenerationRecord, Meter
+from therouter.metering.admission import Admission
 from therouter.protocol.usage import Usage
 
 T0 = datetime(2025, 1, 31, 23, 59, 0, tzinfo=UTC).timestamp()  # one minute before a day and month end
@@ -57,6 +58,12 @@ def record(gen_id: str, prompt: int = 100, completion: int = 10, cached: int = 0
         ttft_ms=40 if stream else None,
         attempts=[{"provider": "deepseek", "outcome": "completed", "latency_ms": 120, "status": 200}],
     )
+
+
+async def settle_failed(meter: Meter, adm: Admission) -> int:
+    """A request that got no answer, settled as the gateway settles it: a record without usage, which gives the
+    whole reservation (budget and TPM tokens) back."""
+    return await meter.settle(adm, record(adm.gen_id, prompt=0, completion=0, outcome="failed"))
 
 
 def gen() -> str:

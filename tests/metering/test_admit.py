@@ -1,4 +1,4 @@
-"""Admission against the real Redis: the reserve/settle/release contract, budget races, periods, RPM and TPM."""
+"""Admission against the real Redis: the reserve/settle contract, budget races, periods, RPM and TPM."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.metering._helpers import FakeClock, gen, record
+from tests.metering._helpers import FakeClock, gen, record, settle_failed
 from therouter.errors import BudgetExceeded, RateLimited
 from therouter.keys import KeyRecord
 from therouter.metering import Meter
@@ -18,15 +18,15 @@ MakeKey = Callable[..., KeyRecord]
 RESERVE = 1000 * 280 + 1000 * 420  # deepseek-chat, 1000 prompt tokens + 1000 max output, in nano-USD
 
 
-async def test_admit_reserve_release_contract(meter: Meter, make_key: MakeKey) -> None:
+async def test_admit_reserve_settle_contract(meter: Meter, make_key: MakeKey) -> None:
     key = make_key(budget_nano=10**9)
     g = gen()
     adm = await meter.admit(key, "deepseek-chat", 1000, 1000, g)
     assert (adm.gen_id, adm.key_id, adm.model, adm.price_version) == (g, key.id, "deepseek-chat", 1)
     assert (adm.reserved_nano, adm.reserved_tokens, adm.tracked, adm.headers) == (RESERVE, 2000, True, {})
     assert (await meter.key_summary(key))["reserved_nano"] == RESERVE
-    await meter.release(adm)
-    await meter.release(adm)  # idempotent
+    await settle_failed(meter, adm)  # a request that got no answer gives its whole reservation back
+    await settle_failed(meter, adm)  # idempotent
     s = await meter.key_summary(key)
     assert (s["reserved_nano"], s["budget_left_nano"], s["spend_nano"]) == (0, 10**9, 0)
 
@@ -157,7 +157,7 @@ async def test_tpm_reserves_prompt_plus_max_and_reconciles_to_actual(meter: Mete
     await meter.settle(a, record(ga, prompt=100, completion=10))  # 890 tokens come back
     c = await meter.admit(key, "qwen", 400, 400, gen())
     assert c.headers["x-ratelimit-remaining-tokens"] == str(2000 - 110 - 1000 - 800)
-    await meter.release(b)  # a failed request gives all its tokens back
+    await settle_failed(meter, b)  # a failed request gives all its tokens back
     d = await meter.admit(key, "qwen", 500, 500, gen())
     assert d.headers["x-ratelimit-remaining-tokens"] == str(2000 - 110 - 800 - 1000)
 
@@ -175,7 +175,7 @@ async def test_refusals_consume_nothing(meter: Meter, make_key: MakeKey) -> None
     for _ in range(3):
         with pytest.raises(BudgetExceeded):  # the budget is checked before the rate counters move
             await meter.admit(key, "deepseek-chat", 1000, 1000, gen())
-    await meter.release(a)
+    await settle_failed(meter, a)
     b = await meter.admit(key, "deepseek-chat", 1000, 1000, gen())
     assert b.headers["x-ratelimit-remaining-requests"] == "3"
 
@@ -227,6 +227,6 @@ async def test_per_model_tpm_override_reconciles_and_releases(meter: Meter, make
     await meter.settle(a, record(ga, prompt=100, completion=10))  # 690 of the 800 reserved tokens come back
     b = await meter.admit(key, "qwen", 200, 200, gen())
     assert b.headers["x-ratelimit-remaining-tokens"] == str(1000 - 110 - 400)
-    await meter.release(b)  # a failed request gives its tokens back to the model's window as well
+    await settle_failed(meter, b)  # a failed request gives its tokens back to the model's window as well
     c = await meter.admit(key, "qwen", 400, 400, gen())
     assert c.headers["x-ratelimit-remaining-tokens"] == str(1000 - 110 - 800)

@@ -17,6 +17,7 @@ from therouter.config import Settings, StoreConfig
 from therouter.errors import BudgetExceeded, StoreUnavailable
 from therouter.keys import KeyRecord
 from therouter.metering import Meter, MeterOptions, cost_nano
+from therouter.metering.instance import lost_request
 from therouter.protocol.usage import Usage
 from therouter.store import Store
 
@@ -194,39 +195,33 @@ async def test_a_non_stream_request_is_billed_its_prompt_at_the_serving_deployme
     assert (await b.key_summary(key))["reserved_nano"] == 0
 
 
-async def test_a_refused_or_released_request_is_never_settled_by_the_reaper(
+async def test_a_refused_request_is_never_settled_by_the_reaper(
         meters: MakeMeter, make_key: MakeKey, clock: FakeClock) -> None:
     a, b = await meters(), await meters()
     poor = make_key(budget_nano=1000)
     refused = gen()
     with pytest.raises(BudgetExceeded):
         await a.admit(poor, MODEL, 1000, 500, refused)
-    assert await entry(a, refused) is not None  # written with the admission, before the refusal was known
-    rich = make_key(budget_nano=10**9)
-    released = gen()
-    await a.release(await a.admit(rich, MODEL, 1000, 500, released))
-    assert await entry(a, released) is not None  # a release removes it at the next checkpoint...
+    # written with the admission, before the refusal was known; the next checkpoint would remove it...
+    assert await entry(a, refused) is not None
     # ... but this instance dies first
     clock.advance(LOST_AFTER + 5)
     await heartbeat(b)
-    assert await b.instance.reap() == 2  # both handed to settlement, which finds no reservation
-    for g in (refused, released):
-        assert await b.generation(g) is None
-    for k in (poor, rich):
-        s = await b.key_summary(k)
-        assert (s["requests"], s["spend_nano"], s["reserved_nano"]) == (0, 0, 0)
+    assert await b.instance.reap() == 1  # handed to settlement, which finds no reservation
+    assert await b.generation(refused) is None
+    s = await b.key_summary(poor)
+    assert (s["requests"], s["spend_nano"], s["reserved_nano"]) == (0, 0, 0)
     assert not await b.store.redis.exists(a.instance.key)
 
 
-async def test_a_live_instance_drops_refused_and_released_entries_at_its_next_checkpoint(
+async def test_a_live_instance_drops_refused_entries_at_its_next_checkpoint(
         meters: MakeMeter, make_key: MakeKey) -> None:
     a = await meters()
-    refused, released = gen(), gen()
+    refused = gen()
     with pytest.raises(BudgetExceeded):
         await a.admit(make_key(budget_nano=1000), MODEL, 1000, 500, refused)
-    await a.release(await a.admit(make_key(budget_nano=10**9), MODEL, 1000, 500, released))
     await a.instance.checkpoint()
-    assert await entry(a, refused) is None and await entry(a, released) is None
+    assert await entry(a, refused) is None
 
 
 async def test_racing_reapers_and_the_requests_own_settlement_count_once(
@@ -330,18 +325,21 @@ async def test_a_reapers_settlement_journalled_in_an_outage_keeps_its_condition(
         meters: MakeMeter, make_key: MakeKey) -> None:
     a = await meters()
     key = make_key(budget_nano=10**9)
-    held, gone = gen(), gen()
+    held, refused = gen(), gen()
     adm_held = await a.admit(key, MODEL, 100, 100, held)
-    adm_gone = await a.admit(key, MODEL, 100, 100, gone)
-    await a.release(adm_gone)
+    with pytest.raises(BudgetExceeded):  # its entry is written with the admission, and no reservation made
+        await a.admit(make_key(budget_nano=1000), MODEL, 100, 100, refused)
+    raw = await a.store.redis.hget(a.instance.key, refused)
+    assert raw is not None
+    adm_refused, _ = lost_request(raw)  # what a reaper reads from the entry
     store_of(a).down = True
-    for adm in (adm_held, adm_gone):
+    for adm in (adm_held, adm_refused):
         rec = record(adm.gen_id, outcome="gateway_lost")
         await a.settle(adm, rec, only_if_reserved=True)  # as the reaper does: goes to the journal
     store_of(a).down = False
     assert await a.replay_journal() == 2
     assert await a.generation(held) is not None  # its reservation was still there
-    assert await a.generation(gone) is None  # released before: never settled
+    assert await a.generation(refused) is None  # refused: nothing reserved, never settled
     assert (await a.key_summary(key))["requests"] == 1
 
 

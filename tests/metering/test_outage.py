@@ -115,17 +115,16 @@ async def test_redis_killed_mid_run_settles_exactly_once(redis_proc: RedisProces
     meter = Meter(store, settings, tmp_path / "journal", clock=clock, options=MeterOptions(tick=3600))
     await meter.start()
     key = make_key(budget_nano=10**12, tpm=10**6)
-    gens = [gen() for _ in range(6)]
+    gens = [gen() for _ in range(5)]
     adms = [await meter.admit(key, "deepseek-chat", 1000, 1000, g) for g in gens]
     recs = [record(g, prompt=1000 + i, completion=10 * i, cached=i) for i, g in enumerate(gens)]
     costs = [await meter.settle(adms[i], recs[i]) for i in range(2)]
     try:
         redis_proc.stop(kill=True)
         costs += [await meter.settle(adms[i], recs[i]) for i in range(2, 5)]  # -> the journal
-        await meter.release(adms[5])  # owed to Redis
         with pytest.raises(StoreUnavailable):
             await meter.admit(key, "deepseek-chat", 1000, 1000, gen())
-        assert (await meter.admit(make_key(rpm=10), "qwen", 1, 1, gen())).local
+        assert (await meter.admit(make_key(rpm=10), "qwen", 1, 1, gen())).local  # its script may have run: a release is owed
         assert journal_lines(meter) == 3
     finally:
         redis_proc.start()  # same port, same data folder (appendonly): what was acknowledged survives

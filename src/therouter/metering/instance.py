@@ -109,7 +109,7 @@ class Instance:
         # the client decodes replies to str (decode_responses=True); redis-py's stubs can't express that
         self._r: Any = store.redis
         self.live: dict[str, InFlight] = {}
-        self._drop: set[str] = set()  # entries Redis may hold that no request owns any more (refused, released)
+        self._drop: set[str] = set()  # entries Redis may hold that no request owns any more (refused, settled)
         self._sending: set[str] = set()  # entries the checkpoint in progress is writing
         self._beat_at: float | None = None  # the meter clock at the last heartbeat Redis acknowledged
         self._healthy_since: float | None = None  # heartbeating without failure since (None: not in touch)
@@ -148,14 +148,12 @@ class Instance:
             entry.model, entry.provider, entry.upstream_model, entry.stream = model, provider, upstream_model, stream
             entry.usage = usage
 
-    def done(self, gen_id: str, removed: bool) -> None:
-        """The request is settled or released; ``removed``: the caller deletes its entry in Redis itself."""
-        entry = self.live.pop(gen_id, None)
-        if entry is None:
+    def done(self, gen_id: str) -> None:
+        """The request is settled (its settlement deletes its entry in Redis itself)."""
+        if self.live.pop(gen_id, None) is None:
             return
-        # the next checkpoint deletes it: a release deletes nothing itself, and a checkpoint in flight could write
-        # the entry back after the settlement's delete
-        if gen_id in self._sending or (not removed and entry.written is not None):
+        # a checkpoint in flight could write the entry back after the settlement's delete: the next one deletes it
+        if gen_id in self._sending:
             self._drop.add(gen_id)
 
     # ---- background -----------------------------------------------------------------------------------------------

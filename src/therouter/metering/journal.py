@@ -5,7 +5,7 @@
 * ``take`` starts a replay safely: under the lock it renames ``journal.jsonl`` to ``replay-<ns>.jsonl`` (an atomic
   rename, so new appends go to a fresh file) and returns every ``replay-*`` file, including ones left by a crash.
 * The caller applies each entry with the idempotent settle script, then ``done`` deletes the file. Nothing is
-  deleted before every entry of the file was acknowledged by Redis (no destructive drain, M5); a replay that stops
+  deleted before every entry of the file was acknowledged by Redis (no destructive drain); a replay that stops
   half way leaves the file, and the next replay applies it again -- harmless, settle counts a generation once.
 * A line that is not valid JSON (a write torn by a crash) is copied to ``rejected.jsonl`` for an operator, never
   silently dropped. A torn last line has no trailing newline: the next append then starts with one, so the torn

@@ -1,12 +1,12 @@
-"""The meter: admit (rate limits + budget reservation), settle (exactly once), release, and the journal.
+"""The meter: admit (rate limits + budget reservation), settle (exactly once), owed releases, and the journal.
 
-Policies (reliability.md section 2/3):
+Policies (what tests/metering pins, against a real redis-server):
 
 * **Admission is one script, all or nothing** (``admit.lua``): it frees reservations past their expiry, checks the
   budget (``spend + reserved + this reservation <= budget`` for the key's period: total, UTC day or UTC month),
   then RPM and TPM (sliding-window counter, :mod:`ratelimit`), and only when everything passes counts the request,
   the tokens and the reservation. The clock is the meter's (injected), passed to the script in ms.
-* **Worst-case reservation** (M2): the request's bounds -- the most prompt tokens its upstream body can be billed
+* **Worst-case reservation**: the request's bounds -- the most prompt tokens its upstream body can be billed
   for (``validate.prompt_bound``) and ``max_output_tokens`` per sequence (clamped to the model's max output; 0 means
   "not given" and reserves that maximum) times the sequences generated -- at the dearest rates of every model that
   may serve it (its ``models`` fallbacks included). Settlement prices the record at the model that served and clamps
@@ -255,7 +255,7 @@ class Meter:
         be computed is journalled unpriced (replay prices it again) and logged; one that cannot be stored is
         journalled. ``only_if_reserved``: only while the admission's reservation exists (the reaper's lost requests).
         """
-        self.instance.done(adm.gen_id, removed=True)
+        self.instance.done(adm.gen_id)
         try:
             record.id, record.key_id = adm.gen_id, adm.key_id
             record.model = record.model or adm.model  # the model that served (a `models` fallback may differ)
@@ -405,17 +405,9 @@ class Meter:
             return 0
         return 1
 
-    # ---- release --------------------------------------------------------------------------------------------------
-
-    async def release(self, adm: Admission) -> None:
-        """Give back a failed or rejected request's whole reservation (idempotent; never raises)."""
-        self.instance.done(adm.gen_id, removed=False)
-        if not adm.tracked:
-            return
-        try:
-            await self._release(adm.key_id, adm.gen_id, adm.window, adm.model)
-        except Exception:  # noqa: BLE001 - never raises: a failed release is owed and retried
-            self._owe_release(adm.gen_id, adm.key_id, adm.window, adm.model)
+    # ---- owed releases --------------------------------------------------------------------------------------------
+    # (a request that fails is settled like any other, with a record; a release is owed only by an admission whose
+    # script may have run in Redis before the failure that made it fall back to the local limiter)
 
     async def _release(self, key_id: str, gen_id: str, window: int, model: str) -> None:
         lay = self.layout

@@ -65,10 +65,6 @@ class PriceVersion:
                                                                                MAX_PRICE_NANO),
         )
 
-    def same_numbers(self, other: PriceVersion) -> bool:
-        return ((self.input, self.cached_input, self.output, self.cache_write)
-                == (other.input, other.cached_input, other.output, other.cache_write))
-
     def public(self) -> dict[str, Any]:
         """For admin answers: nano integers plus USD strings per 1M tokens."""
         d = self.to_dict()

@@ -1,7 +1,7 @@
 """Read side of metering: generation records, key summaries and details, usage rows and reports (usage.py), and
 rebuilding counters from records.
 
-Counters are caches of the records (M4). ``rebuild_totals`` re-reads a key's usage stream, recomputes every counter
+Counters are caches of the records: the records are the truth. ``rebuild_totals`` re-reads a key's usage stream, recomputes every counter
 the stream covers and compares it with what is stored; when the stream is complete (nothing trimmed:
 ``entries-added == length``) it overwrites the counters in one script that first checks no record was added
 meanwhile (otherwise it recomputes, up to a few times). A period counter that already expired is not revived.

@@ -38,10 +38,6 @@ log = logging.getLogger("therouter.routing")
 T = TypeVar("T")
 
 
-class ClientGone(Exception):
-    """The client disconnected from a non-stream request whose provider policy is `cancel`."""
-
-
 class HasAttempts(Protocol):
     attempts: list[dict[str, Any]]
     skipped: list[Skip]

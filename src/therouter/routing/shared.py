@@ -56,7 +56,6 @@ class SharedSync:
         self._refreshing: asyncio.Task[bool] | None = None
         self._last = float("-inf")
         self._loop: asyncio.Task[None] | None = None
-        self.last_ok: float | None = None  # wall time of the last successful refresh
         state.sync = self
 
     # ---- writes ---------------------------------------------------------------------------------------------------
@@ -159,7 +158,6 @@ class SharedSync:
         except (GatewayError, OSError):
             return False
         self._apply(values, seen)
-        self.last_ok = self.wall()
         return True
 
     def _apply(self, values: list[str | None], seen: dict[str, int]) -> None:

@@ -82,12 +82,6 @@ class RoutingState:
     def __post_init__(self) -> None:
         self.budget = RetryBudget(self.options.budget_percent, self.options.budget_min)
 
-    def apply(self, options: RoutingOptions) -> None:
-        """New options (start-up or reload): breakers restart closed; measurements, drains and cooldowns stay."""
-        self.options = options
-        self._breakers.clear()
-        self.budget.percent, self.budget.minimum = options.budget_percent, options.budget_min
-
     # ---- per deployment ---------------------------------------------------------------------------------------
 
     def breaker(self, key: DepKey) -> Breaker:
