@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from pydantic import ValidationError
+
 from therouter.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
 from therouter.errors import InvalidRequest
 from therouter.keys import KEY_ID, KEY_PREFIX
@@ -66,11 +68,34 @@ def cmd_check_config(a: argparse.Namespace) -> int:
     return 0
 
 
+WORKERS_ENV = "THEROUTER_WORKERS"  # set by `serve --workers N` for its worker processes
+
+
 def app_factory() -> Any:
     """uvicorn factory for --workers N (each worker reads the config named in THEROUTER_CONFIG)."""
     from therouter.app import create_app
 
-    return create_app(load_settings(os.environ.get("THEROUTER_CONFIG")))
+    return create_app(worker_settings())
+
+
+def worker_settings() -> Settings:
+    """A worker's settings: the config named in THEROUTER_CONFIG, with the worker count `serve` started (which
+    `--workers` may have set over `server.workers`): each worker's share of a rate limit while Redis is down
+    follows it."""
+    s = load_settings(os.environ.get("THEROUTER_CONFIG"))
+    n = os.environ.get(WORKERS_ENV)
+    return with_workers(s, int(n)) if n else s
+
+
+def with_workers(s: Settings, workers: int) -> Settings:
+    """These settings with ``server.workers`` set (validated like the config's own value)."""
+    if workers == s.server.workers:
+        return s
+    try:
+        server = type(s.server).model_validate({**s.server.model_dump(), "workers": workers})
+    except ValidationError as e:
+        raise ConfigError(f"--workers: {e.errors()[0]['msg']}") from None
+    return s.model_copy(update={"server": server})
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -87,7 +112,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
         return code
     host = a.host or s.server.host
     port = a.port if a.port is not None else s.server.port
-    workers = a.workers or s.server.workers
+    workers = a.workers if a.workers is not None else s.server.workers
+    try:
+        s = with_workers(s, workers)  # the metering's fail-open share (MeterOptions.local_limit_divisor) follows it
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     config_path = os.path.abspath(a.config or os.environ.get("THEROUTER_CONFIG") or DEFAULT_CONFIG_PATH)
     _announce(s, host, port, workers, config_path)
     kw: dict[str, Any] = {"host": host, "port": port, "log_level": a.log_level, **uvicorn_options(s),
@@ -121,6 +151,7 @@ def _serve_workers(config_path: str, workers: int, kw: dict[str, Any]) -> None:
     clear_multiproc_dir(path)  # another run's numbers would be added to this one's
     os.environ[MULTIPROC_ENV] = path
     os.environ["THEROUTER_CONFIG"] = config_path
+    os.environ[WORKERS_ENV] = str(workers)
     try:
         uvicorn.run("therouter.cli:app_factory", factory=True, workers=workers, **kw)
     finally:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.metering._helpers import FakeClock, gen, record
+from therouter.cli import with_workers
 from therouter.config import Settings, StoreConfig
 from therouter.errors import RateLimited, StoreUnavailable
 from therouter.keys import KeyRecord
@@ -140,4 +141,21 @@ async def test_redis_killed_mid_run_settles_exactly_once(redis_proc: RedisProces
         assert report["after"]["per:total"]["cost"] == sum(costs)
     finally:
         await meter.aclose()
+        await store.aclose()
+
+
+async def test_each_worker_enforces_its_share_of_a_rate_limit_while_redis_is_down(
+        settings: Settings, clock: FakeClock, tmp_path: Path, key_prefix: str, make_key: MakeKey) -> None:
+    """`serve --workers 2` (server.workers): the fail-open limiter of each worker allows half of the key's RPM."""
+    two = with_workers(settings, 2)
+    store = Store(StoreConfig(redis_url=f"redis://127.0.0.1:{free_port()}/0", key_prefix=key_prefix))
+    m = Meter(store, two, tmp_path / "journal", clock=clock, options=MeterOptions.from_settings(two))
+    try:
+        key = make_key(rpm=4)
+        admitted = [await m.admit(key, "qwen", 10, 10, gen()) for _ in range(2)]
+        assert all(a.local for a in admitted)
+        with pytest.raises(RateLimited):
+            await m.admit(key, "qwen", 10, 10, gen())
+    finally:
+        await m.aclose()
         await store.aclose()

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from therouter.cli import WORKERS_ENV, with_workers, worker_settings
 from therouter.config import ConfigError, load_settings, parse_settings, usd_to_nano
 from therouter.metering import MeterOptions
 
@@ -192,3 +193,22 @@ def test_the_shipped_config_maps_claude_ids_to_deepseek() -> None:
     for mid in ("claude-sonnet-4-5", "claude-opus-4-7", "claude-sonnet-4-5-20250929", "claude-3-5-haiku-latest"):
         assert s.canonical(mid) == "deepseek/deepseek-v3.2"
     assert s.canonical("anthropic/claude-opus-4.7") == "anthropic/claude-opus-4.7"
+
+
+def test_workers_set_each_workers_share_of_a_rate_limit_while_redis_is_down(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = shipped()
+    raw["server"]["workers"] = 4
+    assert MeterOptions.from_settings(parse_settings(raw, "x.yaml", env={})).local_limit_divisor == 4
+    # `serve --workers N` wins over server.workers, in every worker process it starts (they load the config anew)
+    path = tmp_path / "therouter.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("THEROUTER_CONFIG", str(path))
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
+    assert MeterOptions.from_settings(worker_settings()).local_limit_divisor == 4
+    monkeypatch.setenv(WORKERS_ENV, "3")
+    s = worker_settings()
+    assert s.server.workers == 3 and MeterOptions.from_settings(s).local_limit_divisor == 3
+    assert s.model_copy(update={"server": s.server.model_copy(update={"workers": 4})}) == load_settings(path)
+    with pytest.raises(ConfigError, match=r"--workers: Input should be greater than or equal to 1"):
+        with_workers(s, 0)

@@ -22,7 +22,8 @@ class MeterOptions:
     stream_maxlen: int = 1_000_000  # per key, approximate: rebuild_totals is exact while nothing was trimmed
     feed_maxlen: int = 100_000  # the global usage feed, approximate
     window_ms: int = WINDOW_MS  # rate-limit window: RPM/TPM are per minute
-    local_limit_divisor: int = 1  # gateway processes sharing a key while Redis is down (fail-open share)
+    # while Redis is down each process enforces limit // divisor (fail-open share): the workers of this instance
+    local_limit_divisor: int = 1
     tick: float = 1.0  # s between background passes (journal replay, orphan releases, price reload)
     price_refresh: float = 5.0  # s between price-table refreshes from Redis
     heartbeat_interval: float = 5.0  # s between this instance's heartbeats (and reaper passes)
@@ -33,7 +34,7 @@ class MeterOptions:
     def from_settings(cls, settings: Settings) -> MeterOptions:
         m = settings.metering
         return cls(heartbeat_interval=m.heartbeat_interval, checkpoint_interval=m.checkpoint_interval,
-                   instance_lost_after=m.instance_lost_after)
+                   instance_lost_after=m.instance_lost_after, local_limit_divisor=settings.server.workers)
 
     def reservation_ttl_for(self, settings: Settings) -> int:
         if self.reservation_ttl is not None:
