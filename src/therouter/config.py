@@ -284,6 +284,9 @@ class RoutingOptions(_Strict):
     ewma_alpha: float = Field(0.2, gt=0, le=1)  # measured latency / throughput smoothing
     stats_window: float = Field(60.0, gt=0)  # seconds of outcomes behind the admin error rate
     sync_interval: float = Field(1.0, gt=0)  # how stale a worker's copy of the shared drains/cooldowns may get
+    # seconds between GET /health checks of self-hosted servers (routing/health.py): how soon a server that came
+    # back is used again; hosted providers' model-list checks (server.model_check_interval) ride on the same tick
+    health_check_interval: float = Field(10.0, gt=0)
     drain_ttl: float = Field(7 * 24 * 3600.0, gt=0)  # a drain lapses after this unless renewed
     max_models: int = Field(5, ge=1)  # entries allowed in a request's `models` list
     # a hint parameter (seed, penalties, user, ...) a deployment does not honour: dropped (and named in

@@ -1,7 +1,7 @@
 """Provider health: active checks of self-hosted servers and the model-list check of hosted providers.
 
-- Self-hosted (vLLM / SGLang): ``GET /health`` at start-up and every ``interval`` seconds; a server that is not
-  running is reported and skipped by routing until a check succeeds again.
+- Self-hosted (vLLM / SGLang): ``GET /health`` at start-up and every ``routing.health_check_interval`` seconds (10);
+  a server that is not running is reported and skipped by routing until a check succeeds again.
 - Hosted: ``GET /models`` at start-up and every ``server.model_check_interval``; a deployment whose upstream id the
   provider no longer lists is reported (log line and /ready detail).
 """
@@ -35,12 +35,14 @@ class ProviderHealth:
 
 
 class HealthMonitor:
-    def __init__(self, settings: Settings, providers: dict[str, Provider], interval: float = 10.0,
+    def __init__(self, settings: Settings, providers: dict[str, Provider],
                  on_start: list[Callable[[], Awaitable[Any]]] | None = None,
-                 on_stop: list[Callable[[], Awaitable[Any]]] | None = None) -> None:
+                 on_stop: list[Callable[[], Awaitable[Any]]] | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.settings = settings
         self.providers = providers
-        self.interval = interval
+        self.interval = settings.routing.health_check_interval
+        self._sleep = sleep  # injected: tests see the interval without waiting for it
         # routing's other background work rides on this lifecycle (e.g. the first read of shared drains)
         self.on_start = list(on_start or [])
         self.on_stop = list(on_stop or [])
@@ -93,7 +95,7 @@ class HealthMonitor:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            await self._sleep(self.interval)
             every = self.settings.server.model_check_interval
             due = every > 0 and time.monotonic() - self._last_models >= every
             if due:
