@@ -1,6 +1,9 @@
 """Typed configuration: YAML with ``${VAR}`` / ``${VAR:-default}`` substitution.
 
-This module is the only reader of ``os.environ``. A bad config raises :class:`ConfigError` naming the file, the key
+Settings read the environment only here (``${VAR}`` substitution, ``api_key_env``, ``THEROUTER_ADMIN_KEY``,
+``OTEL_EXPORTER_OTLP_ENDPOINT``), through an injectable mapping. Outside the settings, ``os.environ`` is read by the
+command line (``THEROUTER_CONFIG``; ``serve --workers`` passes its workers the config path, the worker count and
+prometheus-client's ``PROMETHEUS_MULTIPROC_DIR``), ``observability.multiproc_dir`` and the demo. A bad config raises :class:`ConfigError` naming the file, the key
 path and what is wrong, in one line.
 """
 

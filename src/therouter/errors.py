@@ -6,7 +6,10 @@ the offending `param`, and two routing flags:
 - ``retryable``: the same deployment may succeed if tried again (after a backoff);
 - ``fallback_ok``: another deployment may succeed (the fault is the provider's, not the request's).
 
-`api/errors.py` is the one place that renders these as OpenAI JSON (or as an SSE error event mid-stream).
+``GatewayError.body()`` is the OpenAI error shape. `api/errors.py` renders a raised error as the HTTP answer (OpenAI's
+shape, or Anthropic's on the Messages paths) and as an SSE error event when the ASGI stream fails; a stream that breaks
+after its first byte is ended with an error event by the code that owns it (`gateway.py`'s stream pump,
+`anthropic_surface.MessageStream.error`), and `server.py` answers 408 itself when request headers never complete.
 What reaches the client is ``message`` only: our own words, or an upstream 4xx explanation after
 ``providers._sanitize.sanitize``. ``detail`` is internal (the full upstream text with secrets redacted): it goes to the
 log and the attempt record, never into a response.

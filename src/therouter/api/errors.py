@@ -1,8 +1,11 @@
-"""THE place that renders errors: GatewayError -> OpenAI JSON (or an SSE error event mid-stream); on Anthropic's
-Messages paths (/v1/messages, /anthropic/v1/...) in Anthropic's shape and statuses instead
-(:func:`therouter.anthropic_surface.error_status`).
+"""Renders every error raised to the app: GatewayError -> OpenAI JSON; on Anthropic's Messages paths
+(/v1/messages, /anthropic/v1/...) in Anthropic's shape and statuses instead
+(:func:`therouter.anthropic_surface.error_status`). Unexpected exceptions become a generic 500 with no traceback or
+detail.
 
-Nothing else writes error bodies. Unexpected exceptions become a generic 500 with no traceback or detail.
+Error bodies written elsewhere: the SSE error event that ends a stream broken after its first byte (`gateway.py`'s
+stream pump; `anthropic_surface.MessageStream.error` on the Messages paths) and the 408 that `server.py` writes
+itself for request headers that never complete.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Redis key names of the metering package (one place, so the layout can be read and checked at a glance).
+"""Redis key names of the metering package (one place, so the layout can be read and checked at a glance), and,
+at the end of the table, the other keys the gateway writes under the same prefix (named in store.py).
 
 ``P`` is the store's key prefix (``store.k``). Every key touched by one per-key script carries the hash tag
 ``{k:KEY_ID}``, so all of them share one Cluster slot; price keys carry ``{MODEL}``. Key ids and model ids are
@@ -14,6 +15,8 @@ Per API key (slot ``{k:ID}``)                     TTL
   P{k:ID}:resvexp            zset  GEN by expiry (ms, injected clock)               reservation_ttl + 60 s
   P{k:ID}:rl:r:WINDOW        str   requests admitted in a window                    2 windows
   P{k:ID}:rl:t:WINDOW        str   tokens admitted in a window                      2 windows
+  P{k:ID}:rl:r|MODEL:WINDOW  str   requests, a key's per-model RPM override          2 windows
+  P{k:ID}:rl:t|MODEL:WINDOW  str   tokens, a key's per-model TPM override            2 windows
   P{k:ID}:settled:GEN        str   settle-once marker                               settled_ttl (48 h)
   P{k:ID}:gen:GEN            str   generation record JSON                           record_ttl (30 d)
   P{k:ID}:rid:REQUEST_ID     str   the key's newest GEN with that x-request-id       record_ttl
@@ -27,6 +30,12 @@ Global
 Gateway instances (slot {meter}, see instance.py)
   P{meter}:instances         zset  instance id by last heartbeat (ms, meter clock)   reservation_ttl + 60 s, renewed
   P{meter}:inflight:INST     hash  GEN -> the instance's in-flight request (JSON)     reservation_ttl + 60 s, renewed
+Not metering (store.py): API keys and shared routing state
+  P keys                     set   every key id                                     none (index)
+  P keyid:ID                 str   key id -> hash of the key                        none
+  P key:HASH                 hash  the key's record (never the key itself)           none
+  P{route}:drain:PROVIDER    str   wall time the provider was drained               routing.drain_ttl
+  P{route}:cool:PROVIDER|UPSTREAM_MODEL  str  wall time its Retry-After cooldown ends  the cooldown
 """
 
 from __future__ import annotations
