@@ -308,9 +308,24 @@ def cmd_keys(a: argparse.Namespace) -> int:
         print(f"error: no key with id {a.id}", file=sys.stderr)
         return 1
 
-    if a.keys_cmd in ("show", "update", "revoke") and not _key_id_ok(a.id, a.keys_cmd):
+    async def rebuild(store: Any) -> int:
+        if a.id not in await store.keys_by_ids([a.id]):
+            print(f"error: no key with id {a.id}", file=sys.stderr)
+            return 1
+        report = await _meter(s, store).rebuild_totals(a.id)
+        if a.json:
+            print(json.dumps(report, indent=2))
+            return 0
+        left = "; left as they are: " + ("records kept arriving meanwhile, run it again" if report["complete"] else
+                                         "the record stream was trimmed, so it no longer holds every record")
+        print(f"{a.id}: {report['records']} records; counters " + ("matched them" if report["match"] else
+              "did not match them") + ("; rewritten from the records" if report["written"] else left))
+        return 0
+
+    if a.keys_cmd in ("show", "update", "revoke", "rebuild-totals") and not _key_id_ok(a.id, a.keys_cmd):
         return 2
-    fn = {"create": create, "list": list_, "show": show, "update": update, "revoke": revoke}[a.keys_cmd]
+    fn = {"create": create, "list": list_, "show": show, "update": update, "revoke": revoke,
+          "rebuild-totals": rebuild}[a.keys_cmd]
     return _run(_with_store(s, fn))
 
 
@@ -517,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "config/therouter.yaml)")
     c.set_defaults(fn=cmd_check_config)
 
-    k = sub.add_parser("keys", help="create, list, show, update and revoke API keys")
+    k = sub.add_parser("keys", help="create, list, show, update and revoke API keys; rebuild their counters")
     _config_flag(k)
     ks = k.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
     _key_flags(ks.add_parser("create", help="create a key; prints it once, alone on the last line"), creating=True)
@@ -531,6 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="remove a setting (no budget, no limit, all models, never expires, no metadata); repeatable")
     kr = ks.add_parser("revoke", help="stop a key for good (it then gets an unknown key's 401)")
     kr.add_argument("id", help="the key's id (key_..., see `keys list`), never the key itself")
+    kb = ks.add_parser("rebuild-totals", help="recompute a key's spend and usage counters from its usage records "
+                       "(the records are the truth) and rewrite them; says whether they matched")
+    kb.add_argument("id", help="the key's id (key_..., see `keys list`), never the key itself")
+    kb.add_argument("--json", action="store_true", help="print the whole report (counters before and after)")
     k.set_defaults(fn=cmd_keys)
 
     sub.add_parser("fake-upstream", help="run the DeepSeek / vLLM / SGLang simulator (see --help)", add_help=False)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+import redis
 import yaml
 
 from tests.integration.conftest import Gateway
@@ -183,3 +185,31 @@ def test_prices_and_usage_commands(gateway: Gateway, client: openai.OpenAI) -> N
     r = therouter("usage", "--config", cfg, env=gateway.env)
     assert r.returncode == 0 and MODEL in r.stdout
     assert any(line.split()[0].startswith("key_") for line in r.stdout.splitlines()[1:])
+
+
+def test_keys_rebuild_totals_restores_counters_from_the_records(gateway: Gateway) -> None:
+    cfg = str(gateway.config_path)
+    r = therouter("keys", "--config", cfg, "create", "--name", "rebuilt", "--budget", "5", env=gateway.env)
+    assert r.returncode == 0, r.stderr
+    key_id = r.stdout.split("created key ", 1)[1].split()[0]
+    client = openai.OpenAI(base_url=gateway.v1, api_key=r.stdout.strip().splitlines()[-1], max_retries=0)
+    for _ in range(2):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    total = f"{gateway.prefix}{{k:{key_id}}}:per:total"
+    with redis.Redis.from_url(gateway.redis_url, decode_responses=True) as rds:
+        for _ in range(100):  # settlement may finish just after the answer
+            if rds.hget(total, "requests") == "2":
+                break
+            time.sleep(0.05)
+        good = rds.hgetall(total)
+        assert good["requests"] == "2" and int(good["cost"]) > 0
+        rds.hset(total, mapping={"cost": "1", "requests": "7"})  # counters that drifted from the records
+
+        r = therouter("keys", "--config", cfg, "rebuild-totals", key_id, env=gateway.env)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == f"{key_id}: 2 records; counters did not match them; rewritten from the records"
+        assert rds.hgetall(total) == good
+    r = therouter("keys", "--config", cfg, "rebuild-totals", key_id, env=gateway.env)
+    assert "counters matched them" in r.stdout
+    r = therouter("keys", "--config", cfg, "rebuild-totals", "key_000000000000", env=gateway.env)
+    assert r.returncode == 1 and "no key with id" in r.stderr
