@@ -83,10 +83,6 @@ class RedisProcess:
                 self.proc.wait(5)
         self.proc = None
 
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
     def __enter__(self) -> Self:
         return self.start()
 

@@ -153,7 +153,6 @@ class ChunkRewriter(UsageTap):
         self.created = created
         self.object = object_
         self.include_usage = include_usage
-        self.sent_role = False
 
     def rewrite(self, obj: dict[str, Any]) -> bytes | None:
         """One upstream chunk -> the bytes of one client event (or None when nothing is left to send)."""

@@ -38,10 +38,6 @@ class ContentDecoder:
         self._raw_deflate_tried = False
         self._out = 0
 
-    @property
-    def identity(self) -> bool:
-        return self._z is None
-
     def feed(self, data: bytes) -> Iterator[bytes]:
         if self._z is None:
             if data:
