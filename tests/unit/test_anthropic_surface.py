@@ -22,7 +22,6 @@ from therouter.errors import (
     UpstreamError,
 )
 
-
 WEATHER_TOOL = {"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
 
 
