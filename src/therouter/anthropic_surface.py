@@ -380,6 +380,13 @@ def stop_reason(finish: Any, matched: Any, stops: list[str]) -> tuple[str | None
     return (STOP_REASONS.get(finish, "end_turn") if finish else None), None
 
 
+def matched_stop(choice: dict[str, Any]) -> Any:
+    """The stop string an upstream says ended the text: vLLM's ``stop_reason``, SGLang's ``matched_stop`` (which is
+    a token id when generation hit end-of-sequence: not one of the client's strings)."""
+    v = choice.get("stop_reason")
+    return v if v is not None else choice.get("matched_stop")
+
+
 def _thinking_blocks(msg: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for d in msg.get("reasoning_details") or ():
@@ -416,7 +423,7 @@ def to_message(obj: dict[str, Any], req: MessagesRequest) -> dict[str, Any]:
         if isinstance(fn, dict):
             content.append({"type": "tool_use", "id": str(tc.get("id") or ""), "name": str(fn.get("name") or ""),
                             "input": _input(fn.get("arguments"))})
-    reason, seq = stop_reason(ch.get("finish_reason"), ch.get("stop_reason"), req.stop_sequences)
+    reason, seq = stop_reason(ch.get("finish_reason"), matched_stop(ch), req.stop_sequences)
     return {"id": str(obj.get("id") or ""), "type": "message", "role": "assistant", "model": req.model,
             "content": content, "stop_reason": reason, "stop_sequence": seq, "usage": usage_of(obj.get("usage"))}
 
@@ -504,7 +511,7 @@ class MessageStream:
             if isinstance(fn.get("arguments"), str) and fn["arguments"]:
                 out += self._delta({"type": "input_json_delta", "partial_json": fn["arguments"]})
         if ch.get("finish_reason"):
-            self.finish, self.matched = ch["finish_reason"], ch.get("stop_reason")
+            self.finish, self.matched = ch["finish_reason"], matched_stop(ch)
         return out
 
     def done(self) -> list[bytes]:

@@ -197,11 +197,12 @@ def test_native_json_is_the_upstreams_message_metered_from_its_usage(rig: Rig) -
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_sequence_end_to_end(rig: Rig, stream: bool) -> None:
-    """Anthropic's stop_sequences: relayed from a native deployment, translated from vLLM (which names the stop
-    string it matched): either way the text ends before it and the answer says stop_sequence."""
+    """Anthropic's stop_sequences: relayed from a native deployment, translated from vLLM and SGLang (which name the
+    stop string they matched): either way the text ends before it and the answer says stop_sequence."""
     key = rig.key()
     c = rig.client(key)
-    for model, provider in ((NATIVE, "anthropic"), ("selfhost/only-vllm", "vllm-local")):
+    for model, provider in ((NATIVE, "anthropic"), ("selfhost/only-vllm", "vllm-local"),
+                            ("selfhost/only-sglang", "sglang-local")):
         kw: dict[str, Any] = {"model": model, "max_tokens": 64, "messages": HELLO, "stop_sequences": ["never", "tok3"]}
         if stream:
             with c.messages.stream(**kw) as s:

@@ -195,3 +195,17 @@ def test_stream_error_after_start_and_ping() -> None:
 def test_error_statuses(err: GatewayError, status: int, kind: str) -> None:
     assert surface.error_status(err) == (status, kind)
     assert surface.error_body(err) == {"type": "error", "error": {"type": kind, "message": "x"}}
+
+
+def test_the_matched_stop_string_is_read_as_vllm_and_sglang_name_it() -> None:
+    r = req(stop_sequences=["END"])
+    done = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}]}
+    for extra, want in (({"stop_reason": "END"}, ("stop_sequence", "END")), ({"matched_stop": "END"},
+                        ("stop_sequence", "END")), ({"matched_stop": 1}, ("end_turn", None)),  # SGLang's EOS id
+                        ({"stop_reason": None, "matched_stop": None}, ("end_turn", None))):
+        done["choices"][0] = {**done["choices"][0], **extra}
+        for k in ("stop_reason", "matched_stop"):
+            if k not in extra:
+                done["choices"][0].pop(k, None)
+        msg = surface.to_message(done, r)
+        assert (msg["stop_reason"], msg["stop_sequence"]) == want, extra
