@@ -10,9 +10,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 import orjson
 
