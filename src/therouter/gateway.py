@@ -214,7 +214,7 @@ class Gateway:
         prefix = prompt_prefix(b, opts.affinity_prefix_chars) if opts.affinity_for(model_id) else ""
         cands, skipped = self.router.candidates(model_id, needs, call.prefs, prefix)
         # NATIVE RELAY: what only a deployment speaking the client's wire format takes (documents) narrows the choice
-        cands = native_relay.keep_native(call.native, cands, skipped, model_id, Skip)
+        cands = native_relay.keep_native(call.native, cands, skipped, model_id)
         call.skipped.extend(skipped)
         return cands
 

@@ -40,6 +40,7 @@ from therouter.providers._anthropic_response import finish_reason, openai_usage
 from therouter.providers._http import UpstreamRequest
 from therouter.providers.base import Provider
 from therouter.providers.wire import NativeRequest
+from therouter.routing.router import Candidate, Skip
 from therouter.streaming import UsageTap
 
 log = logging.getLogger("therouter.gateway")
@@ -60,8 +61,8 @@ def serves(provider: Provider, native: NativeRequest | None) -> bool:
     return native is not None and provider.speaks == native.wire
 
 
-def keep_native(native: NativeRequest | None, cands: list[Any], skipped: list[Any], model_id: str,
-                skip: Callable[..., Any]) -> list[Any]:
+def keep_native(native: NativeRequest | None, cands: list[Candidate], skipped: list[Skip],
+                model_id: str) -> list[Candidate]:
     """The candidates that may serve a request holding what only a native deployment can take; the others are
     skipped naming it (a 400 "no deployment supports ..." when none is left anywhere in the plan)."""
     if native is None or not native.native_only:
@@ -72,7 +73,7 @@ def keep_native(native: NativeRequest | None, cands: list[Any], skipped: list[An
         if serves(c.provider, native):
             kept.append(c)
         else:
-            skipped.append(skip(c.name, f"missing capability: {what} (needs a {native.wire} deployment)", model_id,
+            skipped.append(Skip(c.name, f"missing capability: {what} (needs a {native.wire} deployment)", model_id,
                                 param=what))
     return kept
 

@@ -13,8 +13,9 @@ import pytest
 from therouter import native
 from therouter.errors import GatewayError, UpstreamBadResponse
 from therouter.providers.wire import NativeRequest
+from therouter.routing.router import Candidate, Skip
 
-from .providers._helpers import make_provider
+from .providers._helpers import dep, make_provider
 
 START = {"type": "message_start", "message": {
     "id": "msg_up", "type": "message", "role": "assistant", "model": "claude-opus-4-7", "content": [],
@@ -171,3 +172,14 @@ def test_only_a_provider_that_speaks_the_wire_serves_what_only_it_can() -> None:
     assert doc.headers == {"anthropic-beta": "x"}
     assert native.serves(make_provider("anthropic"), doc) and not native.serves(make_provider("vllm"), doc)
     assert not native.serves(make_provider("anthropic"), None)
+
+
+def test_only_native_deployments_stay_candidates_for_what_only_they_take() -> None:
+    anth = Candidate("m", dep("anthropic"), make_provider("anthropic"))
+    vllm = Candidate("m", dep("vllm"), make_provider("vllm"))
+    skipped: list[Skip] = []
+    doc = NativeRequest.of("anthropic", {}, "claude-x", native_only=("document blocks",))
+    assert native.keep_native(doc, [vllm, anth], skipped, "m") == [anth]
+    assert [(s.provider, s.param, s.model) for s in skipped] == [("vllm-1", "document blocks", "m")]
+    assert native.keep_native(NativeRequest.of("anthropic", {}, "claude-x"), [vllm, anth], [], "m") == [vllm, anth]
+    assert native.keep_native(None, [vllm], [], "m") == [vllm]
