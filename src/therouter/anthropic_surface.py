@@ -75,6 +75,8 @@ class MessagesRequest:
     openai: dict[str, Any]
     native: dict[str, Any]  # the body as the client sent it: an Anthropic deployment gets it as it is
     stop_sequences: list[str] = field(default_factory=list)
+    # what the translation cannot carry (document blocks, server tools): only an Anthropic deployment may serve it
+    native_only: tuple[str, ...] = ()
 
 
 def read_request(body: dict[str, Any], *, count_only: bool = False) -> MessagesRequest:
@@ -114,9 +116,46 @@ def read_request(body: dict[str, Any], *, count_only: bool = False) -> MessagesR
     meta = body.get("metadata")
     if isinstance(meta, dict) and isinstance(meta.get("user_id"), str):
         out["user"] = meta["user_id"]
-    _tools(body, out)
+    native_only: list[str] = []
+    _tools(body, out, native_only)
     _thinking(body.get("thinking"), out)
-    return MessagesRequest(model=model, stream=stream, openai=out, native=body, stop_sequences=list(stops or ()))
+    if _has_documents(raw_messages):
+        native_only.insert(0, "document blocks")
+    return MessagesRequest(model=model, stream=stream, openai=out, native=body, stop_sequences=list(stops or ()),
+                           native_only=tuple(native_only))
+
+
+def _has_documents(messages: list[Any]) -> bool:
+    for m in messages:
+        for b in m["content"] if isinstance(m.get("content"), list) else ():
+            inner = b.get("content") if b.get("type") == "tool_result" else None
+            if b.get("type") == "document" or (isinstance(inner, list) and any(
+                    isinstance(c, dict) and c.get("type") == "document" for c in inner)):
+                return True
+    return False
+
+
+def _document(b: dict[str, Any], at: str) -> dict[str, Any]:
+    """A document block -> a text part, for the gateway's own estimate of the prompt only: a request holding one is
+    served by an Anthropic deployment, which gets the block as it came (citations and all). A PDF's or a URL's text
+    is unknown here: it counts as its title (the upstream's usage is what is billed)."""
+    given = b.get("source")
+    src: dict[str, Any] = given if isinstance(given, dict) else {}
+    kind = src.get("type")
+    if kind == "text" and isinstance(src.get("data"), str):
+        text = src["data"]
+    elif kind == "content" and isinstance(src.get("content"), (str, list)):
+        inner = src["content"]
+        text = inner if isinstance(inner, str) else "\n".join(
+            str(c.get("text") or "") for c in inner if isinstance(c, dict) and c.get("type") == "text")
+    elif kind in ("base64", "url", "file"):
+        text = ""
+    else:
+        raise InvalidRequest("A document block needs a `source` of type text, content, base64, url or file.",
+                             param=f"{at}.source", code="invalid_value")
+    title = b.get("title") if isinstance(b.get("title"), str) else ""
+    context = b.get("context") if isinstance(b.get("context"), str) else ""
+    return {"type": "text", "text": "\n".join(t for t in (title, context, text) if t) or "[document]"}
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -187,6 +226,8 @@ def _user(blocks: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
             parts.append(_image(b, at))
         elif kind == "tool_result":
             tools.append(_tool_result(b, at, parts))
+        elif kind == "document":
+            parts.append(_document(b, at))
         else:
             raise InvalidRequest(f"The content block type `{kind}` is not supported in a user message.",
                                  param=f"{at}.type", code="unsupported_parameter")
@@ -213,8 +254,10 @@ def _tool_result(b: dict[str, Any], at: str, parts: list[dict[str, Any]]) -> dic
                 texts.append(str(c.get("text") or ""))
             elif isinstance(c, dict) and c.get("type") == "image":
                 parts.append(_image(c, f"{at}.content[{k}]"))  # a tool message carries text: the image follows
+            elif isinstance(c, dict) and c.get("type") == "document":
+                texts.append(_document(c, f"{at}.content[{k}]")["text"])
             else:
-                raise InvalidRequest("A tool_result's content must be text or image blocks.",
+                raise InvalidRequest("A tool_result's content must be text, image or document blocks.",
                                      param=f"{at}.content[{k}]", code="invalid_value")
     text = "\n".join(texts)
     if b.get("is_error") is True:
@@ -256,17 +299,23 @@ def _assistant(blocks: list[dict[str, Any]], where: str) -> dict[str, Any]:
     return msg
 
 
-def _tools(body: dict[str, Any], out: dict[str, Any]) -> None:
+def _tools(body: dict[str, Any], out: dict[str, Any], native_only: list[str]) -> None:
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
             raise InvalidRequest("tools must be a list.", param="tools", code="invalid_value")
         fns = []
         for i, t in enumerate(tools):
+            if isinstance(t, dict) and isinstance(t.get("name"), str) and t.get("input_schema") is None and \
+                    isinstance(t.get("type"), str) and t["type"] != "custom":
+                # a server tool (web search, code execution, ...): Anthropic runs it; no other host can
+                if "server tools" not in native_only:
+                    native_only.append("server tools")
+                continue
             if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not isinstance(
                     t.get("input_schema"), dict):
-                raise InvalidRequest("Each tool needs a `name` and an `input_schema` (server tools are not supported "
-                                     "here).", param=f"tools[{i}]", code="invalid_value")
+                raise InvalidRequest("Each tool needs a `name` and an `input_schema` (or a server tool's `type`).",
+                                     param=f"tools[{i}]", code="invalid_value")
             fn: dict[str, Any] = {"name": t["name"], "parameters": t["input_schema"]}
             if isinstance(t.get("description"), str):
                 fn["description"] = t["description"]
@@ -331,6 +380,13 @@ def stop_reason(finish: Any, matched: Any, stops: list[str]) -> tuple[str | None
     return (STOP_REASONS.get(finish, "end_turn") if finish else None), None
 
 
+def matched_stop(choice: dict[str, Any]) -> Any:
+    """The stop string an upstream says ended the text: vLLM's ``stop_reason``, SGLang's ``matched_stop`` (which is
+    a token id when generation hit end-of-sequence: not one of the client's strings)."""
+    v = choice.get("stop_reason")
+    return v if v is not None else choice.get("matched_stop")
+
+
 def _thinking_blocks(msg: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for d in msg.get("reasoning_details") or ():
@@ -367,7 +423,7 @@ def to_message(obj: dict[str, Any], req: MessagesRequest) -> dict[str, Any]:
         if isinstance(fn, dict):
             content.append({"type": "tool_use", "id": str(tc.get("id") or ""), "name": str(fn.get("name") or ""),
                             "input": _input(fn.get("arguments"))})
-    reason, seq = stop_reason(ch.get("finish_reason"), ch.get("stop_reason"), req.stop_sequences)
+    reason, seq = stop_reason(ch.get("finish_reason"), matched_stop(ch), req.stop_sequences)
     return {"id": str(obj.get("id") or ""), "type": "message", "role": "assistant", "model": req.model,
             "content": content, "stop_reason": reason, "stop_sequence": seq, "usage": usage_of(obj.get("usage"))}
 
@@ -455,7 +511,7 @@ class MessageStream:
             if isinstance(fn.get("arguments"), str) and fn["arguments"]:
                 out += self._delta({"type": "input_json_delta", "partial_json": fn["arguments"]})
         if ch.get("finish_reason"):
-            self.finish, self.matched = ch["finish_reason"], ch.get("stop_reason")
+            self.finish, self.matched = ch["finish_reason"], matched_stop(ch)
         return out
 
     def done(self) -> list[bytes]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from therouter import native as native_relay
 from therouter import params, validate
 from therouter.assembly import Assembler
 from therouter.config import Deployment, ModelConfig, Settings
@@ -38,6 +39,7 @@ from therouter.observability import Finished, Metrics
 from therouter.protocol.usage import Usage
 from therouter.providers._http import UpstreamRequest
 from therouter.providers.base import Provider
+from therouter.providers.wire import NativeRequest
 from therouter.routing.attempts import AttemptPolicy, Exhausted, all_failed, unless_gone
 from therouter.routing.balance import prompt_prefix
 from therouter.routing.preferences import NO_PREFERENCES, Preferences, parse_preferences
@@ -54,12 +56,14 @@ class JSONAnswer:
     body: bytes
     headers: dict[str, str]
     status: int = 200
+    native: bool = False  # NATIVE RELAY: the body is already in the client's wire format (see therouter.native)
 
 
 @dataclass(slots=True)
 class StreamAnswer:
     headers: dict[str, str]
     events: AsyncIterator[bytes]
+    native: bool = False  # NATIVE RELAY: the events are already in the client's wire format
 
 
 @dataclass(slots=True)
@@ -83,7 +87,7 @@ class Call:
     release: Callable[[], None] | None = None  # leaves the retry budget's count of requests in flight
     built: dict[tuple[str, Deployment], UpstreamRequest] = field(default_factory=dict)  # per (provider, deployment)
     observed: bool = False  # its answer was counted and logged (once)
-    native: dict[str, Any] | None = None  # the client's own wire body (/v1/messages), for a provider that speaks it
+    native: NativeRequest | None = None  # the client's own wire request (/v1/messages), for a provider that speaks it
 
     @property
     def object(self) -> str:
@@ -111,6 +115,9 @@ class _Assembly:
     asm: Assembler
 
 
+_Relay = ChunkRewriter | native_relay.MessagesRelay  # what turns upstream events into the client's bytes
+
+
 def new_id(endpoint: str) -> str:
     return ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
 
@@ -136,14 +143,15 @@ class Gateway:
 
     async def handle(self, key: KeyRecord, endpoint: str, raw: bytes, request_id: str,
                      wait_disconnect: Callable[[], Awaitable[None]] | None = None,
-                     native: dict[str, Any] | None = None) -> JSONAnswer | StreamAnswer:
+                     native: NativeRequest | None = None) -> JSONAnswer | StreamAnswer:
         """``native``: the request as the client sent it in another wire format (an Anthropic Messages body), of
         which ``raw`` is the OpenAI translation: a provider that speaks it gets it as it is (see
         :meth:`Provider.native_request`); everything else (limits, routing, metering) reads the translation."""
         s = self.settings.server
         started, model = self.clock(), ""
+        label = _label(endpoint, native)
         if self.tracing is not None:
-            self.tracing.begin(endpoint, request_id)
+            self.tracing.begin(label, request_id)
         try:
             body = validate.parse_body(raw, s.max_body_bytes, s.max_json_depth)
             asked = validate.require_model(body)
@@ -171,7 +179,7 @@ class Gateway:
             outcome = "refused" if isinstance(e, GatewayError) else _failure_outcome(e)
             self._finish(Finished(request_id, _status(e), outcome, model if model in self.settings.models else "",
                                   seconds=self.clock() - started, key_id=key.id,
-                                  error=e if isinstance(e, GatewayError) else None))
+                                  error=e if isinstance(e, GatewayError) else None, endpoint=label))
             raise
         budget = self.router.state.budget
         budget.enter()
@@ -206,6 +214,8 @@ class Gateway:
         opts = self.router.state.options
         prefix = prompt_prefix(b, opts.affinity_prefix_chars) if opts.affinity_for(model_id) else ""
         cands, skipped = self.router.candidates(model_id, needs, call.prefs, prefix)
+        # NATIVE RELAY: what only a deployment speaking the client's wire format takes (documents) narrows the choice
+        cands = native_relay.keep_native(call.native, cands, skipped, model_id)
         call.skipped.extend(skipped)
         return cands
 
@@ -331,8 +341,14 @@ class Gateway:
             self.router.state.observe_throughput(cand.key, usage.completion_tokens,
                                                  self.clock() - call.lease.started)
         call.done()
+        relayed = native_relay.relays(call.built.get((cand.name, cand.dep)))
         cost = await self._settle(call, cand, usage, "completed", stream=False, estimate=_json_estimate(call, obj),
-                                  finish_reason=_finish_reason(obj))
+                                  finish_reason=native_relay.message_finish(obj) if relayed else _finish_reason(obj))
+        if relayed and call.native is not None:  # NATIVE RELAY: the upstream's message, our id and the client's model
+            answer = JSONAnswer(native_relay.message_answer(obj, call.gen_id, call.native.model),
+                                self._headers(call, cand), native=True)
+            self._observe(call, cand, 200, "completed", usage, cost)
+            return answer
         return self._json_answer(call, cand, obj, usage, cost)
 
     def _json_answer(self, call: Call, cand: Candidate, obj: dict[str, Any], usage: Usage, cost: int) -> JSONAnswer:
@@ -364,6 +380,8 @@ class Gateway:
                 raise UpstreamTimeout("upstream did not finish its answer in time", sent=True) from None
             if resp.status != 200:
                 raise p.map_error(resp.status, raw, resp.headers)
+            if native_relay.relays(req):  # NATIVE RELAY: the answer kept in the client's wire format
+                return native_relay.read_message(p, raw, call.checked.prompt_tokens)
             obj = p.parse_json(raw)
         finally:
             await resp.close()
@@ -421,23 +439,34 @@ class Gateway:
 
     async def _stream(self, call: Call, routes: dict[str, list[Candidate]],
                       wait_disconnect: Callable[[], Awaitable[None]] | None = None) -> StreamAnswer:
-        async def attempt(c: Candidate) -> tuple[UpstreamEvents, ChunkRewriter, list[bytes]]:
+        async def attempt(c: Candidate) -> tuple[UpstreamEvents, _Relay, list[bytes]]:
             return await self._open_stream(call, c)
 
         # a client that leaves while the first-chunk gate holds the answer cancels the upstream at once
         cand, (events, rw, first) = await self._route(call, routes, attempt, cancel_on=wait_disconnect)
         call.ttft = self.clock() - call.started
-        gen = self._pump(call, cand, events, rw, first)
+        relayed = isinstance(rw, native_relay.MessagesRelay)
+        if relayed:  # NATIVE RELAY: the upstream's own events go to the client (an error after the first byte: its
+            # wire format's error event); settled by the same _finish_stream
+            gen = native_relay.pump(rw, events, first, cand.provider, lambda outcome, error: self._finish_stream(
+                call, cand, events, rw, outcome, error), call.gen_id)
+        else:
+            gen = self._pump(call, cand, events, rw, first)
         return StreamAnswer(self._headers(call, cand),
-                            _Stream(gen, lambda: self._finish_stream(call, cand, events, rw, "client_cancelled", None)))
+                            _Stream(gen, lambda: self._finish_stream(call, cand, events, rw, "client_cancelled", None)),
+                            native=relayed)
 
-    async def _open_stream(self, call: Call, c: Candidate) -> tuple[UpstreamEvents, ChunkRewriter, list[bytes]]:
+    async def _open_stream(self, call: Call, c: Candidate) -> tuple[UpstreamEvents, _Relay, list[bytes]]:
         """Open the upstream stream and hold it until its first data event is real generation (first-chunk gate)."""
         p = c.provider
         events = await self._connect(call, c)
-        rw = ChunkRewriter(p, gen_id=call.gen_id, model=c.model_id, created=call.created,
-                           object_=call.object, include_usage=call.checked.include_usage,
-                           exclude_reasoning=_exclude_reasoning(call))
+        rw: _Relay
+        if native_relay.relays(call.built.get((c.name, c.dep))) and call.native is not None:  # NATIVE RELAY
+            rw = native_relay.MessagesRelay(p, gen_id=call.gen_id, model=call.native.model)
+        else:
+            rw = ChunkRewriter(p, gen_id=call.gen_id, model=c.model_id, created=call.created,
+                               object_=call.object, include_usage=call.checked.include_usage,
+                               exclude_reasoning=_exclude_reasoning(call))
         # checkpoints read the rewriter's own counters: what a lost instance's stream is billed for
         self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=True,
                            usage=lambda: rw.final_usage(call.checked.prompt_tokens))
@@ -595,7 +624,7 @@ class Gateway:
             cand.name if cand else "", seconds=self.clock() - call.started, ttft=call.ttft,
             generation_id=call.gen_id, key_id=call.key.id, usage=usage, cost_nano=cost, attempts=len(call.attempts),
             requested=call.checked.model, fallback_from=str(first.get("provider")) if moved and first else "",
-            error=error if isinstance(error, GatewayError) else None))
+            error=error if isinstance(error, GatewayError) else None, endpoint=_label(call.endpoint, call.native)))
 
     def _finish(self, f: Finished) -> None:
         """THE place a request's answer is observed: its metrics, its log line, its trace."""
@@ -609,7 +638,7 @@ class Gateway:
         """A completion request refused before it reached :meth:`handle` (401, 413): observed like the others."""
         if self.tracing is not None:
             self.tracing.begin(endpoint, request_id)
-        self._finish(Finished(request_id, err.status, "refused", error=err))
+        self._finish(Finished(request_id, err.status, "refused", error=err, endpoint=endpoint))
 
 
 class _Stream:
@@ -665,6 +694,11 @@ def validate_needs(b: dict[str, Any], call: Call, rf: dict[str, Any], stop: Any,
         stream=call.checked.stream,
         params=params.asked_shaping(b) | (params.asked_hints(b) if strict else frozenset()),
     )
+
+
+def _label(endpoint: str, native: NativeRequest | None) -> str:
+    """The endpoint metrics, logs and traces name: /v1/messages is served through chat, labelled `messages`."""
+    return "messages" if native is not None and native.wire == "anthropic" else endpoint
 
 
 def _exclude_reasoning(call: Call) -> bool:

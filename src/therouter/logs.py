@@ -111,7 +111,8 @@ def log_request(f: Finished) -> None:
     u = f.usage
     request_log.info("request", extra={
         "event": "request", "request_id": f.request_id, "generation_id": f.generation_id or None,
-        "key_id": f.key_id or None, "model": f.model or None, "provider": f.provider or None, "status": f.status,
+        "endpoint": f.endpoint or None, "key_id": f.key_id or None, "model": f.model or None,
+        "provider": f.provider or None, "status": f.status,
         "prompt_tokens": u.prompt_tokens if u else 0, "completion_tokens": u.completion_tokens if u else 0,
         "cost_usd": nano_to_usd(f.cost_nano), "latency_ms": _ms(f.seconds), "ttft_ms": _ms(f.ttft),
         "attempts": f.attempts, "outcome": f.outcome,

@@ -37,6 +37,7 @@ from therouter.protocol.usage import Usage
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 30, 60)
 TOKEN_TYPES = ("prompt", "cached", "completion", "reasoning")
+ENDPOINTS = frozenset({"chat", "completions", "messages"})  # the `endpoint` label (anything else: "")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 NANO = 10**9
 
@@ -60,6 +61,7 @@ class Finished:
     requested: str = ""  # the model asked for (differs from `model` when a `models` fallback served)
     fallback_from: str = ""  # the provider first tried, when another one served
     error: GatewayError | None = None
+    endpoint: str = ""  # chat | completions | messages (/v1/messages, served through chat)
 
 
 class Metrics:
@@ -70,7 +72,8 @@ class Metrics:
         self._children: dict[tuple[Any, ...], Any] = {}
         r = self.registry
         self.requests = Counter("therouter_requests_total", "Client requests by model, provider (empty when none "
-                                "served) and the HTTP status answered", ["model", "provider", "code"], registry=r)
+                                "served), the HTTP status answered and the endpoint (chat, completions, messages)",
+                                ["model", "provider", "code", "endpoint"], registry=r)
         self.duration = Histogram("therouter_request_duration_seconds", "Time to the end of the answer (a stream: "
                                   "to its last event)", ["model", "provider"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("therouter_time_to_first_token_seconds", "Time to the first content: a stream's first "
@@ -94,7 +97,8 @@ class Metrics:
     def finish(self, f: Finished) -> None:
         model = f.model if f.model in self.models else ""
         provider = f.provider if f.provider in self.providers else ""
-        self._child(self.requests, model, provider, str(f.status)).inc()
+        endpoint = f.endpoint if f.endpoint in ENDPOINTS else ""
+        self._child(self.requests, model, provider, str(f.status), endpoint).inc()
         if f.seconds is not None:
             self._child(self.duration, model, provider).observe(f.seconds)
         if f.ttft is not None:

@@ -192,3 +192,69 @@ async def test_openai_stream_hides_reasoning_and_reports_usage_details() -> None
     assert not any("reasoning_content" in (c["choices"] or [{}])[0].get("delta", {}) for c in chunks)
     assert chunks[-1]["usage"]["completion_tokens_details"]["reasoning_tokens"] == 4
     assert r.text.endswith("data: [DONE]\n\n")
+
+
+# ---- stop strings, citations, redacted thinking ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_anthropic_stop_sequences_cut_the_text_and_are_named(stream: bool) -> None:
+    async with client("anthropic", api_key=KEY) as c:
+        r = await post(c, messages(stop_sequences=["nothing-like-it", "tok3"], stream=stream))
+        plain = await post(c, messages(stop_sequences=["absent"], stream=stream))
+    if stream:
+        evs = events(r.text)
+        text = "".join(d["delta"]["text"] for k, d in evs if k == "content_block_delta")
+        delta = next(d for k, d in evs if k == "message_delta")["delta"]
+        plain_delta = next(d for k, d in events(plain.text) if k == "message_delta")["delta"]
+    else:
+        text, delta, plain_delta = r.json()["content"][0]["text"], r.json(), plain.json()
+    assert text == "tok0 tok1 tok2 "  # cut before the stop string, which is not sent
+    assert (delta["stop_reason"], delta["stop_sequence"]) == ("stop_sequence", "tok3")
+    assert (plain_delta["stop_reason"], plain_delta["stop_sequence"]) == ("end_turn", None)
+
+
+@pytest.mark.parametrize("flavor,field", [("vllm", "stop_reason"), ("sglang", "matched_stop"), ("deepseek", None)])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_openai_flavours_honour_stop(flavor: str, field: str | None, stream: bool) -> None:
+    model = "deepseek-v3.2" if flavor == "deepseek" else "deepseek-ai/DeepSeek-V3.2"
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stop": ["tok2"], "stream": stream}
+    async with client(flavor) as c:
+        r = await c.post("/chat/completions", json=body)
+        single = await c.post("/chat/completions", json={**body, "stop": "tok1"})
+    if stream:
+        chunks = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")]
+        choices = [ch for ck in chunks for ch in ck["choices"]]
+        text = "".join(ch["delta"].get("content") or "" for ch in choices)
+        last = next(ch for ch in choices if ch.get("finish_reason"))
+        single_text = "".join(ch["delta"].get("content") or "" for ck in
+                              [json.loads(ln[6:]) for ln in single.text.splitlines() if ln.startswith("data: {")]
+                              for ch in ck["choices"])
+    else:
+        last = r.json()["choices"][0]
+        text, single_text = last["message"]["content"], single.json()["choices"][0]["message"]["content"]
+    assert text == "tok0 tok1 " and single_text == "tok0 " and last["finish_reason"] == "stop"
+    if field is not None:
+        assert last[field] == "tok2"
+
+
+async def test_anthropic_citations_and_redacted_thinking() -> None:
+    doc = {"type": "document", "title": "Memo", "citations": {"enabled": True},
+           "source": {"type": "text", "media_type": "text/plain", "data": "The sky is green over Oslo."}}
+    body = messages(messages=[{"role": "user", "content": [doc, {"type": "text", "text": "What colour?"}]}],
+                    thinking={"type": "enabled", "budget_tokens": 1024})
+    async with client("anthropic", api_key=KEY, redacted_thinking=True) as c:
+        r = await post(c, body)
+        s = await post(c, {**body, "stream": True})
+    kinds = [b["type"] for b in r.json()["content"]]
+    assert kinds == ["thinking", "redacted_thinking", "text"]
+    cite = r.json()["content"][2]["citations"]
+    assert cite == [{"type": "char_location", "cited_text": "The sky is green over Oslo.", "document_index": 0,
+                     "document_title": "Memo", "start_char_index": 0, "end_char_index": 27}]
+    evs = events(s.text)
+    deltas = [d["delta"]["type"] for k, d in evs if k == "content_block_delta"]
+    assert "signature_delta" in deltas and deltas.count("citations_delta") == 1
+    assert next(d for k, d in evs if k == "content_block_delta" and d["delta"]["type"] == "citations_delta")[
+        "delta"]["citation"] == cite[0]
+    assert [d["content_block"]["type"] for k, d in evs if k == "content_block_start"] == \
+        ["thinking", "redacted_thinking", "text"]

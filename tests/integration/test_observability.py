@@ -140,7 +140,8 @@ def test_metrics_sum_over_two_workers_and_logs_are_json_lines(gw2: Gateway, fake
     for _ in range(6):  # whichever worker answers the scrape, the numbers are the sums over both
         m = scrape(gw2)
         for (model, provider, code), n in t.codes.items():
-            assert value(m, "therouter_requests_total", model=model, provider=provider, code=code) == n, \
+            assert value(m, "therouter_requests_total", model=model, provider=provider, code=code,
+                         endpoint="chat") == n, \
                 (model, provider, code)
         assert total(m, "therouter_requests_total") == len(t.rids)
         assert value(m, "therouter_fallbacks_total", model=MODEL) == 2

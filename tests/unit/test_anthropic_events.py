@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from therouter import anthropic_surface as surface
-from therouter.api.anthropic import _events
+from therouter.api.anthropic import _events, _relayed
 
 
 def req() -> surface.MessagesRequest:
@@ -60,3 +60,43 @@ async def test_a_stream_that_stops_short_is_an_error_not_a_silent_end() -> None:
 
     got = b"".join([p async for p in _events(gateway(), surface.MessageStream(req(), "g", 1))])
     assert kinds(got)[-1] == "error"
+
+
+async def test_a_native_relays_events_pass_as_they_are_with_pings_while_silent() -> None:
+    release = asyncio.Event()
+    closed: list[bool] = []
+    start = surface.event("message_start", {"message": {"id": "g"}})
+    stop = surface.event("message_stop", {})
+
+    async def gateway() -> AsyncIterator[bytes]:
+        try:
+            yield start
+            await release.wait()
+            yield stop
+        finally:
+            closed.append(True)
+
+    got: list[bytes] = []
+    async for piece in _relayed(gateway(), ping_seconds=0.01):
+        got.append(piece)
+        if piece == surface.PING:
+            release.set()
+    assert got[0] == start and got[-1] == stop and surface.PING in got[1:-1]
+    assert set(got[1:-1]) == {surface.PING} and closed == [True]
+
+
+async def test_a_client_leaving_closes_the_native_relay() -> None:
+    closed: list[bool] = []
+
+    async def gateway() -> AsyncIterator[bytes]:
+        try:
+            yield b"event: message_start\ndata: {}\n\n"
+            await asyncio.sleep(60)
+            yield b""
+        finally:
+            closed.append(True)
+
+    out = _relayed(gateway(), ping_seconds=30)
+    assert (await out.__anext__()).startswith(b"event: message_start")
+    await out.aclose()  # type: ignore[attr-defined]
+    assert closed == [True]

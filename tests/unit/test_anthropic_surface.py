@@ -22,6 +22,8 @@ from therouter.errors import (
     UpstreamError,
 )
 
+WEATHER_TOOL = {"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
 
 def req(**kw: Any) -> surface.MessagesRequest:
     return surface.read_request({"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}],
@@ -66,8 +68,9 @@ def test_request_maps_every_field() -> None:
 @pytest.mark.parametrize("body,param", [
     ({"max_tokens": None}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"messages": []}, "messages"),
     ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": [{"type": "document"}]}]}, "messages[0].content[0].type"),
-    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "document"}]}]}, "messages[0].content[0].source"),
+    ({"messages": [{"role": "user", "content": [{"type": "container_upload"}]}]}, "messages[0].content[0].type"),
+    ({"tools": [{"name": "no_schema"}]}, "tools[0]"),
     ({"tool_choice": {"type": "sometimes"}}, "tool_choice"), ({"stop_sequences": "END"}, "stop_sequences"),
     ({"thinking": {"type": "enabled"}}, "thinking.budget_tokens"), ({"model": ""}, "model"),
 ])
@@ -75,6 +78,30 @@ def test_bad_requests_name_their_field(body: dict[str, Any], param: str) -> None
     with pytest.raises(InvalidRequest) as e:
         req(**body)
     assert e.value.param == param and e.value.status == 400
+
+
+def test_documents_and_server_tools_need_a_native_deployment() -> None:
+    """Document blocks (citations on) and server tools pass the surface, marked for an Anthropic deployment only;
+    the translation keeps a document's text (or its title) for the gateway's own prompt estimate."""
+    doc = {"type": "document", "title": "Memo", "citations": {"enabled": True},
+           "source": {"type": "text", "media_type": "text/plain", "data": "The sky is green."}}
+    pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0x"}}
+    r = req(messages=[{"role": "user", "content": [doc, {"type": "text", "text": "What colour?"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "Green.", "citations": [
+                          {"type": "char_location", "cited_text": "The sky is green.", "document_index": 0,
+                           "start_char_index": 0, "end_char_index": 17}]}]},
+                      {"role": "user", "content": [pdf]}],
+            tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 2}, WEATHER_TOOL])
+    assert r.native_only == ("document blocks", "server tools")
+    m = r.openai["messages"]
+    assert m[0]["content"][0] == {"type": "text", "text": "Memo\nThe sky is green."}
+    assert m[1]["content"] == "Green." and m[2]["content"] == "[document]"
+    assert [t["function"]["name"] for t in r.openai["tools"]] == ["get_weather"]  # the server tool is Anthropic's
+    assert req().native_only == ()
+    inner = req(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}, {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": [doc]}]}])
+    assert inner.native_only == ("document blocks",) and "The sky is green." in inner.openai["messages"][2]["content"]
 
 
 def test_count_tokens_needs_no_max_tokens() -> None:
@@ -168,3 +195,17 @@ def test_stream_error_after_start_and_ping() -> None:
 def test_error_statuses(err: GatewayError, status: int, kind: str) -> None:
     assert surface.error_status(err) == (status, kind)
     assert surface.error_body(err) == {"type": "error", "error": {"type": kind, "message": "x"}}
+
+
+def test_the_matched_stop_string_is_read_as_vllm_and_sglang_name_it() -> None:
+    r = req(stop_sequences=["END"])
+    done = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}]}
+    for extra, want in (({"stop_reason": "END"}, ("stop_sequence", "END")), ({"matched_stop": "END"},
+                        ("stop_sequence", "END")), ({"matched_stop": 1}, ("end_turn", None)),  # SGLang's EOS id
+                        ({"stop_reason": None, "matched_stop": None}, ("end_turn", None))):
+        done["choices"][0] = {**done["choices"][0], **extra}
+        for k in ("stop_reason", "matched_stop"):
+            if k not in extra:
+                done["choices"][0].pop(k, None)
+        msg = surface.to_message(done, r)
+        assert (msg["stop_reason"], msg["stop_sequence"]) == want, extra

@@ -29,14 +29,18 @@ def _metrics() -> Metrics:
 def test_labels_are_bounded_to_the_config() -> None:
     m = _metrics()
     m.finish(Finished("r1", 200, "completed", "m/one", "ds", seconds=0.1, ttft=0.05,
-                      usage=Usage(prompt_tokens=3, completion_tokens=4, cached_tokens=1), cost_nano=1500))
-    m.finish(Finished("r2", 404, "refused", "no/such-model-" + "x" * 50, "evil-provider", seconds=0.01))
+                      usage=Usage(prompt_tokens=3, completion_tokens=4, cached_tokens=1), cost_nano=1500,
+                      endpoint="chat"))
+    m.finish(Finished("r2", 404, "refused", "no/such-model-" + "x" * 50, "evil-provider", seconds=0.01,
+                      endpoint="/v1/evil"))
+    m.finish(Finished("r5", 200, "completed", "m/one", "ds", endpoint="messages"))
     m.finish(Finished("r3", 402, "refused", "m/one", error=BudgetExceeded("no")))
     m.finish(Finished("r4", 429, "refused", "m/one", error=RateLimited("slow down", limit="tpm")))
     text = generate_latest(m.registry).decode()
-    assert 'therouter_requests_total{code="200",model="m/one",provider="ds"} 1.0' in text
-    assert 'therouter_requests_total{code="404",model="",provider=""} 1.0' in text
-    assert "no/such-model" not in text and "evil-provider" not in text and "r1" not in text
+    assert 'therouter_requests_total{code="200",endpoint="chat",model="m/one",provider="ds"} 1.0' in text
+    assert 'therouter_requests_total{code="200",endpoint="messages",model="m/one",provider="ds"} 1.0' in text
+    assert 'therouter_requests_total{code="404",endpoint="",model="",provider=""} 1.0' in text
+    assert "no/such-model" not in text and "evil-provider" not in text and "r1" not in text and "evil" not in text
     assert 'therouter_tokens_total{model="m/one",provider="ds",type="cached"} 1.0' in text
     assert 'therouter_spend_usd_total{model="m/one",provider="ds"} 1.5e-06' in text
     assert "therouter_budget_rejections_total 1.0" in text

@@ -6,7 +6,8 @@ back. Errors on these paths are rendered in Anthropic's shape by :mod:`therouter
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -21,6 +22,7 @@ from therouter.api.streaming import SSEResponse
 from therouter.errors import GatewayError, ModelNotFound
 from therouter.gateway import StreamAnswer
 from therouter.keys import KeyRecord
+from therouter.providers.wire import NativeRequest
 
 router = APIRouter()
 PATHS = ("/v1/messages", "/anthropic/v1/messages")
@@ -50,13 +52,18 @@ async def messages(request: Request, services: ServicesDep) -> Any:
                 return
 
     request.state.observed = True  # from here on the gateway counts and logs the request, whatever happens
+    native = NativeRequest.of("anthropic", req.native, req.model, request.headers, req.native_only)
     answer = await services.gateway.handle(key, "chat", orjson.dumps(req.openai), request.state.request_id, gone,
-                                           native=req.native)
+                                           native=native)
     if isinstance(answer, StreamAnswer):
         gen_id = answer.headers.get("x-therouter-generation-id", "")
         stream = surface.MessageStream(req, gen_id, validate.estimate_chat_tokens(req.openai))
-        return SSEResponse(_events(answer.events, stream), answer.headers,
-                           services.settings.server.stream_write_timeout)
+        # an Anthropic deployment's own events (the native relay) go out as they are; anything else is translated
+        events = _relayed(answer.events) if answer.native else _events(answer.events, stream)
+        return SSEResponse(events, answer.headers, services.settings.server.stream_write_timeout)
+    if answer.native:  # an Anthropic deployment's message, as it came (our id, the model the client sent)
+        return Response(answer.body, status_code=answer.status, headers=answer.headers,
+                        media_type="application/json")
     body = surface.to_message(orjson.loads(answer.body), req)
     return Response(orjson.dumps(body), status_code=answer.status, headers=answer.headers,
                     media_type="application/json")
@@ -79,11 +86,42 @@ for _p in PATHS:
     router.add_api_route(_p + "/count_tokens", count_tokens, methods=["POST"])
 
 
+async def _relayed(chunks: AsyncIterator[bytes], ping_seconds: float = surface.PING_SECONDS) -> AsyncIterator[bytes]:
+    """A native relay's events (already Anthropic's, ending in ``message_stop`` or an ``error`` event), a ``ping``
+    whenever the upstream is silent for a while."""
+    async with aclosing(_with_pings(chunks, ping_seconds)) as pieces:
+        async for piece in pieces:
+            yield piece or surface.PING
+
+
 async def _events(chunks: AsyncIterator[bytes], stream: surface.MessageStream,
                   ping_seconds: float = surface.PING_SECONDS) -> AsyncIterator[bytes]:
     """The gateway's SSE bytes -> Anthropic's events, a ``ping`` whenever the upstream is silent for a while."""
-    it = chunks.__aiter__()
     buf = b""
+    try:
+        async with aclosing(_with_pings(chunks, ping_seconds)) as pieces:
+            async for piece in pieces:
+                if not piece:
+                    yield b"".join(stream.ping())
+                    continue
+                buf += piece
+                while b"\n\n" in buf:
+                    frame, buf = buf.split(b"\n\n", 1)
+                    out, finished = _frame(frame, stream)
+                    if out:
+                        yield b"".join(out)
+                    if finished:
+                        return
+        # the gateway always ends with [DONE] or an error event: anything else is a break, said as one
+        yield b"".join(stream.error("api_error", "The stream ended unexpectedly."))
+    except GatewayError as e:
+        yield b"".join(stream.error(surface.error_status(e)[1], e.message))
+
+
+async def _with_pings(chunks: AsyncIterator[bytes], ping_seconds: float) -> AsyncGenerator[bytes, None]:
+    """The chunks, and ``b""`` each time none came for ``ping_seconds``; the source is closed at the end, however
+    it comes."""
+    it = chunks.__aiter__()
     pending: asyncio.Future[bytes] | None = None
     try:
         while True:
@@ -91,26 +129,15 @@ async def _events(chunks: AsyncIterator[bytes], stream: surface.MessageStream,
                 pending = asyncio.ensure_future(it.__anext__())
             done, _ = await asyncio.wait({pending}, timeout=ping_seconds)
             if not done:
-                yield b"".join(stream.ping())
+                yield b""
                 continue
             try:
                 piece = pending.result()
             except StopAsyncIteration:
-                break
+                return
             finally:
                 pending = None
-            buf += piece
-            while b"\n\n" in buf:
-                frame, buf = buf.split(b"\n\n", 1)
-                out, finished = _frame(frame, stream)
-                if out:
-                    yield b"".join(out)
-                if finished:
-                    return
-        # the gateway always ends with [DONE] or an error event: anything else is a break, said as one
-        yield b"".join(stream.error("api_error", "The stream ended unexpectedly."))
-    except GatewayError as e:
-        yield b"".join(stream.error(surface.error_status(e)[1], e.message))
+            yield piece
     finally:
         if pending is not None and not pending.done():
             pending.cancel()

@@ -23,8 +23,8 @@ from therouter import anthropic_surface
 from therouter.errors import GatewayError, InternalError
 
 log = logging.getLogger("therouter.api")
-COMPLETIONS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/messages": "chat",
-               "/anthropic/v1/messages": "chat"}
+COMPLETIONS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/messages": "messages",
+               "/anthropic/v1/messages": "messages"}
 ANTHROPIC_PATHS = ("/v1/messages", "/anthropic/")
 
 

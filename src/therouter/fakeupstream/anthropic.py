@@ -6,7 +6,10 @@ answers, a forced tool choice or sampling changes together with thinking, a temp
 ``max_tokens``, a thinking block whose signature it did not issue, and -- with thinking on -- an assistant tool-use
 turn sent back without its thinking block); it answers with thinking blocks (signed), text, ``tool_use`` blocks
 (inputs drawn from each tool's ``input_schema``), structured outputs (``output_config.format``: JSON that follows the
-schema), and usage with cache reads (knob ``cached_tokens``) and writes (knob ``cache_write_tokens``). Streams are
+schema), text cut at the first of its ``stop_sequences`` (``stop_reason: stop_sequence`` naming it), ``citations``
+on the text when a ``document`` has them enabled (``citations_delta`` in a stream), a ``redacted_thinking`` block
+(knob ``redacted_thinking``), and usage with cache reads (knob ``cached_tokens``) and writes (knob
+``cache_write_tokens``). Streams are
 Anthropic's events with ``event:`` lines, ``ping``, and no ``[DONE]``; errors are ``{"type": "error", "error":
 {"type", "message"}}`` with Anthropic's statuses (``error_kind=529`` is ``overloaded_error``), in-stream as an
 ``error`` event.
@@ -213,7 +216,7 @@ def plan_view(body: dict[str, Any]) -> dict[str, Any]:
     view: dict[str, Any] = {"messages": [{"role": "system", "content": _text(body.get("system"))}]
                             + [{"role": m.get("role"), "content": _text(m.get("content"))} for m in messages
                                if isinstance(m, dict)],
-                            "max_tokens": body.get("max_tokens")}
+                            "max_tokens": body.get("max_tokens"), "stop": body.get("stop_sequences")}
     tc: dict[str, Any] = body["tool_choice"] if isinstance(body.get("tool_choice"), dict) else {}
     forced = tc.get("type") in ("any", "tool")
     last = messages[-1].get("content") if messages and isinstance(messages[-1], dict) else None
@@ -237,11 +240,50 @@ def adjust_plan(plan: Plan, body: dict[str, Any]) -> None:
         if isinstance(props, dict) and props and "city" not in props:
             tc.arguments = orjson.dumps(sample(schema)).decode()
         tc.fragments = split_text(tc.arguments, 3)
+    plan.citations = citations(body) if plan.content else []
     fmt = (body.get("output_config") or {}).get("format") if isinstance(body.get("output_config"), dict) else None
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         schema_content(plan, fmt.get("schema"))
     for name in ("completion_tokens", "text"):  # cached properties of the plan: counted again
         plan.__dict__.pop(name, None)
+
+
+def citations(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """One citation of each document that has citations enabled (``document_index`` counts the request's
+    documents in order): of a text document its opening words (``char_location``), of others a page."""
+    out: list[dict[str, Any]] = []
+    index = 0
+    messages = body.get("messages")
+    for m in messages if isinstance(messages, list) else ():
+        content = m.get("content") if isinstance(m, dict) else None
+        for b in content if isinstance(content, list) else ():
+            if not isinstance(b, dict) or b.get("type") != "document":
+                continue
+            cit = b.get("citations")
+            if isinstance(cit, dict) and cit.get("enabled") is True:
+                given = b.get("source")
+                src: dict[str, Any] = given if isinstance(given, dict) else {}
+                title = b.get("title") if isinstance(b.get("title"), str) else None
+                if src.get("type") == "text" and isinstance(src.get("data"), str):
+                    cited = src["data"][:40]
+                    out.append({"type": "char_location", "cited_text": cited, "document_index": index,
+                                "document_title": title, "start_char_index": 0, "end_char_index": len(cited)})
+                else:
+                    out.append({"type": "page_location", "cited_text": "tok", "document_index": index,
+                                "document_title": title, "start_page_number": 1, "end_page_number": 2})
+            index += 1
+    return out
+
+
+def _stop(plan: Plan) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence)."""
+    if plan.stop_sequence is not None:
+        return "stop_sequence", plan.stop_sequence
+    return STOP_REASONS.get(plan.finish_reason, "end_turn"), None
+
+
+def redacted_data(plan: Plan) -> str:
+    return "EqQBCgIYAhIM" + hashlib.sha256(plan.reasoning_text.encode()).hexdigest()[:32]
 
 
 # ---- rendering ------------------------------------------------------------------------------------------------------
@@ -252,24 +294,30 @@ def _event(payload: dict[str, Any]) -> bytes:
 
 
 def message_body(flavor: AnthropicFlavor, plan: Plan, *, rid: str, model: str, send_usage: bool,
-                 usage_patch: dict[str, Any] | None) -> dict[str, Any]:
+                 usage_patch: dict[str, Any] | None, redacted: bool = False) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     if plan.reasoning:
         content.append({"type": "thinking", "thinking": plan.reasoning_text,
                         "signature": signature(plan.reasoning_text)})
+    if redacted:
+        content.append({"type": "redacted_thinking", "data": redacted_data(plan)})
     if plan.text:
-        content.append({"type": "text", "text": plan.text})
+        text: dict[str, Any] = {"type": "text", "text": plan.text}
+        if plan.citations:
+            text["citations"] = plan.citations
+        content.append(text)
     content.extend({"type": "tool_use", "id": tc.id, "name": tc.name, "input": orjson.loads(tc.arguments)}
                    for tc in plan.tool_calls)
+    reason, seq = _stop(plan)
     body: dict[str, Any] = {"id": rid, "type": "message", "role": "assistant", "model": model, "content": content,
-                            "stop_reason": STOP_REASONS.get(plan.finish_reason, "end_turn"), "stop_sequence": None}
+                            "stop_reason": reason, "stop_sequence": seq}
     if send_usage:
         body["usage"] = {**flavor.usage(plan), **(usage_patch or {})}
     return body
 
 
 def stream_events(flavor: AnthropicFlavor, plan: Plan, *, rid: str, model: str, send_usage: bool,
-                  usage_patch: dict[str, Any] | None) -> list[Event]:
+                  usage_patch: dict[str, Any] | None, redacted: bool = False) -> list[Event]:
     usage = {**flavor.usage(plan), **(usage_patch or {})}
     start_usage = {**usage, "output_tokens": 1}
     events: list[Event] = [
@@ -293,14 +341,18 @@ def stream_events(flavor: AnthropicFlavor, plan: Plan, *, rid: str, model: str, 
         block({"type": "thinking", "thinking": "", "signature": ""},
               [({"type": "thinking_delta", "thinking": t}, n, True) for t, n in plan.reasoning]
               + [({"type": "signature_delta", "signature": signature(plan.reasoning_text)}, 0, False)])
+    if redacted:
+        block({"type": "redacted_thinking", "data": redacted_data(plan)}, [])
     if plan.content:
-        block({"type": "text", "text": ""}, [({"type": "text_delta", "text": t}, n, True) for t, n in plan.content])
+        deltas: list[tuple[dict[str, Any], int, bool]] = [({"type": "text_delta", "text": t}, n, True)
+                                                          for t, n in plan.content]
+        deltas[1:1] = [({"type": "citations_delta", "citation": c}, 0, False) for c in plan.citations]
+        block({"type": "text", "text": ""}, deltas)
     for tc in plan.tool_calls:  # the block start carries the call's name: one token, as in the other flavours
         block({"type": "tool_use", "id": tc.id, "name": tc.name, "input": {}},
               [({"type": "input_json_delta", "partial_json": f}, 1, True) for f in tc.fragments], start_tokens=1)
-    end: dict[str, Any] = {"type": "message_delta",
-                           "delta": {"stop_reason": STOP_REASONS.get(plan.finish_reason, "end_turn"),
-                                     "stop_sequence": None}}
+    reason, seq = _stop(plan)
+    end: dict[str, Any] = {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq}}
     if send_usage:
         end["usage"] = {"output_tokens": usage["output_tokens"]}
     events.append((_event(end), 0, False))
@@ -315,7 +367,8 @@ async def write_json(flavor: Flavor, ex: Exchange, knobs: dict[str, Any], plan: 
                      rid: str) -> None:
     assert isinstance(flavor, AnthropicFlavor)
     payload = orjson.dumps(message_body(flavor, plan, rid=rid, model=ex.entry["model"],
-                                        send_usage=fault != "no_usage", usage_patch=knobs.get("usage_patch")))
+                                        send_usage=fault != "no_usage", usage_patch=knobs.get("usage_patch"),
+                                        redacted=knobs["redacted_thinking"]))
     if fault == "bad_json":
         payload = b"{not json"
     if fault == "cut":
@@ -343,7 +396,7 @@ async def write_stream(flavor: Flavor, ex: Exchange, knobs: dict[str, Any], plan
         await ex.finish(error)
         return
     events = stream_events(flavor, plan, rid=rid, model=ex.entry["model"], send_usage=fault != "no_usage",
-                           usage_patch=knobs.get("usage_patch"))
+                           usage_patch=knobs.get("usage_patch"), redacted=knobs["redacted_thinking"])
     if fault == "no_done":
         events.pop()  # no message_stop
     if fault == "bad_json" and knobs["bad_json_at"] < len(events):

@@ -68,6 +68,7 @@ KNOB_DEFAULTS: dict[str, Any] = {
     "parallel_tools": 1,
     "cached_tokens": 0,
     "cache_write_tokens": 0,
+    "redacted_thinking": False,
     "max_model_len": 131072,
     "health_status": 200,
     "queue_depth": 0,
@@ -214,6 +215,7 @@ KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
     "parallel_tools": _to_pos_int,
     "cached_tokens": _to_int,
     "cache_write_tokens": _to_int,
+    "redacted_thinking": _to_bool,
     "max_model_len": _to_pos_int,
     "health_status": _to_pos_int,
     "queue_depth": _to_int,
@@ -247,6 +249,7 @@ KNOB_HELP: dict[str, str] = {
     "parallel_tools": "number of parallel tool calls",
     "cached_tokens": "prompt tokens reported as cache hits",
     "cache_write_tokens": "prompt tokens reported as written to the prompt cache (anthropic flavour)",
+    "redacted_thinking": "anthropic flavour: a redacted_thinking block after the thinking (before the text)",
     "max_model_len": "context window reported by /models and context_length errors",
     "health_status": "HTTP status returned by /health and /health_generate",
     "queue_depth": "/metrics: reported waiting requests",
@@ -331,6 +334,7 @@ class FakeConfig:
     parallel_tools: int = 1
     cached_tokens: int = 0
     cache_write_tokens: int = 0
+    redacted_thinking: bool = False
     max_model_len: int = 131072
     health_status: int = 200
     queue_depth: int = 0

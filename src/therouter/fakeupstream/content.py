@@ -37,6 +37,10 @@ class Plan:
     prompt_tokens: int = 1
     cached_tokens: int = 0
     cache_write_tokens: int = 0  # prompt tokens reported as written to the cache (anthropic flavour)
+    stop_sequence: str | None = None  # the request's stop string that ended the text (cut before it)
+    # anthropic flavour: citations on the text (documents with citations enabled), a redacted thinking block
+    citations: list[dict[str, Any]] = field(default_factory=list)
+    redacted_thinking: str | None = None
 
     # Cached: a plan is complete once build_plan() returns and is never mutated afterwards.
     @cached_property
@@ -194,7 +198,40 @@ def build_plan(
     if empty_json:
         content = [(" " * len(t), n) for t, n in content]
     plan.content = content
+    apply_stop(plan, stops_of(body))
     return plan
+
+
+def stops_of(body: dict[str, Any]) -> list[str]:
+    """The request's stop strings (OpenAI's ``stop``: a string or a list)."""
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        return [stop] if stop else []
+    return [s for s in stop if isinstance(s, str) and s] if isinstance(stop, list) else []
+
+
+def apply_stop(plan: Plan, stops: list[str]) -> None:
+    """Cut the text before the first stop string it holds, as a server does (the stop string is not sent): the
+    answer then finished with ``stop``, and names the string (``plan.stop_sequence``)."""
+    text = "".join(t for t, _ in plan.content)
+    found = [(text.find(s), i, s) for i, s in enumerate(stops) if s in text]
+    if not found:
+        return
+    at, _, matched = min(found)
+    kept: list[Piece] = []
+    seen = 0
+    for piece, n in plan.content:
+        if seen + len(piece) > at:
+            if at > seen:
+                kept.append((piece[: at - seen], n))
+            break
+        kept.append((piece, n))
+        seen += len(piece)
+    plan.content = kept
+    plan.finish_reason = "stop"
+    plan.stop_sequence = matched
+    for name in ("completion_tokens", "text"):  # cached properties of the plan: counted again
+        plan.__dict__.pop(name, None)
 
 
 def sample(schema: Any, key: str = "") -> Any:

@@ -95,6 +95,7 @@ class Flavor:
     chunk_extra: ClassVar[dict[str, Any]] = {}
     response_extra: ClassVar[dict[str, Any]] = {}
     choice_extra: ClassVar[dict[str, Any]] = {}
+    matched_field: str | None = None  # the finish choice's field naming the stop string that ended the text
     auth_header = "authorization"  # the request header that carries the API key
     hidden_reasoning = False  # reasoning tokens are billed but their text never sent (OpenAI's reasoning models)
 
@@ -325,6 +326,7 @@ class VLLMFlavor(Flavor):
         "service_tier": None, "system_fingerprint": None, "prompt_logprobs": None, "kv_transfer_params": None,
     }
     choice_extra: ClassVar[dict[str, Any]] = {"stop_reason": None}
+    matched_field = "stop_reason"
 
     def tool_id(self) -> str:
         return f"chatcmpl-tool-{uuid.uuid4().hex}"
@@ -394,6 +396,7 @@ class SGLangFlavor(Flavor):
     owned_by = "sglang"
     finish_mode = "empty_delta"
     choice_extra: ClassVar[dict[str, Any]] = {"matched_stop": None}
+    matched_field = "matched_stop"
 
     def chat_id(self) -> str:
         return uuid.uuid4().hex

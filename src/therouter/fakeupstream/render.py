@@ -53,6 +53,8 @@ def response_body(
         choice["logprobs"] = None
         choice["finish_reason"] = plan.finish_reason
         choice.update(flavor.choice_extra)
+        if plan.stop_sequence is not None and flavor.matched_field:
+            choice[flavor.matched_field] = plan.stop_sequence
         choices.append(choice)
     body: dict[str, Any] = {
         "id": rid,
@@ -164,6 +166,8 @@ def _choice_events(flavor: Flavor, plan: Plan, chunk: Chunk, chat: bool, index: 
         events.append((at(empty, finish), 0, False))
     else:
         events.append((at(wrap({}) if chat else {"text": ""}, finish), 0, False))
+    if plan.stop_sequence is not None and flavor.matched_field:  # vLLM / SGLang name the stop string that matched
+        events[-1][0]["choices"][0][flavor.matched_field] = plan.stop_sequence
     return events
 
 

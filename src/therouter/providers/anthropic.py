@@ -27,6 +27,7 @@ from therouter.providers._anthropic_response import AnthropicStream, to_completi
 from therouter.providers._http import UpstreamRequest, error_from_upstream
 from therouter.providers._sanitize import MAX_INPUT
 from therouter.providers.base import Provider, StreamTranslator
+from therouter.providers.wire import FORWARDED_HEADERS, NativeRequest
 
 ANTHROPIC_VERSION = "2023-06-01"
 # Anthropic's error type -> the HTTP status it comes with (what an in-stream error event is read as)
@@ -37,6 +38,7 @@ ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "bill
 
 class AnthropicProvider(Provider):
     kind = "anthropic"
+    speaks = "anthropic"  # /v1/messages requests are sent as they came, answers relayed as they come
     max_stop = 64  # [verify] Anthropic documents no small limit on stop_sequences
 
     def __init__(self, *args: Any, **kw: Any) -> None:
@@ -60,20 +62,25 @@ class AnthropicProvider(Provider):
                                orjson.dumps(out))
 
     def native_request(
-        self, native: dict[str, Any], body: dict[str, Any], dep: Deployment, *, stream: bool,
+        self, native: NativeRequest, body: dict[str, Any], dep: Deployment, *, stream: bool,
         request_id: str | None = None,
     ) -> UpstreamRequest | None:
-        """A client's own Messages body, sent as it came (``cache_control`` and thinking signatures survive), except
-        what the gateway decides: the deployment's model, the checked output limit (the one reserved for), and
-        streaming. Thinking blocks without a signature (another model's, from an earlier turn served elsewhere) are
-        left out: Anthropic refuses them."""
-        out = {k: v for k, v in native.items() if k not in ("model", "max_tokens", "stream")}
-        out["messages"] = [_signed_only(m) for m in native.get("messages") or ()]
+        """A client's own Messages body, sent as it came (``cache_control``, thinking signatures, documents and
+        server tools survive), except what the gateway decides: the deployment's model, the checked output limit
+        (the one reserved for), and streaming. Thinking blocks without a signature (another model's, from an earlier
+        turn served elsewhere) are left out: Anthropic refuses them. The client's ``anthropic-version`` and
+        ``anthropic-beta`` headers go with it (only those: our key is ours); the answer comes back natively."""
+        if native.wire != self.speaks:
+            return None
+        out = {k: v for k, v in native.body.items() if k not in ("model", "max_tokens", "stream")}
+        out["messages"] = [_signed_only(m) for m in native.body.get("messages") or ()]
         out = {"model": dep.model, "max_tokens": body.get("max_tokens") or DEFAULT_MAX_TOKENS, **out}
         if stream:
             out["stream"] = True
-        return UpstreamRequest("POST", self.config.base_url + "/v1/messages", self.headers(request_id),
-                               orjson.dumps(out))
+        headers = self.headers(request_id)
+        headers.update((k, v) for k, v in native.headers.items() if k in FORWARDED_HEADERS[self.speaks])
+        return UpstreamRequest("POST", self.config.base_url + "/v1/messages", headers, orjson.dumps(out),
+                               meta={"wire": self.speaks})
 
     def completion_request(
         self, body: dict[str, Any], dep: Deployment, *, stream: bool, request_id: str | None = None,

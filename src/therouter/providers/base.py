@@ -19,6 +19,7 @@ from therouter.protocol.usage import Usage
 from therouter.providers._http import Transport, UpstreamRequest, error_from_upstream
 from therouter.providers._sanitize import MAX_INPUT, secret_forms
 from therouter.providers.shapes import check_chunk, check_completion
+from therouter.providers.wire import NativeRequest
 
 JSON_INSTRUCTION = (
     "Respond only with a JSON object that conforms to this JSON Schema (no prose, no code fences):\n"
@@ -34,6 +35,7 @@ class Provider:
     reasoning_field: ClassVar[str] = "reasoning_content"  # what the upstream calls reasoning in message/delta
     default_health_path: ClassVar[str | None] = None  # relative to the server root
     native_fim: ClassVar[bool] = False  # accepts `suffix` on its completions endpoint
+    speaks: ClassVar[str | None] = None  # a client wire format it takes as it is (native_request): "anthropic"
 
     def __init__(self, name: str, config: ProviderConfig, transport: Transport) -> None:
         self.name = name
@@ -127,12 +129,13 @@ class Provider:
         return UpstreamRequest("POST", url, self.headers(request_id), orjson.dumps(out))
 
     def native_request(
-        self, native: dict[str, Any], body: dict[str, Any], dep: Deployment, *, stream: bool,
+        self, native: NativeRequest, body: dict[str, Any], dep: Deployment, *, stream: bool,
         request_id: str | None = None,
     ) -> UpstreamRequest | None:
         """A request in the provider's own wire format, from a client that spoke it (``native``: e.g. an Anthropic
-        Messages body from /v1/messages), with ``body`` the checked OpenAI translation whose limits hold. None: this
-        provider takes the OpenAI translation (:meth:`chat_request`)."""
+        Messages body from /v1/messages), with ``body`` the checked OpenAI translation whose limits hold; its
+        ``meta["wire"]`` says the answer comes back in that format too (:mod:`therouter.native` relays it). None:
+        this provider takes the OpenAI translation (:meth:`chat_request`)."""
         return None
 
     # hooks ----------------------------------------------------------------------------------------------------

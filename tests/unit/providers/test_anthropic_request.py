@@ -9,6 +9,7 @@ import pytest
 
 from therouter.errors import InvalidRequest
 from therouter.providers import UpstreamRequest
+from therouter.providers.wire import NativeRequest
 
 from ._helpers import CANARY, dep, make_provider
 
@@ -255,9 +256,15 @@ def test_native_request_sends_the_clients_messages_body_as_it_came() -> None:
                                {"type": "tool_use", "id": "t", "name": "f", "input": {}}]},
                            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "r"}]}]}
     p = make_provider("anthropic")
-    req = p.native_request(native, {"max_tokens": 512}, dep("anthropic", model="claude-opus-4-7"), stream=True)
+    client_headers = {"anthropic-beta": "pdfs-2024-09-25", "anthropic-version": "2023-06-01",
+                      "x-api-key": "the-clients-own-key", "authorization": "Bearer the-clients", "x-other": "1"}
+    wire = NativeRequest.of("anthropic", native, "claude-sonnet-4-5", client_headers)
+    req = p.native_request(wire, {"max_tokens": 512}, dep("anthropic", model="claude-opus-4-7"), stream=True)
     assert req is not None and req.url == "https://api.anthropic.com/v1/messages"
-    assert req.headers["x-api-key"] == CANARY
+    assert req.meta["wire"] == "anthropic"  # the answer comes back natively
+    # our key, never the client's; the client's protocol headers and nothing else of its
+    assert req.headers["x-api-key"] == CANARY and "authorization" not in req.headers and "x-other" not in req.headers
+    assert req.headers["anthropic-beta"] == "pdfs-2024-09-25" and req.headers["anthropic-version"] == "2023-06-01"
     out = orjson.loads(req.body)
     # the gateway's decisions: the deployment's model, the checked (reserved) output limit, streaming
     assert (out["model"], out["max_tokens"], out["stream"], out["top_k"]) == ("claude-opus-4-7", 512, True, 3)
@@ -265,4 +272,8 @@ def test_native_request_sends_the_clients_messages_body_as_it_came() -> None:
     assert out["messages"][1]["content"] == native["messages"][1]["content"][1:]  # the unsigned block left out
     assert out["messages"][2] == native["messages"][2]
     # an OpenAI-shaped provider takes the translation instead
-    assert make_provider("deepseek").native_request(native, {}, dep("deepseek"), stream=False) is None
+    assert make_provider("deepseek").native_request(wire, {}, dep("deepseek"), stream=False) is None
+    # without the client's headers: the version the adapter always sends
+    plain = p.native_request(NativeRequest.of("anthropic", native, "m"), {}, dep("anthropic"), stream=False)
+    assert plain is not None and plain.headers["anthropic-version"] == "2023-06-01"
+    assert "anthropic-beta" not in plain.headers and "stream" not in orjson.loads(plain.body)
