@@ -35,6 +35,7 @@ from therouter.errors import (
     UpstreamStreamError,
     UpstreamTimeout,
 )
+from therouter.metering.records import Outcome
 from therouter.protocol.usage import Usage
 from therouter.providers._anthropic_response import finish_reason, openai_usage
 from therouter.providers._http import UpstreamRequest
@@ -167,10 +168,10 @@ class _Events(Protocol):
 
 
 async def pump(relay: MessagesRelay, events: _Events, first: list[bytes], provider: Provider,
-               finish: Callable[[str, GatewayError | None], Awaitable[Any]], gen_id: str = "") -> AsyncIterator[bytes]:
+               finish: Callable[[Outcome, GatewayError | None], Awaitable[Any]], gen_id: str = "") -> AsyncIterator[bytes]:
     """The client's stream past the gate (``first``: what the gate released). ``finish(outcome, error)`` closes the
     upstream and settles; it runs once, shielded, whatever ends the stream (the client leaving included)."""
-    outcome = "client_cancelled"
+    outcome: Outcome = "client_cancelled"
     error: GatewayError | None = None
     try:
         for b in first:
@@ -196,7 +197,7 @@ async def pump(relay: MessagesRelay, events: _Events, first: list[bytes], provid
         yield relay.error(error, provider.name)
 
 
-def broken_stream_outcome(e: GatewayError) -> str:
+def broken_stream_outcome(e: GatewayError) -> Outcome:
     """As the gateway's: the connection broke or stalled (``upstream_cut``), or the provider sent something
     unusable (``upstream_error``)."""
     return "upstream_cut" if isinstance(e, (UpstreamStreamError, UpstreamTimeout)) else "upstream_error"
