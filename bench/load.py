@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,13 @@ class Tally:
     done: int = 0
     errors: int = 0
     seconds: float = 0.0
+    kinds: dict[str, int] = field(default_factory=dict)  # what went wrong: "status 503", "ClientOSError", ...
+    open: int = 0  # answers whose headers arrived and whose body has not ended yet
+    peak_open: int = 0
+
+    def error(self, kind: str) -> None:
+        self.errors += 1
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
 
 
 async def requests(url: str, key: str | None, req: dict[str, Any], n: int, concurrency: int,
@@ -68,14 +75,21 @@ async def requests(url: str, key: str | None, req: dict[str, Any], n: int, concu
 
         async def worker() -> None:
             for _ in todo:
+                tally.done += 1
                 try:
                     async with s.post(url, data=payload, headers=headers) as r:
-                        data = await r.read()
-                        ok = r.status == 200 and (not stream or data.rstrip().endswith(b"data: [DONE]"))
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    ok = False
-                tally.done += 1
-                tally.errors += not ok
+                        tally.open += 1
+                        tally.peak_open = max(tally.peak_open, tally.open)
+                        try:
+                            data = await r.read()
+                        finally:
+                            tally.open -= 1
+                        if r.status != 200:
+                            tally.error(f"status {r.status}")
+                        elif stream and not data.rstrip().endswith(b"data: [DONE]"):
+                            tally.error("stream without [DONE]")
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    tally.error(type(e).__name__)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -111,7 +111,7 @@ def mode_latency(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]
     cfg = st.gateway_config(up)
     bare = st.bare(up, cpus.gateway)
     gw = st.therouter(cfg, cpus.gateway, log_level=a.log_level)
-    key = st.create_key(cfg)
+    key, key_id = st.create_key(cfg)
     direct_url = f"http://127.0.0.1:{up}/v1/chat/completions"
     # (name, url, model, key, pid whose CPU is counted, json only)
     targets = [("direct", direct_url, upstream.UPSTREAM_MODEL, None, nginx_pid, False),
@@ -147,7 +147,7 @@ def mode_latency(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]
             res["ratios"]["assembled_over_passthrough"] = res["assembled"]["rps"] / t["rps"] if t["rps"] else None
             res["ratios"]["assembled_over_bare"] = res["assembled"]["rps"] / b["rps"] if b["rps"] else None
         results[scen] = res
-    meter = metering_check(st.redis_url, st.key_id(gw, key))
+    meter = metering_check(st.redis_url, key_id)
     print_latency(a, cpus, results, meter)
     return {"results": results, "metering": meter}
 
@@ -190,7 +190,7 @@ def mode_rss(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]:
     st.redis(cpus.load)
     cfg = st.gateway_config(up)
     gw = st.therouter(cfg, cpus.gateway, log_level=a.log_level)
-    key = st.create_key(cfg)
+    key, key_id = st.create_key(cfg)
     req = load.body(PUBLIC_MODEL, True)
     start = rss_bytes(gw.proc.pid)
     first = asyncio.run(load.requests(gw.url, key, req, a.rss_first, 32))
@@ -201,7 +201,7 @@ def mode_rss(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]:
            "rss_after_first_mb": after_first / MB, "rss_after_total_mb": after_total / MB,
            "growth_mb": (after_total - after_first) / MB, "errors": first.errors + rest.errors,
            "streams_per_s": (first.done + rest.done) / (first.seconds + rest.seconds)}
-    out["metering"] = metering_check(st.redis_url, st.key_id(gw, key))
+    out["metering"] = metering_check(st.redis_url, key_id)
     print(f"\nrss: gateway RSS at start {out['rss_start_mb']:.1f} MB, after {a.rss_first:,} streams "
           f"{out['rss_after_first_mb']:.1f} MB, after {a.rss_total:,} {out['rss_after_total_mb']:.1f} MB "
           f"(growth {out['growth_mb']:+.1f} MB; target: within 50 MB); errors {out['errors']}; "
@@ -215,7 +215,7 @@ def mode_slow(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]:
     st.redis(cpus.load)
     cfg = st.gateway_config(up)
     gw = st.therouter(cfg, cpus.gateway, log_level=a.log_level)
-    key = st.create_key(cfg)
+    key, key_id = st.create_key(cfg)
     req = load.body(PUBLIC_MODEL, True)
     asyncio.run(load.requests(gw.url, key, req, 16, 16))  # warm-up: pools, caches
     start = rss_bytes(gw.proc.pid)
@@ -234,11 +234,13 @@ def mode_slow(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]:
         stop.set()
         sampler.join()
     out = {"streams": a.slow_streams, "interval_ms": a.slow_interval_ms, "events": 52, "errors": t.errors,
+           "error_kinds": t.kinds, "peak_open_streams": t.peak_open,
            "seconds": t.seconds, "rss_start_mb": start / MB, "peak_rss_mb": peak[0] / MB,
            "min_stream_s": 52 * a.slow_interval_ms / 1000}
-    out["metering"] = metering_check(st.redis_url, st.key_id(gw, key))
+    out["metering"] = metering_check(st.redis_url, key_id)
     print(f"\nslow: {a.slow_streams:,} concurrent streams, upstream paced at {a.slow_interval_ms:g} ms per event "
-          f"(>= {out['min_stream_s']:.2f} s each): all done in {t.seconds:.1f} s, errors {t.errors}; gateway RSS "
+          f"(>= {out['min_stream_s']:.2f} s each): at most {t.peak_open:,} open at once, all done in {t.seconds:.1f} s, "
+          f"errors {t.errors} {t.kinds or ''}; gateway RSS "
           f"{out['rss_start_mb']:.1f} MB before, peak {out['peak_rss_mb']:.1f} MB (target: < 300 MB, no error)")
     print_metering("metering", out["metering"])
     return out
@@ -268,7 +270,7 @@ def mode_redis(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]:
     url = st.redis(cpus.load)
     cfg = st.gateway_config(up)
     gw = st.therouter(cfg, cpus.gateway, log_level=a.log_level)
-    key = st.create_key(cfg)
+    key, key_id = st.create_key(cfg)
     n = a.redis_requests
     for stream in (False, True):  # warm-up: the key cache, pools
         asyncio.run(load.requests(gw.url, key, load.body(PUBLIC_MODEL, stream), 50, 8))
@@ -330,7 +332,7 @@ def mode_scale(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]:
     for setup, workers, instances in (("1 worker", 1, 1), ("2 workers", 2, 1), ("2 instances, 1 Redis", 1, 2)):
         gws = [st.therouter(cfg, None, workers=workers, name=f"therouter-{i}", log_level=a.log_level)
                for i in range(instances)]
-        key = st.create_key(cfg)
+        key, key_id = st.create_key(cfg)
         for gw in gws:
             if a.warmup > 0:
                 load.wrk(gw.url, load.body(PUBLIC_MODEL, False), key, 16, a.warmup, None)
@@ -340,7 +342,7 @@ def mode_scale(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]:
             res[label(kind, conns)] = r
             print(f"  {setup:<21} {label(kind, conns):<11} {r['rps']:>9,.0f} req/s  p50 {r['p50_ms']:.2f} ms  "
                   f"errors {r['errors']}", flush=True)
-        res["metering"] = metering_check(st.redis_url, st.key_id(gws[0], key))
+        res["metering"] = metering_check(st.redis_url, key_id)
         out[setup] = res
         for gw in gws:
             st.stop(gw.proc)
@@ -368,7 +370,7 @@ def mode_profile(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]
     st.redis(cpus.load)
     cfg = st.gateway_config(up)
     gw = st.therouter(cfg, cpus.gateway, log_level=a.log_level)
-    key = st.create_key(cfg)
+    key, key_id = st.create_key(cfg)
     model = ASSEMBLED_MODEL if a.profile_scenario == "assembled" else PUBLIC_MODEL
     req = load.body(model, a.profile_scenario == "stream")
     load.wrk(gw.url, req, key, 16, max(a.warmup, 1), cpus.load)
@@ -402,6 +404,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per target (default 2; 0: none)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     ap.add_argument("--log-level", default="info", help="the gateway's --log-level (default info, as `serve`)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="put a setting over the gateway's config, e.g. --set store.max_connections=256 "
+                    "(dotted path, YAML value; repeatable)")
     ap.add_argument("--rss-first", type=int, default=1000)
     ap.add_argument("--rss-total", type=int, default=10000)
     ap.add_argument("--slow-streams", type=int, default=1000)
@@ -437,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     cpus = Cpus(not a.no_pin)
     meta = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "cpus": len(cpus.all), "pinned": cpus.pin,
             "python": platform.python_version(), "duration_s": a.duration, "rounds": a.rounds,
-            "connections": a.connections, "command": " ".join(["bench/run.py", *(argv or sys.argv[1:])])}
+            "connections": a.connections, "overrides": a.overrides, "command": " ".join(["bench/run.py", *(argv or sys.argv[1:])])}
     print(f"TheRouter benchmark {meta['date']}: {cpus.describe()}; modes {', '.join(a.modes)}", flush=True)
     out_path = Path(a.out)
     try:
@@ -450,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
            "profile": mode_profile}
     for mode in a.modes:
         tmp = Path(tempfile.mkdtemp(prefix=f"therouter-bench-{mode}-"))
-        st = Stack(tmp)
+        st = Stack(tmp, overrides=a.overrides)
         cpus.pin_self(True)
         try:
             result = fns[mode](a, st, cpus)

@@ -70,8 +70,7 @@ class Conn(asyncio.Protocol):
         self.need = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]  # a TCP server's transport
 
     def data_received(self, data: bytes) -> None:
         self.buf += data

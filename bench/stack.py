@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -106,6 +107,7 @@ class Stack:
     tmp: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     redis_url: str = ""
+    overrides: list[str] = field(default_factory=list)  # "dotted.key=YAML value" put over the gateway's config
 
     # ---- processes ---------------------------------------------------------------------------------------------
 
@@ -220,6 +222,13 @@ class Stack:
                 ASSEMBLED_MODEL: {**card, "deployments": [{"provider": "up-assembled",
                                                            "model": upstream.UPSTREAM_MODEL}]}},
         }
+        for item in self.overrides:
+            dotted, _, value = item.partition("=")
+            *parents, leaf = dotted.split(".")
+            node = cfg
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = yaml.safe_load(value)
         path = self.tmp / f"therouter-{upstream_port}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
@@ -234,20 +243,21 @@ class Stack:
         self.wait_up(name, p, lambda: http_ok(f"http://127.0.0.1:{port}/health"))
         return Gateway(name, p, port)
 
-    def create_key(self, config: Path) -> str:
+    def create_key(self, config: Path) -> tuple[str, str]:
         """A key with a budget and RPM / TPM limits far above what the load can reach (every check runs, none
-        trips), made with `therouter keys create` (the key is the last line of its output)."""
+        trips), made with `therouter keys create`: (the key, its id). The key is the last line of the output, the id
+        is named in the line before it."""
         out = subprocess.run([sys.executable, "-m", "therouter", "--config", str(config), "keys", "create",
                               "--name", "bench", "--budget", "1000000", "--rpm", "1000000000",
                               "--tpm", "1000000000"], capture_output=True, text=True, timeout=60,
                              env={**os.environ, "BENCH_UPSTREAM_KEY": UPSTREAM_KEY})
         if out.returncode != 0:
             raise RuntimeError(f"therouter keys create failed: {out.stderr.strip()}")
-        return out.stdout.strip().splitlines()[-1].strip()
-
-    def key_id(self, gw: Gateway, key: str) -> str:
-        d = _get_json(f"http://127.0.0.1:{gw.port}/v1/key", key)
-        return str(d.get("data", d)["key_id"])
+        lines = out.stdout.strip().splitlines()
+        ids = re.findall(r"\bkey_[A-Za-z0-9]+", "\n".join(lines[:-1]))
+        if not ids:
+            raise RuntimeError(f"no key id in the output of therouter keys create: {lines[:-1]}")
+        return lines[-1].strip(), ids[0]
 
 
 def _tcp_open(port: int) -> bool:
@@ -256,14 +266,6 @@ def _tcp_open(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _get_json(url: str, key: str) -> dict[str, Any]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        data = json.loads(r.read())
-    assert isinstance(data, dict)
-    return data
 
 
 def metering_check(redis_url: str, key_id: str, settle_wait: float = 30.0) -> dict[str, Any]:
