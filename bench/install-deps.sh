@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the benchmark needs from Debian when it is missing: nginx with its njs module (the fake upstream
-# chooses JSON or SSE by the request body's "stream" field in njs) and wrk (the load generator). Never leaves a
+# chooses JSON or SSE by the request body's "stream" field in njs), wrk (the load generator) and redis-server (the
+# gateway's private store). Never leaves a
 # system nginx running: while apt-get runs, a policy-rc.d that answers 101 ("action forbidden") keeps Debian's
 # postinst from starting the service on port 80 (an existing policy-rc.d is left as it is).
 set -euo pipefail
@@ -9,6 +10,8 @@ missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 [ -e /usr/lib/nginx/modules/ngx_http_js_module.so ] || missing+=(libnginx-mod-http-js)
 command -v wrk >/dev/null 2>&1 || [ -x /usr/bin/wrk ] || missing+=(wrk)
+command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
+command -v taskset >/dev/null 2>&1 || [ -x /usr/bin/taskset ] || missing+=(util-linux)
 [ "${#missing[@]}" -eq 0 ] && exit 0
 
 echo "installing ${missing[*]} (Debian packages)..."

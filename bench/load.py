@@ -34,7 +34,8 @@ def wrk(url: str, req: dict[str, Any], key: str | None, connections: int, durati
     env = {**os.environ, "BENCH_BODY": json.dumps(req), "BENCH_KEY": key or ""}
     args = pinned(cpus, [tool("wrk"), "-t", str(threads), "-c", str(connections), "-d", f"{duration:g}s",
                          "--timeout", "10s", "-s", str(HERE / "wrk.lua"), url])
-    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=duration + 120)
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=duration + 120,
+                         check=False)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_RESULT ")), None)
     if out.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
@@ -88,7 +89,7 @@ async def requests(url: str, key: str | None, req: dict[str, Any], n: int, concu
                             tally.error(f"status {r.status}")
                         elif stream and not data.rstrip().endswith(b"data: [DONE]"):
                             tally.error("stream without [DONE]")
-                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                except (aiohttp.ClientError, TimeoutError) as e:
                     tally.error(type(e).__name__)
 
         t0 = time.perf_counter()

@@ -31,21 +31,18 @@ import platform
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+import load  # bench/ is the script's folder, first on sys.path
+import upstream
+from stack import ASSEMBLED_MODEL, PUBLIC_MODEL, Gateway, Stack, cpu_seconds, metering_check, rss_bytes
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import load  # noqa: E402
-import upstream  # noqa: E402
-from stack import (ASSEMBLED_MODEL, PUBLIC_MODEL, Gateway, Stack, cpu_seconds, metering_check,  # noqa: E402
-                   rss_bytes)
 
 MODES = ("latency", "rss", "slow", "redis", "scale", "profile")
 TARGET_NAMES = {"direct": "nginx direct", "bare": "bare pass-through", "therouter": "TheRouter",
@@ -80,10 +77,10 @@ def label(kind: str, conns: int) -> str:
     return f"{kind} @{conns}"
 
 
-def measured(run: Callable[[], dict[str, Any]], pid: int) -> dict[str, Any]:
-    """A wrk run, with the CPU time the target (process tree) spent per request."""
+def measured(pid: int, *wrk_args: Any) -> dict[str, Any]:
+    """A wrk run (load.wrk's arguments), with the CPU time the target (pid's process tree) spent per request."""
     c0 = cpu_seconds(pid)
-    r = run()
+    r = load.wrk(*wrk_args)
     r["cpu_ms_per_req"] = (cpu_seconds(pid) - c0) * 1000 / r["requests"] if r["requests"] else None
     return r
 
@@ -129,7 +126,7 @@ def mode_latency(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]
             for name, url, model, k, pid, json_only in targets:
                 if json_only and stream:
                     continue
-                r = measured(lambda: load.wrk(url, load.body(model, stream), k, conns, a.duration, cpus.load), pid)
+                r = measured(pid, url, load.body(model, stream), k, conns, a.duration, cpus.load)
                 runs.setdefault(label(kind, conns), {}).setdefault(name, []).append(r)
                 print(f"  round {rnd + 1}/{a.rounds} {label(kind, conns):<11} {TARGET_NAMES[name]:<21} "
                       f"{r['rps']:>9,.0f} req/s  p50 {r['p50_ms']:.2f} ms  errors {r['errors']}", flush=True)
@@ -270,7 +267,7 @@ def mode_redis(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]:
     url = st.redis(cpus.load)
     cfg = st.gateway_config(up)
     gw = st.therouter(cfg, cpus.gateway, log_level=a.log_level)
-    key, key_id = st.create_key(cfg)
+    key, _ = st.create_key(cfg)
     n = a.redis_requests
     for stream in (False, True):  # warm-up: the key cache, pools
         asyncio.run(load.requests(gw.url, key, load.body(PUBLIC_MODEL, stream), 50, 8))
@@ -370,7 +367,7 @@ def mode_profile(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]
     st.redis(cpus.load)
     cfg = st.gateway_config(up)
     gw = st.therouter(cfg, cpus.gateway, log_level=a.log_level)
-    key, key_id = st.create_key(cfg)
+    key, _ = st.create_key(cfg)
     model = ASSEMBLED_MODEL if a.profile_scenario == "assembled" else PUBLIC_MODEL
     req = load.body(model, a.profile_scenario == "stream")
     load.wrk(gw.url, req, key, 16, max(a.warmup, 1), cpus.load)

@@ -11,11 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from upstream import json_answer, models_answer, sse_events  # noqa: E402
+from upstream import json_answer, models_answer, sse_events  # bench/ is the script's folder, first on sys.path
 
 STREAM = re.compile(rb'"stream"\s*:\s*true')
 EVENTS = [e.encode() for e in sse_events()]

@@ -23,9 +23,9 @@ from typing import Any
 import redis
 import yaml
 
+import upstream
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import upstream  # noqa: E402
 
 PREFIX = "bench:"
 PUBLIC_MODEL = "bench/passthrough"  # non_stream: passthrough (JSON asked as JSON upstream)
@@ -225,7 +225,7 @@ class Stack:
         for item in self.overrides:
             dotted, _, value = item.partition("=")
             *parents, leaf = dotted.split(".")
-            node = cfg
+            node: Any = cfg
             for p in parents:
                 node = node.setdefault(p, {})
             node[leaf] = yaml.safe_load(value)
@@ -249,7 +249,7 @@ class Stack:
         is named in the line before it."""
         out = subprocess.run([sys.executable, "-m", "therouter", "--config", str(config), "keys", "create",
                               "--name", "bench", "--budget", "1000000", "--rpm", "1000000000",
-                              "--tpm", "1000000000"], capture_output=True, text=True, timeout=60,
+                              "--tpm", "1000000000"], capture_output=True, text=True, timeout=60, check=False,
                              env={**os.environ, "BENCH_UPSTREAM_KEY": UPSTREAM_KEY})
         if out.returncode != 0:
             raise RuntimeError(f"therouter keys create failed: {out.stderr.strip()}")
@@ -272,7 +272,7 @@ def metering_check(redis_url: str, key_id: str, settle_wait: float = 30.0) -> di
     """Σ of the key's generation records (their cost and count) against the key's total counters, once nothing is
     reserved any more (every request settled). Read from the gateway's Redis layout (metering/layout.py):
     ``PREFIX{k:ID}:gen:GEN`` records, ``PREFIX{k:ID}:per:total`` counters, ``PREFIX{k:ID}:resv`` reservations."""
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r: Any = redis.Redis.from_url(redis_url, decode_responses=True)
     tag = "{k:" + key_id + "}"
     deadline = time.monotonic() + settle_wait
     last: dict[str, Any] = {}
