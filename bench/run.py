@@ -384,8 +384,37 @@ def mode_profile(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]
         raise RuntimeError(f"py-spy failed ({spy.returncode}): {(st.tmp / 'py-spy.log').read_text()[-2000:]}")
     print(f"\nprofile: {a.profile_scenario} @{a.profile_connections}, {a.profile_seconds:g} s: {r['rps']:,.0f} "
           f"req/s while sampled (py-spy costs some); {a.profile_format} written to {outfile}")
+    if a.profile_format == "raw":
+        print_top_frames(outfile)
     return {"scenario": a.profile_scenario, "connections": a.profile_connections, "seconds": a.profile_seconds,
             "rps_while_sampled": r["rps"], "file": str(outfile)}
+
+
+def print_top_frames(raw: Path, n: int = 15) -> None:
+    """From py-spy's raw (collapsed) stacks: the frames with the most samples of their own, and the share of
+    samples spent anywhere under each module of therouter."""
+    own: dict[str, int] = {}
+    under: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        c = int(count)
+        total += c
+        frames = [f.rsplit(":", 1)[0] + ")" if f.endswith(")") else f for f in stack.split(";")]  # no line numbers
+        own[frames[-1]] = own.get(frames[-1], 0) + c
+        mods = {f.split("(", 1)[1][:-1] for f in frames if "(therouter/" in f}
+        for mod in mods - {"therouter/cli.py", "therouter/__main__.py"}:
+            under[mod] = under.get(mod, 0) + c
+    if not total:
+        return
+    print(f"{'own samples':>12}  frame")
+    for f, c in sorted(own.items(), key=lambda kv: -kv[1])[:n]:
+        print(f"{100 * c / total:>11.1f}%  {f}")
+    print(f"{'under':>12}  therouter module")
+    for m, c in sorted(under.items(), key=lambda kv: -kv[1])[:n]:
+        print(f"{100 * c / total:>11.1f}%  {m}")
 
 
 # ---- main ----------------------------------------------------------------------------------------------------
