@@ -35,12 +35,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import load  # bench/ is the script's folder, first on sys.path
 import upstream
-from stack import ASSEMBLED_MODEL, PUBLIC_MODEL, Gateway, Stack, cpu_seconds, metering_check, rss_bytes
+from stack import ASSEMBLED_MODEL, PUBLIC_MODEL, Gateway, Stack, answers_not_ok, cpu_seconds, metering_check, rss_bytes
 
 HERE = Path(__file__).resolve().parent
 
@@ -98,6 +99,13 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def per_round(xs: list[dict[str, Any]], ys: list[dict[str, Any]],
+              fn: Callable[[dict[str, Any], dict[str, Any]], float | None]) -> float | None:
+    """The median over rounds of fn(x, y) for each round's pair of runs."""
+    vals = [v for v in (fn(x, y) for x, y in zip(xs, ys, strict=True)) if v is not None]
+    return statistics.median(vals) if vals else None
+
+
 # ---- latency -------------------------------------------------------------------------------------------------
 
 
@@ -133,23 +141,29 @@ def mode_latency(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]
     results: dict[str, Any] = {}
     for scen, per_target in runs.items():
         res: dict[str, Any] = {name: median_of(rs) for name, rs in per_target.items()}
-        d, b, t = res["direct"], res["bare"], res["therouter"]
+        d, b, t = per_target["direct"], per_target["bare"], per_target["therouter"]
+        # ratios per round (its targets ran back to back, under the same noise), then the median over rounds
         res["ratios"] = {
-            "therouter_over_bare": t["rps"] / b["rps"] if b["rps"] else None,
-            "therouter_over_direct": t["rps"] / d["rps"] if d["rps"] else None,
-            "added_p50_ms": t["p50_ms"] - d["p50_ms"],
-            "bare_added_p50_ms": b["p50_ms"] - d["p50_ms"],
+            "therouter_over_bare": per_round(t, b, lambda x, y: x["rps"] / y["rps"] if y["rps"] else None),
+            "therouter_over_direct": per_round(t, d, lambda x, y: x["rps"] / y["rps"] if y["rps"] else None),
+            "added_p50_ms": per_round(t, d, lambda x, y: x["p50_ms"] - y["p50_ms"]),
+            "bare_added_p50_ms": per_round(b, d, lambda x, y: x["p50_ms"] - y["p50_ms"]),
         }
-        if "assembled" in res:
-            res["ratios"]["assembled_over_passthrough"] = res["assembled"]["rps"] / t["rps"] if t["rps"] else None
-            res["ratios"]["assembled_over_bare"] = res["assembled"]["rps"] / b["rps"] if b["rps"] else None
+        if "assembled" in per_target:
+            asm = per_target["assembled"]
+            res["ratios"]["assembled_over_passthrough"] = per_round(
+                asm, t, lambda x, y: x["rps"] / y["rps"] if y["rps"] else None)
+            res["ratios"]["assembled_over_bare"] = per_round(
+                asm, b, lambda x, y: x["rps"] / y["rps"] if y["rps"] else None)
         results[scen] = res
     meter = metering_check(st.redis_url, key_id)
-    print_latency(a, cpus, results, meter)
-    return {"results": results, "metering": meter}
+    refused = answers_not_ok(st.tmp / f"{gw.name}.log")
+    print_latency(a, cpus, results, meter, refused)
+    return {"results": results, "metering": meter, "therouter_answers_not_ok": refused}
 
 
-def print_latency(a: argparse.Namespace, cpus: Cpus, results: dict[str, Any], meter: dict[str, Any]) -> None:
+def print_latency(a: argparse.Namespace, cpus: Cpus, results: dict[str, Any], meter: dict[str, Any],
+                  refused: dict[str, int]) -> None:
     print(f"\nlatency: {cpus.describe()}; wrk, {a.duration:g} s per run, {a.rounds} round(s), median shown")
     print(f"{'scenario':<12}{'target':<22}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'CPU ms/req':>12}")
     for scen, res in results.items():
@@ -158,13 +172,17 @@ def print_latency(a: argparse.Namespace, cpus: Cpus, results: dict[str, Any], me
             cpu = "-" if x["cpu_ms_per_req"] is None else f"{x['cpu_ms_per_req']:.3f}"
             print(f"{scen if i == 0 else '':<12}{TARGET_NAMES[name]:<22}{x['rps']:>10,.0f}{x['p50_ms']:>9.2f}"
                   f"{x['p99_ms']:>9.2f}{x['errors']:>8}{cpu:>12}")
-    print(f"\n{'scenario':<12}{'TheRouter/bare':>16}{'TheRouter/direct':>18}{'added p50 vs direct':>21}"
+    print("\nratios and added latency: per round (its runs back to back), median over the rounds")
+    print(f"{'scenario':<12}{'TheRouter/bare':>16}{'TheRouter/direct':>18}{'added p50 vs direct':>21}"
           f"{'bare added p50':>16}{'assembled/passthrough':>23}")
     for scen, res in results.items():
         r = res["ratios"]
         asm = r.get("assembled_over_passthrough")
         print(f"{scen:<12}{_x(r['therouter_over_bare']):>16}{_x(r['therouter_over_direct']):>18}"
-              f"{r['added_p50_ms']:>+18.2f} ms{r['bare_added_p50_ms']:>+13.2f} ms{_x(asm) if asm else '-':>23}")
+              f"{r['added_p50_ms']:>+18.2f} ms{r['bare_added_p50_ms']:>+13.2f} ms{_x(asm):>23}")
+    if refused:
+        print("TheRouter's answers other than 200 (its request log, warm-ups included): "
+              + ", ".join(f"{n} x {k}" for k, n in sorted(refused.items())))
     print_metering("metering", meter)
 
 
@@ -235,9 +253,10 @@ def mode_slow(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]:
            "seconds": t.seconds, "rss_start_mb": start / MB, "peak_rss_mb": peak[0] / MB,
            "min_stream_s": 52 * a.slow_interval_ms / 1000}
     out["metering"] = metering_check(st.redis_url, key_id)
+    out["therouter_answers_not_ok"] = answers_not_ok(st.tmp / f"{gw.name}.log")
     print(f"\nslow: {a.slow_streams:,} concurrent streams, upstream paced at {a.slow_interval_ms:g} ms per event "
           f"(>= {out['min_stream_s']:.2f} s each): at most {t.peak_open:,} open at once, all done in {t.seconds:.1f} s, "
-          f"errors {t.errors} {t.kinds or ''}; gateway RSS "
+          f"errors {t.errors} {out['therouter_answers_not_ok'] or t.kinds or ''}; gateway RSS "
           f"{out['rss_start_mb']:.1f} MB before, peak {out['peak_rss_mb']:.1f} MB (target: < 300 MB, no error)")
     print_metering("metering", out["metering"])
     return out

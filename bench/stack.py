@@ -268,6 +268,21 @@ def _tcp_open(port: int) -> bool:
         return False
 
 
+def answers_not_ok(log: Path) -> dict[str, int]:
+    """What the gateway's request log lines (INFO, text format) say about answers other than 200: "503
+    store_unavailable" -> count. Best effort: {} when the log has no such lines (e.g. --log-level warning)."""
+    out: dict[str, int] = {}
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return out
+    for m in re.finditer(r"\bstatus=(\d{3})\b.*?\berror_code=(\S+)", text):
+        if m.group(1) != "200":
+            k = f"{m.group(1)} {m.group(2)}"
+            out[k] = out.get(k, 0) + 1
+    return out
+
+
 def metering_check(redis_url: str, key_id: str, settle_wait: float = 30.0) -> dict[str, Any]:
     """Σ of the key's generation records (their cost and count) against the key's total counters, once nothing is
     reserved any more (every request settled). Read from the gateway's Redis layout (metering/layout.py):
