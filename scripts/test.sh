@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs (Debian's redis-server, and redis-tools for redis-cli, with which the
-# suite builds a three-node Redis Cluster; a virtualenv with the package and its test extras) and runs the whole
+# suite builds a three-node Redis Cluster; nginx, njs and wrk for the benchmark's smoke test; a virtualenv with the
+# package and its test extras) and runs the whole
 # suite. The suite starts its own redis-server processes on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# nginx + its njs module and wrk, for the benchmark's smoke test (tests/bench); no system nginx is left running
+bench/install-deps.sh
 
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then

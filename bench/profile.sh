@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# A py-spy profile of the gateway (one worker, pinned like the benchmark) under wrk load:
+#   bench/profile.sh                                   # stream @32 for 20 s -> bench/results/profile.svg
+#   bench/profile.sh --profile-scenario json --profile-seconds 30 --profile-format speedscope \
+#       --profile-out bench/results/profile.json
+# Installs what bench/run.sh installs, plus py-spy (the `bench` extra), then runs `bench/run.py profile`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bench/install-deps.sh
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[bench]' 2>&1 | { grep -v '^WARNING: Location' || true; }
+exec .venv/bin/python bench/run.py profile "$@"
