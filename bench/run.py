@@ -181,8 +181,8 @@ def print_latency(a: argparse.Namespace, cpus: Cpus, results: dict[str, Any], me
         print(f"{scen:<12}{_x(r['therouter_over_bare']):>16}{_x(r['therouter_over_direct']):>18}"
               f"{r['added_p50_ms']:>+18.2f} ms{r['bare_added_p50_ms']:>+13.2f} ms{_x(asm):>23}")
     if refused:
-        print("TheRouter's answers other than 200 (its request log, warm-ups included): "
-              + ", ".join(f"{n} x {k}" for k, n in sorted(refused.items())))
+        print("TheRouter's answers other than 200 (its request log, warm-ups included; 499: the client left, as wrk "
+              "does at the end of each run): " + ", ".join(f"{n} x {k}" for k, n in sorted(refused.items())))
     print_metering("metering", meter)
 
 
