@@ -10,8 +10,9 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 import orjson
 
@@ -26,23 +27,26 @@ from therouter.errors import (
     UpstreamError,
     UpstreamRateLimited,
     UpstreamStreamError,
-    UpstreamTimeout,
 )
 from therouter.keys import KeyRecord
 from therouter.logs import log_request
 from therouter.metering.meter import Admission, Meter
 from therouter.metering.prices import nano_to_usd
-from therouter.metering.records import GenerationRecord, Outcome
+from therouter.metering.records import GenerationRecord
 from therouter.observability import Finished, Metrics
 from therouter.protocol.usage import Usage
-from therouter.providers._http import UpstreamRequest
-from therouter.providers.base import Provider
+from therouter.providers import Provider, UpstreamEvents, UpstreamRequest
 from therouter.routing.attempts import AttemptPolicy, Exhausted, all_failed, unless_gone
 from therouter.routing.balance import prompt_prefix
 from therouter.routing.preferences import NO_PREFERENCES, Preferences, parse_preferences
 from therouter.routing.router import Candidate, Needs, Router, Skip
 from therouter.routing.state import Lease
-from therouter.streaming import ChunkRewriter, UpstreamEvents, UsageTap
+from therouter.streaming import (
+    ChunkRewriter,
+    ClientStream,
+    UsageTap,
+    broken_stream_outcome,
+)
 from therouter.tracing import Tracing
 
 log = logging.getLogger("therouter.gateway")
@@ -350,24 +354,11 @@ class Gateway:
         return answer
 
     async def _json_attempt(self, call: Call, c: Candidate) -> tuple[dict[str, Any], Usage]:
-        p, t = c.provider, c.provider.config.timeouts
         self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=False)  # checkpointed if it dies
-        req = self._request(call, p, c.dep, c.model_id)
-        budget = max(min(t.total, self._deadline(call) - self.clock()), 0.001)
-        resp = await p.transport.send(req, connect=t.connect, headers_timeout=budget)
-        try:
-            try:
-                async with asyncio.timeout(budget):
-                    raw = await resp.read(self.settings.server.max_upstream_body_bytes)
-            except TimeoutError:
-                raise UpstreamTimeout("upstream did not finish its answer in time", sent=True) from None
-            if resp.status != 200:
-                raise p.map_error(resp.status, raw, resp.headers)
-            obj = p.parse_json(raw)
-        finally:
-            await resp.close()
-        u = obj.get("usage")
-        return obj, p.usage(u) if isinstance(u, dict) else _json_estimate(call, obj)
+        budget = max(min(c.provider.config.timeouts.total, self._deadline(call) - self.clock()), 0.001)
+        obj, usage = await c.provider.complete(self._request(call, c.provider, c.dep, c.model_id), budget=budget,
+                                               max_body_bytes=self.settings.server.max_upstream_body_bytes)
+        return obj, usage or _json_estimate(call, obj)
 
     async def _open_assembly(self, call: Call, c: Candidate) -> _Assembly:
         """A non-stream request sent upstream as a stream: opened and held at the first-chunk gate like a stream."""
@@ -391,7 +382,7 @@ class Gateway:
             await (unless_gone(drain, wait_disconnect) if wait_disconnect is not None else drain)
             outcome = "completed"
         except GatewayError as e:
-            outcome, error = _broken_stream_outcome(e), e
+            outcome, error = broken_stream_outcome(e), e
             log.warning("assembled answer %s from %s broke: %s: %s", call.gen_id, cand.name, e.code,
                         e.detail or e.message)
         finally:
@@ -426,9 +417,13 @@ class Gateway:
         # a client that leaves while the first-chunk gate holds the answer cancels the upstream at once
         cand, (events, rw, first) = await self._route(call, routes, attempt, cancel_on=wait_disconnect)
         call.ttft = self.clock() - call.started
-        gen = self._pump(call, cand, events, rw, first)
-        return StreamAnswer(self._headers(call, cand),
-                            _Stream(gen, lambda: self._finish_stream(call, cand, events, rw, "client_cancelled", None)))
+
+        async def finish(outcome: str, error: GatewayError | None) -> tuple[Usage, int]:
+            return await self._finish_stream(call, cand, events, rw, outcome, error)
+
+        return StreamAnswer(self._headers(call, cand), ClientStream(
+            events, rw, first, finish, provider=cand.name, include_usage=call.checked.include_usage,
+            cost=cost_fragment))
 
     async def _open_stream(self, call: Call, c: Candidate) -> tuple[UpstreamEvents, ChunkRewriter, list[bytes]]:
         """Open the upstream stream and hold it until its first data event is real generation (first-chunk gate)."""
@@ -443,25 +438,15 @@ class Gateway:
         return events, rw, [await self._gate(p, events, rw.rewrite)]
 
     async def _connect(self, call: Call, c: Candidate, total: float | None = None) -> UpstreamEvents:
-        """Send the request; a 200 becomes the upstream's events under the first-token / idle / total clocks (an
-        answer for a non-stream client is also capped at the request's deadline)."""
-        p, t = c.provider, c.provider.config.timeouts
-        req = self._request(call, p, c.dep, c.model_id)
+        """The provider opens the upstream stream under the first-token / idle / total clocks (an answer for a
+        non-stream client is also capped at the request's deadline)."""
+        t, srv = c.provider.config.timeouts, self.settings.server
         first_token = min(t.first_token, max(self._deadline(call) - self.clock(), 0.001))
-        sent_at = self.clock()
-        resp = await p.transport.send(req, connect=t.connect, headers_timeout=first_token)
-        if resp.status != 200:
-            try:
-                async with asyncio.timeout(5):
-                    raw = await resp.read(self.settings.server.max_upstream_body_bytes)
-            except (TimeoutError, GatewayError):
-                raw = b""
-            finally:
-                await resp.close()
-            raise p.map_error(resp.status, raw, resp.headers)
         cap = t.total if total is None else max(min(t.total, total), 0.001)
-        return UpstreamEvents(resp, first_token=first_token, idle=t.idle, total=cap, clock=self.clock,
-                              started=sent_at, max_event_bytes=self.settings.server.max_upstream_event_bytes)
+        return await c.provider.open_stream(self._request(call, c.provider, c.dep, c.model_id),
+                                            first_token=first_token, total=cap, clock=self.clock,
+                                            max_event_bytes=srv.max_upstream_event_bytes,
+                                            max_error_bytes=srv.max_upstream_body_bytes)
 
     async def _gate(self, p: Provider, events: UpstreamEvents, take: Callable[[dict[str, Any]], Any]) -> Any:
         """Read until ``take`` returns something (the first data event that is real generation) and return it; an
@@ -481,41 +466,6 @@ class Gateway:
         except BaseException:
             await events.aclose()
             raise
-
-    async def _pump(self, call: Call, cand: Candidate, events: UpstreamEvents, rw: ChunkRewriter,
-                    first: list[bytes]) -> AsyncIterator[bytes]:
-        outcome = "client_cancelled"
-        error: GatewayError | None = None
-        try:
-            for b in first:
-                yield b
-            async for obj in events:
-                err = cand.provider.in_band_error(obj)
-                if err is not None:  # the upstream's words go to the log and the record, never to the client
-                    raise UpstreamError("The provider reported an error in its stream.", sent=True,
-                                        code="upstream_in_band_error", detail=err.detail)
-                out = rw.rewrite(obj)
-                if out:
-                    yield out
-            if not events.saw_done and rw.finish_reason is None:
-                raise UpstreamStreamError("upstream closed the stream before it finished", sent=True,
-                                          code="upstream_cut")
-            outcome = "completed"
-        except GatewayError as e:
-            outcome, error = _broken_stream_outcome(e), e
-            log.warning("stream %s from %s broke: %s: %s", call.gen_id, cand.name, e.code, e.detail or e.message)
-        finally:
-            usage, cost = await asyncio.shield(asyncio.ensure_future(
-                self._finish_stream(call, cand, events, rw, outcome, error)))
-        if error is not None:
-            # our words only (the upstream's are in the log and the record), naming the provider by its config name
-            message = f"Provider `{cand.name}` failed mid-stream: {error.message}"
-            yield b"data: " + orjson.dumps({"error": {"message": message, "type": error.type,
-                                                      "param": None, "code": error.code}}) + b"\n\n"
-            return
-        if call.checked.include_usage:
-            yield rw.usage_event(usage, {"cost": cost_fragment(cost)})
-        yield b"data: [DONE]\n\n"
 
     async def _finish_stream(self, call: Call, cand: Candidate, events: UpstreamEvents, rw: UsageTap,
                              outcome: str, error: GatewayError | None) -> tuple[Usage, int]:
@@ -611,30 +561,6 @@ class Gateway:
         self._finish(Finished(request_id, err.status, "refused", error=err))
 
 
-class _Stream:
-    """The answer's event iterator. If the response is closed before the first event was pulled (the client left
-    between the gate and the first write), the generator's ``finally`` would never run: ``aclose`` then finishes
-    the stream itself, so the upstream is closed, the slots are freed and the request is still metered."""
-
-    def __init__(self, gen: AsyncIterator[bytes], on_unstarted: Callable[[], Awaitable[Any]]) -> None:
-        self._gen = gen
-        self._started = False
-        self._on_unstarted = on_unstarted
-
-    def __aiter__(self) -> _Stream:
-        return self
-
-    async def __anext__(self) -> bytes:
-        self._started = True
-        return await self._gen.__anext__()
-
-    async def aclose(self) -> None:
-        if not self._started:
-            self._started = True
-            await asyncio.shield(asyncio.ensure_future(self._on_unstarted()))
-        await self._gen.aclose()  # type: ignore[attr-defined]
-
-
 def _status(e: BaseException) -> int:
     """The HTTP status a failure is answered with (499: the client left first, as nginx logs it)."""
     if isinstance(e, GatewayError):
@@ -680,12 +606,6 @@ def _finish_reason(obj: dict[str, Any]) -> str | None:
     choices = obj.get("choices")
     fr = choices[0].get("finish_reason") if isinstance(choices, list) and choices else None
     return fr if isinstance(fr, str) else None
-
-
-def _broken_stream_outcome(e: GatewayError) -> Outcome:
-    """A stream that failed after its first byte: its connection broke or stalled (``upstream_cut``), or the provider
-    sent something unusable: an in-band error, a malformed or oversized event, a chunk of the wrong shape."""
-    return "upstream_cut" if isinstance(e, (UpstreamStreamError, UpstreamTimeout)) else "upstream_error"
 
 
 def _json_chars(obj: dict[str, Any]) -> int:

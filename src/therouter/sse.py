@@ -1,4 +1,5 @@
-"""Server-sent events: encode what we send, decode what upstreams send.
+"""Server-sent events: THE framing of what we send (data events, named events, ``[DONE]``, error events) and the
+decoder of what upstreams send.
 
 The decoder follows the SSE spec as far as the OpenAI-style streams need: events end at a blank line (LF, CRLF or
 CR line endings, split anywhere across network chunks); ``:`` lines are comments (DeepSeek's ``: keep-alive``);
@@ -12,20 +13,37 @@ every read, so a long line arriving in small reads costs linear time.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import orjson
+
+from therouter.errors import GatewayError
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 
 
 def encode(obj: object) -> bytes:
+    """One data event of a JSON value."""
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 def encode_raw(payload: bytes) -> bytes:
+    """One data event of an already serialised JSON value."""
     return b"data: " + payload + b"\n\n"
+
+
+def named(kind: str, data: dict[str, Any]) -> bytes:
+    """A named event (``event: kind``) whose data carries its ``type`` too (Anthropic's Messages stream)."""
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **data}) + b"\n\n"
+
+
+def error_event(err: GatewayError, message: str | None = None) -> bytes:
+    """An error after the stream's first byte: one data event with OpenAI's error body (``message`` overrides the
+    error's own words, e.g. to name the provider); nothing follows it, not even ``[DONE]``."""
+    return encode({"error": {"message": err.message if message is None else message, "type": err.type,
+                             "param": err.param, "code": err.code}})
 
 
 class EventTooLarge(ValueError):

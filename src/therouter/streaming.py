@@ -1,8 +1,4 @@
-"""Reading an upstream SSE stream: clocks that count data events only, and the per-chunk rewrite.
-
-:class:`UpstreamEvents` yields parsed data events from an upstream response under three clocks: first data event
-(``first_token``), gap between data events (``idle``) and an absolute cap (``total``). Comments and blank keep-alives
-never re-arm them (DeepSeek keeps a queued connection alive with ``: keep-alive`` for minutes).
+"""The per-chunk rewrite of an upstream stream (the events themselves: :mod:`therouter.providers.events`).
 
 :class:`ChunkRewriter` turns each upstream chunk into what the client receives: our id, the public model, the
 provider name, OpenAI's reasoning spelling, and usage placed the OpenAI way (only in a final ``choices: []`` chunk,
@@ -12,102 +8,25 @@ only when the client asked for it), while keeping the last usage the upstream re
 from __future__ import annotations
 
 import asyncio
-import time
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
-import orjson
-
-from therouter.errors import GatewayError, UpstreamBadResponse, UpstreamTimeout
+from therouter import sse
+from therouter.errors import (
+    GatewayError,
+    UpstreamError,
+    UpstreamStreamError,
+    UpstreamTimeout,
+)
 from therouter.protocol.usage import Usage
-from therouter.providers._http import UpstreamResponse
 from therouter.providers.base import Provider
-from therouter.sse import EventTooLarge, SSEDecoder
+from therouter.providers.events import UpstreamEvents
 
-DEFAULT_MAX_EVENT = 1024 * 1024  # server.max_upstream_event_bytes
-
-
-class UpstreamEvents:
-    """Async iterator of parsed JSON objects (dicts); ends after ``[DONE]`` or EOF (``saw_done`` tells which).
-
-    What is not an event we can use is the provider's fault (:class:`UpstreamBadResponse`): a payload that is not
-    JSON, JSON that is not an object, a line or event over ``max_event_bytes``.
-    """
-
-    def __init__(self, resp: UpstreamResponse, *, first_token: float, idle: float, total: float,
-                 clock: Any = time.monotonic, started: float | None = None,
-                 max_event_bytes: int = DEFAULT_MAX_EVENT) -> None:
-        self.resp = resp
-        self._chunks = resp.chunks().__aiter__()
-        self._decoder = SSEDecoder(max_event_bytes)
-        self._pending: list[bytes] = []
-        self._clock = clock
-        self._start = clock() if started is None else started  # the attempt's send time
-        self._cap = self._start + total
-        self._deadline = min(self._start + first_token, self._cap)
-        self._idle = idle
-        self.saw_done = False
-        self.events = 0
-        self._eof = False
-
-    def __aiter__(self) -> UpstreamEvents:
-        return self
-
-    async def __anext__(self) -> dict[str, Any]:
-        while True:
-            if self._pending:
-                payload = self._pending.pop(0)
-                if payload.strip() == b"[DONE]":
-                    self.saw_done = True
-                    self._pending.clear()  # an exhausted iterator stays exhausted: nothing after [DONE] is an event
-                    raise StopAsyncIteration
-                try:
-                    obj = orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    raise UpstreamBadResponse("The provider sent a stream event that is not JSON.", sent=True,
-                                              code="malformed_stream_event",
-                                              detail=payload[:200].decode("utf-8", "replace")) from None
-                if not isinstance(obj, dict):
-                    raise UpstreamBadResponse("The provider sent a response of the wrong shape.", sent=True,
-                                              detail=f"stream event is {type(obj).__name__}, not an object")
-                self.events += 1
-                now = self._clock()
-                self._deadline = min(now + self._idle, self._cap)
-                return obj
-            if self._eof or self.saw_done:
-                raise StopAsyncIteration
-            await self._read()
-
-    async def _read(self) -> None:
-        remaining = self._deadline - self._clock()
-        if remaining <= 0:
-            raise self._timeout()
-        try:
-            async with asyncio.timeout(remaining):
-                chunk = await self._chunks.__anext__()
-        except StopAsyncIteration:
-            self._eof = True
-            chunk = None
-        except TimeoutError:
-            raise self._timeout() from None
-        try:
-            self._pending.extend(self._decoder.flush() if chunk is None else self._decoder.feed(chunk))
-        except EventTooLarge as e:
-            raise UpstreamBadResponse("The provider sent a stream event larger than the gateway accepts.",
-                                      sent=True, code="upstream_event_too_large", detail=str(e)) from None
-
-    def _timeout(self) -> GatewayError:
-        if self._clock() >= self._cap - 1e-6:
-            return UpstreamTimeout("upstream stream exceeded its time cap", sent=True, code="stream_time_cap")
-        if self.events == 0:
-            return UpstreamTimeout("upstream sent no data before the first-token timeout", sent=True,
-                                   code="first_token_timeout")
-        return UpstreamTimeout("upstream stream stalled (idle timeout)", sent=True, code="stream_idle_timeout")
-
-    async def aclose(self) -> None:
-        try:
-            await self.resp.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection must never raise
-            pass
+__all__ = ["ChunkRewriter", "ClientStream", "UpstreamEvents", "UsageTap"]
+log = logging.getLogger("therouter.gateway")
+# (outcome, error or None) -> the usage and cost settled: the one way a stream ends
+Finisher = Callable[[str, "GatewayError | None"], Awaitable[tuple[Usage, int]]]
 
 
 class UsageTap:
@@ -182,7 +101,7 @@ class ChunkRewriter(UsageTap):
         obj["provider"] = self.provider.name
         if self.include_usage:
             obj["usage"] = None
-        return b"data: " + orjson.dumps(obj) + b"\n\n"
+        return sse.encode(obj)
 
     def _account(self, ch: dict[str, Any]) -> None:
         delta = ch.get("delta")
@@ -203,7 +122,7 @@ class ChunkRewriter(UsageTap):
         body.update(cost)
         obj = {"id": self.gen_id, "object": self.object, "created": self.created, "model": self.model,
                "provider": self.provider.name, "choices": [], "usage": body}
-        return b"data: " + orjson.dumps(obj) + b"\n\n"
+        return sse.encode(obj)
 
 
 def _strip_reasoning(choices: list[Any]) -> bool:
@@ -222,3 +141,83 @@ def _strip_reasoning(choices: list[Any]) -> bool:
         else:
             keep = True
     return keep
+
+
+class ClientStream:
+    """THE owner of one client stream, from the first-chunk gate to its last byte.
+
+    It relays the upstream's events through the rewriter, frames everything the client receives (data events, the
+    usage event, ``[DONE]``, or one error event after a mid-stream failure, via :mod:`therouter.sse`), and finishes
+    the stream exactly once (upstream closed, slots freed, settled; :attr:`finish`) whatever ended it: the upstream's
+    end, a break, or the client leaving -- even before the first event was pulled, when the response is closed without
+    the generator ever starting (:meth:`aclose`). The finish is shielded: request cancellation cannot interrupt it.
+    """
+
+    def __init__(self, events: UpstreamEvents, rw: ChunkRewriter, first: list[bytes], finish: Finisher, *,
+                 provider: str, include_usage: bool, cost: Callable[[int], Any]) -> None:
+        self.events = events
+        self.rw = rw
+        self._first = first
+        self._finish = finish
+        self._provider = provider
+        self._include_usage = include_usage
+        self._cost = cost  # nano-USD -> the JSON value of usage.cost
+        self._started = False
+        self._done: asyncio.Future[tuple[Usage, int]] | None = None
+        self._gen = self._relay()
+
+    def __aiter__(self) -> ClientStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self._started = True
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        if not self._started:
+            self._started = True
+            await self.finish("client_cancelled", None)
+        await self._gen.aclose()
+
+    async def finish(self, outcome: str, error: GatewayError | None) -> tuple[Usage, int]:
+        """Close, free and settle: the first call does it, later ones get its result."""
+        if self._done is None:
+            self._done = asyncio.ensure_future(self._finish(outcome, error))
+        return await asyncio.shield(self._done)
+
+    async def _relay(self) -> AsyncGenerator[bytes, None]:
+        outcome, error = "client_cancelled", None
+        try:
+            for b in self._first:
+                yield b
+            async for obj in self.events:
+                err = self.rw.provider.in_band_error(obj)
+                if err is not None:  # the upstream's words go to the log and the record, never to the client
+                    raise UpstreamError("The provider reported an error in its stream.", sent=True,
+                                        code="upstream_in_band_error", detail=err.detail)
+                out = self.rw.rewrite(obj)
+                if out:
+                    yield out
+            if not self.events.saw_done and self.rw.finish_reason is None:
+                raise UpstreamStreamError("upstream closed the stream before it finished", sent=True,
+                                          code="upstream_cut")
+            outcome = "completed"
+        except GatewayError as e:
+            outcome, error = broken_stream_outcome(e), e
+            log.warning("stream %s from %s broke: %s: %s", self.rw.gen_id, self._provider, e.code,
+                        e.detail or e.message)
+        finally:
+            usage, cost = await self.finish(outcome, error)
+        if error is not None:
+            # our words only (the upstream's are in the log and the record), naming the provider by its config name
+            yield sse.error_event(error, f"Provider `{self._provider}` failed mid-stream: {error.message}")
+            return
+        if self._include_usage:
+            yield self.rw.usage_event(usage, {"cost": self._cost(cost)})
+        yield sse.DONE
+
+
+def broken_stream_outcome(e: GatewayError) -> str:
+    """A stream that failed after its first byte: its connection broke or stalled (``upstream_cut``), or the provider
+    sent something unusable: an in-band error, a malformed or oversized event, a chunk of the wrong shape."""
+    return "upstream_cut" if isinstance(e, (UpstreamStreamError, UpstreamTimeout)) else "upstream_error"

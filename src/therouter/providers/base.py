@@ -7,16 +7,31 @@ in a subclass as a handful of small hooks.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import orjson
 
 from therouter import __version__
 from therouter.config import Deployment, ProviderConfig
-from therouter.errors import GatewayError, InvalidRequest, UpstreamBadResponse
+from therouter.errors import (
+    GatewayError,
+    InvalidRequest,
+    UpstreamBadResponse,
+    UpstreamTimeout,
+)
 from therouter.protocol.usage import Usage
-from therouter.providers._http import Transport, UpstreamRequest, error_from_upstream
+from therouter.providers._http import (
+    DEFAULT_MAX_BODY,
+    Transport,
+    UpstreamRequest,
+    UpstreamResponse,
+    error_from_upstream,
+)
 from therouter.providers._sanitize import MAX_INPUT, secret_forms
+from therouter.providers.events import DEFAULT_MAX_EVENT, UpstreamEvents
 from therouter.providers.shapes import check_chunk, check_completion
 
 JSON_INSTRUCTION = (
@@ -165,6 +180,65 @@ class Provider:
         note = {"role": "system", "content": JSON_INSTRUCTION + orjson.dumps(schema).decode()}
         out["messages"] = [note, *out["messages"]]
 
+    # ---- the upstream call ------------------------------------------------------------------------------------
+
+    async def open_stream(self, req: UpstreamRequest, *, first_token: float, total: float,
+                          clock: Callable[[], float] = time.monotonic, max_event_bytes: int = DEFAULT_MAX_EVENT,
+                          max_error_bytes: int = DEFAULT_MAX_BODY) -> UpstreamEvents:
+        """Send a stream request; a 200 becomes its data events under the first-token / idle / total clocks (counted
+        from now), anything else the mapped :class:`GatewayError`."""
+        t = self.config.timeouts
+        sent_at = clock()
+        resp = await self.transport.send(req, connect=t.connect, headers_timeout=first_token)
+        if resp.status != 200:
+            raise await self._refusal(resp, max_error_bytes)
+        return UpstreamEvents(resp, first_token=first_token, idle=t.idle, total=total, clock=clock, started=sent_at,
+                              max_event_bytes=max_event_bytes)
+
+    async def complete(self, req: UpstreamRequest, *, budget: float,
+                       max_body_bytes: int = DEFAULT_MAX_BODY) -> tuple[dict[str, Any], Usage | None]:
+        """Send a non-stream request and read its answer within ``budget`` seconds: the OpenAI-shaped body and the
+        usage it reports (None: it reported none), or the mapped :class:`GatewayError`."""
+        resp = await self.transport.send(req, connect=self.config.timeouts.connect, headers_timeout=budget)
+        try:
+            try:
+                async with asyncio.timeout(budget):
+                    raw = await resp.read(max_body_bytes)
+            except TimeoutError:
+                raise UpstreamTimeout("upstream did not finish its answer in time", sent=True) from None
+            if resp.status != 200:
+                raise self.map_error(resp.status, raw, resp.headers)
+            obj = self.parse_json(raw)
+        finally:
+            await resp.close()
+        u = obj.get("usage")
+        return obj, self.usage(u) if isinstance(u, dict) else None
+
+    async def get(self, url: str, timeout: float = 3.0) -> tuple[int, bytes]:
+        """A GET on this provider (health and model-list checks): status and body, within ``timeout``."""
+        req = UpstreamRequest("GET", url, self.headers())
+        resp = await self.transport.send(req, connect=min(self.config.timeouts.connect, timeout),
+                                         headers_timeout=timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                return resp.status, await resp.read()
+        finally:
+            await resp.close()
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+    async def _refusal(self, resp: UpstreamResponse, limit: int) -> GatewayError:
+        """A non-200 answer to a stream request as an error (its body read for at most 5 s)."""
+        try:
+            async with asyncio.timeout(5):
+                raw = await resp.read(limit)
+        except (TimeoutError, GatewayError):
+            raw = b""
+        finally:
+            await resp.close()
+        return self.map_error(resp.status, raw, resp.headers)
+
     # ---- responses ----------------------------------------------------------------------------------------------
 
     def parse_json(self, raw: bytes) -> dict[str, Any]:
@@ -253,7 +327,7 @@ class Provider:
 
     def in_band_error(self, obj: dict[str, Any]) -> GatewayError | None:
         """An error object inside a 200 stream (OpenAI shape, or vLLM / SGLang ``{"object":"error"}``)."""
-        if "error" in obj and obj["error"]:
+        if obj.get("error"):
             err = obj["error"]
         elif obj.get("object") == "error":
             err = obj
