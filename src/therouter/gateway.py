@@ -36,10 +36,16 @@ from therouter.metering.records import GenerationRecord
 from therouter.observability import Finished, Metrics
 from therouter.protocol.usage import Usage
 from therouter.providers import Provider, UpstreamEvents, UpstreamRequest
-from therouter.routing.attempts import AttemptPolicy, Exhausted, all_failed, unless_gone
+from therouter.routing.attempts import (
+    Attempt,
+    AttemptPolicy,
+    Exhausted,
+    all_failed,
+    unless_gone,
+)
 from therouter.routing.balance import prompt_prefix
 from therouter.routing.preferences import NO_PREFERENCES, Preferences, parse_preferences
-from therouter.routing.router import Candidate, Needs, Router, Skip
+from therouter.routing.router import Candidate, Needs, Router, Skip, SkipKind
 from therouter.routing.state import Lease
 from therouter.streaming import (
     ChunkRewriter,
@@ -78,7 +84,7 @@ class Call:
     started: float
     prefs: Preferences = NO_PREFERENCES
     adm: Admission | None = None
-    attempts: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     settled: bool = False
     lease: Lease | None = None  # the serving attempt's in-flight slot, held until the answer is complete
@@ -221,20 +227,19 @@ class Gateway:
                 return routes
         raise self._nothing_served(call, [])
 
-    def _nothing_served(self, call: Call, errors: list[Any]) -> GatewayError:
+    def _nothing_served(self, call: Call, errors: list[tuple[Candidate, GatewayError]]) -> GatewayError:
+        """Nothing served: a 400 naming the parameter when every deployment lacks what the request asks for, else
+        the attempts' and skips' account (502 / 503 / 504)."""
         skipped = call.skipped
-        if not errors and skipped and all(s.param for s in skipped):
-            param = skipped[0].param
-            what = {"tools": "tools", "suffix": "fill-in-the-middle (suffix)"}.get(param or "", f"'{param}'")
-            if param == "response_format":
-                what = skipped[0].reason.removeprefix("missing capability: ").split(" ", 1)[0]
-            raise InvalidRequest(f"No deployment of `{call.checked.model}` supports {what}.", param=param,
-                                 code="unsupported_parameter")
+        if not errors and skipped and all(s.kind is SkipKind.UNSUITED for s in skipped):
+            first = skipped[0]
+            raise InvalidRequest(f"No deployment of `{call.checked.model}` supports {first.lacking}.",
+                                 param=first.param, code="unsupported_parameter")
         return all_failed(errors, skipped, call.checked.model)
 
     async def _route(self, call: Call, routes: dict[str, list[Candidate]], attempt: Callable[[Candidate], Any],
                      cancel_on: Callable[[], Awaitable[None]] | None = None) -> tuple[Candidate, Any]:
-        errors: list[Any] = []
+        errors: list[tuple[Candidate, GatewayError]] = []
         deadline = self._deadline(call)
         for model_id in call.plan:
             if model_id not in routes and self.clock() >= deadline:
@@ -479,7 +484,7 @@ class Gateway:
             usage.estimated = usage.estimated or rw.usage_raw is None
             state.observe_stream_break(cand.key, f"{error.code}: {error.message}")
             if call.attempts:  # the serving attempt passed the gate, then broke: the record says how, in full
-                call.attempts[-1]["stream_error"] = {"code": error.code,
+                call.attempts[-1].stream_error = {"code": error.code,
                                                      "error": (error.detail or error.message)[:2000]}
             if self.metrics is not None:
                 self.metrics.observe_stream_error(cand.name, error)
@@ -502,7 +507,7 @@ class Gateway:
             provider=cand.name if cand else "", upstream_model=cand.dep.model if cand else "",
             usage=usage, cost_nano=0, price_version=call.adm.price_version if call.adm else 0,
             created=call.created, latency_ms=int((self.clock() - call.started) * 1000), ttft_ms=ttft_ms,
-            outcome=outcome, stream=stream, attempts=list(call.attempts),
+            outcome=outcome, stream=stream, attempts=[a.to_dict() for a in call.attempts],
             skipped=[s.to_dict() for s in call.skipped], request_id=call.request_id, finish_reason=finish_reason,
             dropped_params=self._dropped(call, cand) if cand else [],
             downgraded=self._downgraded(call, cand) if cand else [],
@@ -537,13 +542,13 @@ class Gateway:
             return
         call.observed = True
         first = call.attempts[0] if call.attempts else None
-        moved = cand is not None and first is not None and (first.get("provider"), first.get("model_id")) != (
+        moved = cand is not None and first is not None and (first.provider, first.model_id) != (
             cand.name, cand.model_id)
         self._finish(Finished(
             call.request_id, status, outcome, cand.model_id if cand else call.checked.model,
             cand.name if cand else "", seconds=self.clock() - call.started, ttft=call.ttft,
             generation_id=call.gen_id, key_id=call.key.id, usage=usage, cost_nano=cost, attempts=len(call.attempts),
-            requested=call.checked.model, fallback_from=str(first.get("provider")) if moved and first else "",
+            requested=call.checked.model, fallback_from=first.provider if moved and first else "",
             error=error if isinstance(error, GatewayError) else None))
 
     def _finish(self, f: Finished) -> None:
