@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,10 +29,14 @@ from therouter.errors import (
 )
 from therouter.keys import KeyRecord
 from therouter.logs import log_request
-from therouter.metering.meter import Admission, Meter
+from therouter.metering.admission import Admission
+from therouter.metering.meter import Meter
 from therouter.metering.prices import nano_to_usd
-from therouter.metering.records import GenerationRecord
+from therouter.metering.records import GenerationRecord, Outcome
 from therouter.observability import Finished, Metrics
+from therouter.protocol.endpoint import Endpoint
+from therouter.protocol.endpoint import endpoint as protocol_endpoint
+from therouter.protocol.responses import ChatCompletion, Identity
 from therouter.protocol.usage import Usage
 from therouter.providers import Provider, UpstreamEvents, UpstreamRequest
 from therouter.routing.attempts import (
@@ -76,7 +79,7 @@ class Call:
     """Everything about one client request once it is validated and admitted."""
 
     key: KeyRecord
-    endpoint: str  # "chat" | "completions"
+    endpoint: Endpoint
     checked: validate.Checked
     gen_id: str
     request_id: str
@@ -93,10 +96,6 @@ class Call:
     built: dict[tuple[str, Deployment], UpstreamRequest] = field(default_factory=dict)  # per (provider, deployment)
     observed: bool = False  # its answer was counted and logged (once)
     native: dict[str, Any] | None = None  # the client's own wire body (/v1/messages), for a provider that speaks it
-
-    @property
-    def object(self) -> str:
-        return "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
 
     @property
     def plan(self) -> list[str]:
@@ -118,10 +117,6 @@ class _Assembly:
 
     events: UpstreamEvents
     asm: Assembler
-
-
-def new_id(endpoint: str) -> str:
-    return ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
 
 
 def cost_fragment(nano: int) -> orjson.Fragment:
@@ -164,11 +159,12 @@ class Gateway:
             allowed = tuple(self.settings.canonical(m) for m in key.models)
             if allowed and model not in allowed:
                 raise PermissionDenied(f"This API key is not allowed to use the model `{asked}`.", param="model")
-            checked = validate.check("chat" if endpoint == "chat" else "completions", body, card, model,
+            ep = protocol_endpoint(endpoint)
+            checked = validate.check(ep.name, body, card, model,
                                      catalogue=self._allowed_models(key))
             prefs = parse_preferences(body, self.router.providers, self.settings.models, model, allowed,
                                       self.router.state.options.max_models, aliases=self.settings.aliases)
-            call = Call(key=key, endpoint=endpoint, checked=checked, gen_id=new_id(endpoint), request_id=request_id,
+            call = Call(key=key, endpoint=ep, checked=checked, gen_id=ep.new_id(), request_id=request_id,
                         created=int(time.time()), started=started, prefs=prefs, native=native)
             routes = self._first_routes(call)
             # the prompt bound builds every deployment's request: only a budget needs it (the reservation)
@@ -209,7 +205,7 @@ class Gateway:
 
     def _candidates(self, call: Call, model_id: str) -> list[Candidate]:
         b = call.checked.body
-        rf = b.get("response_format") if isinstance(b.get("response_format"), dict) else {}
+        rf: dict[str, Any] = b["response_format"] if isinstance(b.get("response_format"), dict) else {}
         strict = call.prefs.require_parameters or self.settings.routing.unsupported_parameters == "reject"
         needs = validate_needs(b, call, rf, b.get("stop"), strict)
         opts = self.router.state.options
@@ -261,15 +257,14 @@ class Gateway:
         """The upstream request for one deployment, built once per call: what is reserved for is what is sent."""
         req = call.built.get((p.name, dep))
         if req is None:
-            build = p.chat_request if call.endpoint == "chat" else p.completion_request
             # hints this host does not honour are left out (and named in the answer); see params.py
             dropped = params.dropped_for(call.checked.body, self.settings.models[model_id], dep)
             body = params.without(call.checked.body, dropped)
             stream = call.checked.stream or p.config.assembles
             native = None if call.native is None else p.native_request(call.native, call.checked.body, dep,
                                                                        stream=stream, request_id=call.request_id)
-            req = native or build(body, dep, stream=stream, request_id=call.request_id,
-                                  max_output=self.settings.models[model_id].max_output_tokens)
+            req = native or p.request(call.endpoint, body, dep, stream=stream, request_id=call.request_id,
+                                      max_output=self.settings.models[model_id].max_output_tokens)
             req.meta["dropped"] = dropped
             call.built[(p.name, dep)] = req
         return req
@@ -344,17 +339,14 @@ class Gateway:
         return self._json_answer(call, cand, obj, usage, cost)
 
     def _json_answer(self, call: Call, cand: Candidate, obj: dict[str, Any], usage: Usage, cost: int) -> JSONAnswer:
-        obj["id"] = call.gen_id
-        obj["model"] = cand.model_id
-        obj["provider"] = cand.name
         if _exclude_reasoning(call):
             for ch in obj.get("choices") or ():
                 if isinstance(ch, dict) and isinstance(ch.get("message"), dict):
                     ch["message"].pop("reasoning_content", None)
         u = usage.to_openai(obj.get("usage") if isinstance(obj.get("usage"), dict) else None)
         u["cost"] = cost_fragment(cost)
-        obj["usage"] = u
-        answer = JSONAnswer(orjson.dumps(obj), self._headers(call, cand))
+        who = Identity(call.gen_id, cand.model_id, cand.name, call.created, call.endpoint.object)
+        answer = JSONAnswer(ChatCompletion.from_upstream(obj, who, u).to_json(), self._headers(call, cand))
         self._observe(call, cand, 200, "completed", usage, cost)
         return answer
 
@@ -368,7 +360,7 @@ class Gateway:
     async def _open_assembly(self, call: Call, c: Candidate) -> _Assembly:
         """A non-stream request sent upstream as a stream: opened and held at the first-chunk gate like a stream."""
         events = await self._connect(call, c, total=self._deadline(call) - self.clock())
-        asm = Assembler(c.provider, chat=call.endpoint == "chat",
+        asm = Assembler(c.provider, chat=call.endpoint.chat,
                         max_bytes=self.settings.server.max_upstream_body_bytes)
         self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=False,
                            usage=lambda: asm.final_usage(call.checked.prompt_tokens))
@@ -380,7 +372,7 @@ class Gateway:
         """Past the gate: read the rest into one answer. A client that leaves closes the upstream and is billed what
         was produced; a break is an error answer (502) billed like a broken stream. Settled once, shielded."""
         call.ttft = self.clock() - call.started
-        outcome = "client_cancelled"
+        outcome: Outcome = "client_cancelled"
         error: GatewayError | None = None
         try:
             drain = self._drain(cand, events, asm)
@@ -423,7 +415,7 @@ class Gateway:
         cand, (events, rw, first) = await self._route(call, routes, attempt, cancel_on=wait_disconnect)
         call.ttft = self.clock() - call.started
 
-        async def finish(outcome: str, error: GatewayError | None) -> tuple[Usage, int]:
+        async def finish(outcome: Outcome, error: GatewayError | None) -> tuple[Usage, int]:
             return await self._finish_stream(call, cand, events, rw, outcome, error)
 
         return StreamAnswer(self._headers(call, cand), ClientStream(
@@ -435,7 +427,7 @@ class Gateway:
         p = c.provider
         events = await self._connect(call, c)
         rw = ChunkRewriter(p, gen_id=call.gen_id, model=c.model_id, created=call.created,
-                           object_=call.object, include_usage=call.checked.include_usage,
+                           object_=call.endpoint.chunk_object, include_usage=call.checked.include_usage,
                            exclude_reasoning=_exclude_reasoning(call))
         # checkpoints read the rewriter's own counters: what a lost instance's stream is billed for
         self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=True,
@@ -473,7 +465,7 @@ class Gateway:
             raise
 
     async def _finish_stream(self, call: Call, cand: Candidate, events: UpstreamEvents, rw: UsageTap,
-                             outcome: str, error: GatewayError | None) -> tuple[Usage, int]:
+                             outcome: Outcome, error: GatewayError | None) -> tuple[Usage, int]:
         """Close the upstream, free the slots, feed the measurements and settle: once, whatever ended the stream."""
         if call.settled:
             return Usage(), 0
@@ -499,7 +491,7 @@ class Gateway:
 
     # ---- metering ---------------------------------------------------------------------------------------------
 
-    def _record(self, call: Call, cand: Candidate | None, usage: Usage, outcome: str,
+    def _record(self, call: Call, cand: Candidate | None, usage: Usage, outcome: Outcome,
                 stream: bool, finish_reason: str | None = None) -> GenerationRecord:
         ttft_ms = int(call.ttft * 1000) if call.ttft is not None else None
         return GenerationRecord(
@@ -513,7 +505,7 @@ class Gateway:
             downgraded=self._downgraded(call, cand) if cand else [],
         )
 
-    async def _settle(self, call: Call, cand: Candidate | None, usage: Usage, outcome: str, stream: bool,
+    async def _settle(self, call: Call, cand: Candidate | None, usage: Usage, outcome: Outcome, stream: bool,
                       estimate: Usage | None = None, finish_reason: str | None = None) -> int:
         call.settled = True
         assert call.adm is not None
@@ -573,7 +565,7 @@ def _status(e: BaseException) -> int:
     return 499 if isinstance(e, asyncio.CancelledError) else 500
 
 
-def _failure_outcome(e: BaseException) -> str:
+def _failure_outcome(e: BaseException) -> Outcome:
     """The outcome of a request that got no answer: the client left, the upstream refused the request itself
     (e.g. its content), or it failed."""
     if isinstance(e, asyncio.CancelledError):
@@ -589,7 +581,7 @@ def validate_needs(b: dict[str, Any], call: Call, rf: dict[str, Any], stop: Any,
         tools=bool(b.get("tools")) and b.get("tool_choice") != "none",
         json_object=rf.get("type") == "json_object",
         json_schema=rf.get("type") == "json_schema",
-        fim=call.endpoint == "completions" and b.get("suffix") is not None,
+        fim=not call.endpoint.chat and b.get("suffix") is not None,
         tokens=call.checked.window_tokens,
         stops=len(stop) if isinstance(stop, list) else (1 if stop else 0),
         stream=call.checked.stream,

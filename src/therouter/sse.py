@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from therouter.errors import GatewayError
+from therouter.protocol.responses import ErrorObject, ErrorResponse
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
@@ -42,8 +43,8 @@ def named(kind: str, data: dict[str, Any]) -> bytes:
 def error_event(err: GatewayError, message: str | None = None) -> bytes:
     """An error after the stream's first byte: one data event with OpenAI's error body (``message`` overrides the
     error's own words, e.g. to name the provider); nothing follows it, not even ``[DONE]``."""
-    return encode({"error": {"message": err.message if message is None else message, "type": err.type,
-                             "param": err.param, "code": err.code}})
+    body = ErrorResponse(ErrorObject(err.message if message is None else message, err.type, err.param, err.code))
+    return encode_raw(body.to_json())
 
 
 class EventTooLarge(ValueError):

@@ -19,6 +19,8 @@ from therouter.errors import (
     UpstreamStreamError,
     UpstreamTimeout,
 )
+from therouter.metering.records import Outcome
+from therouter.protocol.responses import ChatCompletionChunk
 from therouter.protocol.usage import Usage
 from therouter.providers.base import Provider
 from therouter.providers.events import UpstreamEvents
@@ -26,7 +28,7 @@ from therouter.providers.events import UpstreamEvents
 __all__ = ["ChunkRewriter", "ClientStream", "UpstreamEvents", "UsageTap"]
 log = logging.getLogger("therouter.gateway")
 # (outcome, error or None) -> the usage and cost settled: the one way a stream ends
-Finisher = Callable[[str, "GatewayError | None"], Awaitable[tuple[Usage, int]]]
+Finisher = Callable[[Outcome, "GatewayError | None"], Awaitable[tuple[Usage, int]]]
 
 
 class UsageTap:
@@ -120,9 +122,8 @@ class ChunkRewriter(UsageTap):
     def usage_event(self, usage: Usage, cost: dict[str, Any]) -> bytes:
         body = usage.to_openai(self.usage_raw)
         body.update(cost)
-        obj = {"id": self.gen_id, "object": self.object, "created": self.created, "model": self.model,
-               "provider": self.provider.name, "choices": [], "usage": body}
-        return sse.encode(obj)
+        return sse.encode_raw(ChatCompletionChunk(self.gen_id, self.object, self.created, self.model,
+                                                  self.provider.name, [], body).to_json())
 
 
 def _strip_reasoning(choices: list[Any]) -> bool:
@@ -179,14 +180,15 @@ class ClientStream:
             await self.finish("client_cancelled", None)
         await self._gen.aclose()
 
-    async def finish(self, outcome: str, error: GatewayError | None) -> tuple[Usage, int]:
+    async def finish(self, outcome: Outcome, error: GatewayError | None) -> tuple[Usage, int]:
         """Close, free and settle: the first call does it, later ones get its result."""
         if self._done is None:
             self._done = asyncio.ensure_future(self._finish(outcome, error))
         return await asyncio.shield(self._done)
 
     async def _relay(self) -> AsyncGenerator[bytes, None]:
-        outcome, error = "client_cancelled", None
+        outcome: Outcome = "client_cancelled"
+        error: GatewayError | None = None
         try:
             for b in self._first:
                 yield b
@@ -217,7 +219,7 @@ class ClientStream:
         yield sse.DONE
 
 
-def broken_stream_outcome(e: GatewayError) -> str:
+def broken_stream_outcome(e: GatewayError) -> Outcome:
     """A stream that failed after its first byte: its connection broke or stalled (``upstream_cut``), or the provider
     sent something unusable: an in-band error, a malformed or oversized event, a chunk of the wrong shape."""
     return "upstream_cut" if isinstance(e, (UpstreamStreamError, UpstreamTimeout)) else "upstream_error"

@@ -22,6 +22,7 @@ from therouter.errors import (
     UpstreamBadResponse,
     UpstreamTimeout,
 )
+from therouter.protocol.endpoint import Endpoint
 from therouter.protocol.usage import Usage
 from therouter.providers._http import (
     DEFAULT_MAX_BODY,
@@ -93,6 +94,14 @@ class Provider:
         return h
 
     # ---- requests -----------------------------------------------------------------------------------------------
+
+    def request(
+        self, endpoint: Endpoint, body: dict[str, Any], dep: Deployment, *, stream: bool,
+        request_id: str | None = None, max_output: int | None = None,
+    ) -> UpstreamRequest:
+        """The upstream request for ``endpoint`` (:meth:`chat_request` or :meth:`completion_request`)."""
+        build = self.chat_request if endpoint.chat else self.completion_request
+        return build(body, dep, stream=stream, request_id=request_id, max_output=max_output)
 
     def chat_request(
         self, body: dict[str, Any], dep: Deployment, *, stream: bool, request_id: str | None = None,
