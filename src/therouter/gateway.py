@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -53,12 +53,14 @@ from therouter.routing.state import Lease
 from therouter.streaming import (
     ChunkRewriter,
     ClientStream,
+    InBandError,
     UsageTap,
     broken_stream_outcome,
 )
 from therouter.tracing import Tracing
 
 log = logging.getLogger("therouter.gateway")
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -364,7 +366,14 @@ class Gateway:
                         max_bytes=self.settings.server.max_upstream_body_bytes)
         self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=False,
                            usage=lambda: asm.final_usage(call.checked.prompt_tokens))
-        await self._gate(c.provider, events, asm.feed)
+        async def take() -> Any:
+            obj = await events.__anext__()
+            err = c.provider.in_band_error(obj)
+            if err is not None:
+                raise InBandError(err)
+            return asm.feed(obj)
+
+        await self._gate(events, take)
         return _Assembly(events, asm)
 
     async def _assemble(self, call: Call, cand: Candidate, events: UpstreamEvents, asm: Assembler,
@@ -432,7 +441,10 @@ class Gateway:
         # checkpoints read the rewriter's own counters: what a lost instance's stream is billed for
         self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=True,
                            usage=lambda: rw.final_usage(call.checked.prompt_tokens))
-        return events, rw, [await self._gate(p, events, rw.rewrite)]
+        async def take() -> bytes | None:
+            return rw.relay(await events.next_payload())
+
+        return events, rw, [await self._gate(events, take)]
 
     async def _connect(self, call: Call, c: Candidate, total: float | None = None) -> UpstreamEvents:
         """The provider opens the upstream stream under the first-token / idle / total clocks (an answer for a
@@ -445,19 +457,17 @@ class Gateway:
                                             max_event_bytes=srv.max_upstream_event_bytes,
                                             max_error_bytes=srv.max_upstream_body_bytes)
 
-    async def _gate(self, p: Provider, events: UpstreamEvents, take: Callable[[dict[str, Any]], Any]) -> Any:
+    async def _gate(self, events: UpstreamEvents, take: Callable[[], Awaitable[T | None]]) -> T:
         """Read until ``take`` returns something (the first data event that is real generation) and return it; an
         in-band error, an empty stream or any failure before that closes the upstream and fails the attempt."""
         try:
             while True:
                 try:
-                    obj = await events.__anext__()
+                    out = await take()
                 except StopAsyncIteration:
                     raise UpstreamStreamError("upstream stream ended before any content", sent=True) from None
-                err = p.in_band_error(obj)
-                if err is not None:
-                    raise err
-                out = take(obj)
+                except InBandError as e:
+                    raise e.error from None
                 if out:
                     return out
         except BaseException:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from therouter import sse
 from therouter.errors import (
@@ -23,7 +26,7 @@ from therouter.metering.records import Outcome
 from therouter.protocol.responses import ChatCompletionChunk
 from therouter.protocol.usage import Usage
 from therouter.providers.base import Provider
-from therouter.providers.events import UpstreamEvents
+from therouter.providers.events import UpstreamEvents, parse_event
 
 __all__ = ["ChunkRewriter", "ClientStream", "UpstreamEvents", "UsageTap"]
 log = logging.getLogger("therouter.gateway")
@@ -62,6 +65,78 @@ class UsageTap:
         return Usage(prompt_tokens=prompt_estimate, completion_tokens=(self.chars + 3) // 4, estimated=True)
 
 
+# ---- plain chunks, relayed as bytes --------------------------------------------------------------------------------
+# Most events of a stream differ from the one before only in their text: a delta of content (or reasoning) and
+# nothing else. Such an event is not parsed: once one has been parsed and rewritten, it is a template (the upstream's
+# bytes around its text string, and our rewrite's bytes around the same string), and every later event that is
+# exactly the upstream side's head + a valid JSON string body + tail is relayed as our head + that body + our tail.
+# Anything else (usage, a finish reason, an error, tool calls, reasoning to strip, a field that changed) is parsed and
+# rewritten in full, so the bytes sent are always what the full rewrite would send.
+
+
+@dataclass(slots=True, frozen=True)
+class _Template:
+    head: bytes  # the upstream event up to its text string's opening quote
+    tail: bytes  # from its closing quote on
+    out_head: bytes  # our event, likewise
+    out_tail: bytes
+
+    def relay(self, payload: bytes) -> tuple[bytes, int] | None:
+        """(our event, characters of text) if ``payload`` is this template's event with another text."""
+        if not (payload.startswith(self.head) and payload.endswith(self.tail)):
+            return None
+        mid = payload[len(self.head):len(payload) - len(self.tail)]
+        if len(self.head) + len(mid) + len(self.tail) != len(payload):
+            return None  # head and tail overlap
+        try:
+            text = orjson.loads(b'"' + mid + b'"')  # one valid JSON string, nothing around it
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(text, str):
+            return None
+        return self.out_head + mid + self.out_tail, len(text)
+
+
+def _plain_text(obj: dict[str, Any], exclude_reasoning: bool) -> tuple[str, str] | None:
+    """(field, text) of an event that is one choice's text and nothing else that varies; else None."""
+    choices = obj.get("choices")
+    if obj.get("usage") is not None or "error" in obj or type(choices) is not list or len(choices) != 1:
+        return None
+    ch = choices[0]
+    if type(ch) is not dict or ch.get("finish_reason") is not None or ch.get("logprobs") is not None:
+        return None
+    delta = ch.get("delta")
+    if delta is None:
+        text = ch.get("text")
+        return ("text", text) if type(text) is str else None
+    if type(delta) is not dict or len(delta) != 1:
+        return None
+    (field, text), = delta.items()
+    if field == "content" or (field == "reasoning_content" and not exclude_reasoning):
+        return (field, text) if type(text) is str else None
+    return None
+
+
+def _template(payload: bytes, out: bytes, field: str, text: str) -> _Template | None:
+    enc = orjson.dumps(text)
+    key = b'"' + field.encode() + b'":'
+    i, j = payload.find(key + enc), out.find(key + enc)
+    if i < 0 or j < 0 or payload.count(key) != 1 or out.count(key) != 1:
+        return None  # spelt another way (spaces, other escapes), or ambiguous: no template
+    i, j = i + len(key) + 1, j + len(key) + 1  # after the opening quote
+    n = len(enc) - 2
+    return _Template(payload[:i], payload[i + n:], out[:j], out[j + n:])
+
+
+class InBandError(Exception):
+    """An upstream event that is an error object (``error``: the mapped GatewayError). Before the first-chunk gate
+    it fails the attempt as it is; after it, it breaks the stream with our own words."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class ChunkRewriter(UsageTap):
     """Per-stream state: identity rewrite, usage capture and produced-text accounting."""
 
@@ -74,7 +149,30 @@ class ChunkRewriter(UsageTap):
         self.created = created
         self.object = object_
         self.include_usage = include_usage
-        self.sent_role = False
+        self._templates: dict[str, _Template] = {}  # per text field (content, reasoning_content, text)
+        self._learn = provider.plain_chunks
+
+    def relay(self, payload: bytes) -> bytes | None:
+        """One upstream data event, as it came -> the bytes of one client event (None: nothing to send). An event
+        that only changes the text of one already seen is relayed without a parse (:class:`_Template`); any other is
+        parsed and :meth:`rewrite`-n. Raises :class:`InBandError` for an error event, UpstreamBadResponse for an
+        unusable one."""
+        for t in self._templates.values():
+            hit = t.relay(payload)
+            if hit is not None:
+                self.chars += hit[1]
+                return hit[0]
+        obj = parse_event(payload)
+        err = self.provider.in_band_error(obj)
+        if err is not None:
+            raise InBandError(err)
+        plain = _plain_text(obj, self.exclude_reasoning) if self._learn else None
+        out = self.rewrite(obj)
+        if plain is not None and out is not None:
+            learnt = _template(payload, out, *plain)
+            if learnt is not None:
+                self._templates[plain[0]] = learnt
+        return out
 
     def rewrite(self, obj: dict[str, Any]) -> bytes | None:
         """One upstream chunk -> the bytes of one client event (or None when nothing is left to send)."""
@@ -192,12 +290,16 @@ class ClientStream:
         try:
             for b in self._first:
                 yield b
-            async for obj in self.events:
-                err = self.rw.provider.in_band_error(obj)
-                if err is not None:  # the upstream's words go to the log and the record, never to the client
+            while True:
+                try:
+                    payload = await self.events.next_payload()
+                except StopAsyncIteration:
+                    break
+                try:
+                    out = self.rw.relay(payload)
+                except InBandError as e:  # the upstream's words go to the log and the record, never to the client
                     raise UpstreamError("The provider reported an error in its stream.", sent=True,
-                                        code="upstream_in_band_error", detail=err.detail)
-                out = self.rw.rewrite(obj)
+                                        code="upstream_in_band_error", detail=e.error.detail) from None
                 if out:
                     yield out
             if not self.events.saw_done and self.rw.finish_reason is None:

@@ -22,10 +22,10 @@ import email.utils
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import AsyncGenerator, AsyncIterator, Mapping
+from datetime import UTC, datetime
 
 import aiohttp
 import httpx
@@ -136,7 +136,7 @@ _FAILED = "The request to the provider failed."
 
 
 class _AiohttpResponse(UpstreamResponse):
-    __slots__ = ("_resp", "status", "headers")
+    __slots__ = ("_resp", "headers", "status")
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
@@ -201,7 +201,7 @@ class AiohttpTransport(Transport):
 
 
 class _HttpxResponse(UpstreamResponse):
-    __slots__ = ("_resp", "status", "headers")
+    __slots__ = ("_resp", "headers", "status")
 
     def __init__(self, resp: httpx.Response) -> None:
         self._resp = resp
@@ -286,7 +286,7 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
         except ValueError:
             try:
                 when = email.utils.parsedate_to_datetime(ra)
-                return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
+                return max((when - datetime.now(UTC)).total_seconds(), 0.0)
             except (TypeError, ValueError):
                 return None
     return None

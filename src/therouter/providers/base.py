@@ -284,6 +284,13 @@ class Provider:
         place. An upstream with its own event protocol (Anthropic) returns an object holding the stream's state."""
         return self._translate_chunk
 
+    @property
+    def plain_chunks(self) -> bool:
+        """Its plain content chunks are already OpenAI's (they may be relayed as bytes, see
+        :mod:`therouter.streaming`): true unless the adapter translates or normalises chunks itself."""
+        cls = type(self)
+        return cls.stream_translator is Provider.stream_translator and cls.normalize_chunk is Provider.normalize_chunk
+
     def _translate_chunk(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         self.normalize_chunk(obj)
         return obj

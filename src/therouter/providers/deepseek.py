@@ -16,7 +16,6 @@ from typing import Any
 from therouter.config import Deployment
 from therouter.providers.base import Provider
 
-
 _EFFORT = {"minimal": "low", "low": "low", "medium": "high", "high": "high", "xhigh": "max", "max": "max"}
 
 

@@ -8,7 +8,9 @@ never re-arm them (DeepSeek keeps a queued connection alive with ``: keep-alive`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import deque
 from typing import Any
 
 import orjson
@@ -20,8 +22,23 @@ from therouter.sse import EventTooLarge, SSEDecoder
 DEFAULT_MAX_EVENT = 1024 * 1024  # server.max_upstream_event_bytes
 
 
+def parse_event(payload: bytes) -> dict[str, Any]:
+    """A data event's JSON object, or the provider's fault (:class:`UpstreamBadResponse`)."""
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise UpstreamBadResponse("The provider sent a stream event that is not JSON.", sent=True,
+                                  code="malformed_stream_event",
+                                  detail=payload[:200].decode("utf-8", "replace")) from None
+    if not isinstance(obj, dict):
+        raise UpstreamBadResponse("The provider sent a response of the wrong shape.", sent=True,
+                                  detail=f"stream event is {type(obj).__name__}, not an object")
+    return obj
+
+
 class UpstreamEvents:
-    """Async iterator of parsed JSON objects (dicts); ends after ``[DONE]`` or EOF (``saw_done`` tells which).
+    """Async iterator of parsed JSON objects (dicts), or of raw payloads (:meth:`next_payload`); ends after
+    ``[DONE]`` or EOF (``saw_done`` tells which).
 
     What is not an event we can use is the provider's fault (:class:`UpstreamBadResponse`): a payload that is not
     JSON, JSON that is not an object, a line or event over ``max_event_bytes``.
@@ -33,7 +50,7 @@ class UpstreamEvents:
         self.resp = resp
         self._chunks = resp.chunks().__aiter__()
         self._decoder = SSEDecoder(max_event_bytes)
-        self._pending: list[bytes] = []
+        self._pending: deque[bytes] = deque()
         self._clock = clock
         self._start = clock() if started is None else started  # the attempt's send time
         self._cap = self._start + total
@@ -47,26 +64,21 @@ class UpstreamEvents:
         return self
 
     async def __anext__(self) -> dict[str, Any]:
+        return parse_event(await self.next_payload())
+
+    async def next_payload(self) -> bytes:
+        """The next data event's payload as it came (a reader that needs no parse relays these bytes); raises
+        StopAsyncIteration after ``[DONE]`` or at EOF."""
         while True:
             if self._pending:
-                payload = self._pending.pop(0)
+                payload = self._pending.popleft()
                 if payload.strip() == b"[DONE]":
                     self.saw_done = True
                     self._pending.clear()  # an exhausted iterator stays exhausted: nothing after [DONE] is an event
                     raise StopAsyncIteration
-                try:
-                    obj = orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    raise UpstreamBadResponse("The provider sent a stream event that is not JSON.", sent=True,
-                                              code="malformed_stream_event",
-                                              detail=payload[:200].decode("utf-8", "replace")) from None
-                if not isinstance(obj, dict):
-                    raise UpstreamBadResponse("The provider sent a response of the wrong shape.", sent=True,
-                                              detail=f"stream event is {type(obj).__name__}, not an object")
                 self.events += 1
-                now = self._clock()
-                self._deadline = min(now + self._idle, self._cap)
-                return obj
+                self._deadline = min(self._clock() + self._idle, self._cap)
+                return payload
             if self._eof or self.saw_done:
                 raise StopAsyncIteration
             await self._read()
@@ -98,7 +110,5 @@ class UpstreamEvents:
         return UpstreamTimeout("upstream stream stalled (idle timeout)", sent=True, code="stream_idle_timeout")
 
     async def aclose(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # closing a broken connection must never raise
             await self.resp.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection must never raise
-            pass
