@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.routing._helpers import FakeClock, router, settings
 from therouter.errors import (
     GatewayError,
     UpstreamAuthError,
@@ -21,8 +22,6 @@ from therouter.errors import (
 from therouter.routing.attempts import Attempt, AttemptPolicy, Exhausted, all_failed
 from therouter.routing.options import BreakerPolicy, RoutingOptions
 from therouter.routing.router import Candidate, Needs, Router, Skip
-
-from tests.routing._helpers import FakeClock, router, settings
 
 
 @dataclass
