@@ -73,6 +73,35 @@ class SSEDecoder:
     def feed(self, chunk: bytes) -> Iterator[bytes]:
         if not chunk:
             return  # an empty read must not drop a pending CR (the LF of a split CRLF may come next)
+        if not (self._buf or self._open or self._has_data or self._pending_cr) and b"\r" not in chunk:
+            yield from self._blocks(chunk)
+            return
+        yield from self._lines(chunk)
+
+    def _blocks(self, chunk: bytes) -> Iterator[bytes]:
+        """The common case, at an event boundary with LF line endings: whole events are cut at blank lines, and an
+        event of one ``data: `` line is its payload as it is; anything else goes line by line (:meth:`_line`)."""
+        blocks = chunk.split(b"\n\n")
+        rest = blocks.pop()  # after the last blank line: an event still incomplete (or nothing)
+        for block in blocks:
+            if self._max is not None and len(block) > self._max and b"\n" not in block:
+                raise self._too_large("a line", len(block))
+            if block.startswith(b"data: ") and b"\n" not in block:
+                yield block[6:]
+                continue
+            for line in block.split(b"\n"):
+                if self._max is not None and len(line) > self._max:
+                    raise self._too_large("a line", len(line))
+                ev = self._line(line)
+                if ev is not None:
+                    yield ev
+            ev = self._line(b"")
+            if ev is not None:
+                yield ev
+        if rest:
+            yield from self._lines(rest)
+
+    def _lines(self, chunk: bytes) -> Iterator[bytes]:
         if b"\n" not in chunk and b"\r" not in chunk and (self._buf or self._open):
             # the middle of a long line: set the piece aside and count it, nothing to decode yet
             self._pending_cr = False
