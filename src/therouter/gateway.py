@@ -2,6 +2,12 @@
 
 Nothing here knows FastAPI. The api layer hands in the raw body and a way to learn that the client went away, and
 gets back a :class:`JSONAnswer` or a :class:`StreamAnswer` (whose first event already passed the first-chunk gate).
+
+Reading order: :meth:`Gateway.handle` (validate, admit) -> :meth:`Gateway._route` (each model of the plan through
+:class:`~therouter.routing.attempts.AttemptPolicy`: pick / try / record) -> an attempt asks the provider
+(:meth:`Provider.complete` for a JSON answer, :meth:`Provider.open_stream` for events, held at :meth:`_gate`) ->
+a stream is handed to :class:`~therouter.streaming.ClientStream`, which relays, frames and finishes it once
+(:meth:`_finish_stream` settles); a JSON answer is settled in :meth:`_json` / :meth:`_assemble`.
 """
 
 from __future__ import annotations
