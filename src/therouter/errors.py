@@ -35,7 +35,11 @@ class GatewayError(Exception):
         headers: dict[str, str] | None = None,
         retry_after: float | None = None,
         detail: str | None = None,
+        retryable: bool | None = None,
+        fallback_ok: bool | None = None,
     ) -> None:
+        """``retryable`` / ``fallback_ok`` override the class's flags for this one error: what happens after it is
+        decided when it is built, never by changing it afterwards."""
         super().__init__(message)
         self.message = message
         self.detail = detail  # internal only: never rendered (see body())
@@ -46,6 +50,10 @@ class GatewayError(Exception):
             self.status = status
         self.headers: dict[str, str] = dict(headers or {})
         self.retry_after = retry_after
+        if retryable is not None:
+            self.retryable = retryable
+        if fallback_ok is not None:
+            self.fallback_ok = fallback_ok
 
     def body(self) -> dict[str, object]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -2,6 +2,12 @@
 
 Nothing here knows FastAPI. The api layer hands in the raw body and a way to learn that the client went away, and
 gets back a :class:`JSONAnswer` or a :class:`StreamAnswer` (whose first event already passed the first-chunk gate).
+
+Reading order: :meth:`Gateway.handle` (validate, admit) -> :meth:`Gateway._route` (each model of the plan through
+:class:`~therouter.routing.attempts.AttemptPolicy`: pick / try / record) -> an attempt asks the provider
+(:meth:`Provider.complete` for a JSON answer, :meth:`Provider.open_stream` for events, held at :meth:`_gate`) ->
+a stream is handed to :class:`~therouter.streaming.ClientStream`, which relays, frames and finishes it once
+(:meth:`_finish_stream` settles); a JSON answer is settled in :meth:`_json` / :meth:`_assemble`.
 """
 
 from __future__ import annotations
@@ -9,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -27,7 +32,6 @@ from therouter.errors import (
     PermissionDenied,
     UpstreamError,
     UpstreamStreamError,
-    UpstreamTimeout,
 )
 from therouter.keys import KeyRecord
 from therouter.logs import log_request
@@ -36,19 +40,35 @@ from therouter.metering.meter import Meter
 from therouter.metering.prices import nano_to_usd
 from therouter.metering.records import GenerationRecord, Outcome
 from therouter.observability import Finished, Metrics
+from therouter.protocol.endpoint import Endpoint
+from therouter.protocol.endpoint import endpoint as protocol_endpoint
+from therouter.protocol.responses import ChatCompletion, Identity
 from therouter.protocol.usage import Usage
-from therouter.providers._http import UpstreamRequest
-from therouter.providers.base import Provider
+from therouter.providers import Provider, UpstreamEvents, UpstreamRequest
 from therouter.providers.wire import NativeRequest
-from therouter.routing.attempts import AttemptPolicy, Exhausted, all_failed, unless_gone
+from therouter.routing.attempts import (
+    Attempt,
+    AttemptPolicy,
+    Exhausted,
+    all_failed,
+    unless_gone,
+)
 from therouter.routing.balance import prompt_prefix
 from therouter.routing.preferences import NO_PREFERENCES, Preferences, parse_preferences
-from therouter.routing.router import Candidate, Needs, Router, Skip
+from therouter.routing.router import Candidate, Needs, Router, Skip, SkipKind
 from therouter.routing.state import Lease
-from therouter.streaming import ChunkRewriter, UpstreamEvents, UsageTap
+from therouter.streaming import (
+    ChunkRewriter,
+    ClientStream,
+    InBandError,
+    Relay,
+    UsageTap,
+    broken_stream_outcome,
+)
 from therouter.tracing import Tracing
 
 log = logging.getLogger("therouter.gateway")
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -56,14 +76,14 @@ class JSONAnswer:
     body: bytes
     headers: dict[str, str]
     status: int = 200
-    native: bool = False  # NATIVE RELAY: the body is already in the client's wire format (see therouter.native)
+    native: bool = False  # the body is already in the client's wire format (see therouter.native)
 
 
 @dataclass(slots=True)
 class StreamAnswer:
     headers: dict[str, str]
     events: AsyncIterator[bytes]
-    native: bool = False  # NATIVE RELAY: the events are already in the client's wire format
+    native: bool = False  # the events are already in the client's wire format
 
 
 @dataclass(slots=True)
@@ -71,7 +91,7 @@ class Call:
     """Everything about one client request once it is validated and admitted."""
 
     key: KeyRecord
-    endpoint: str  # "chat" | "completions"
+    endpoint: Endpoint
     checked: validate.Checked
     gen_id: str
     request_id: str
@@ -79,7 +99,7 @@ class Call:
     started: float
     prefs: Preferences = NO_PREFERENCES
     adm: Admission | None = None
-    attempts: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     settled: bool = False
     lease: Lease | None = None  # the serving attempt's in-flight slot, held until the answer is complete
@@ -88,10 +108,6 @@ class Call:
     built: dict[tuple[str, Deployment], UpstreamRequest] = field(default_factory=dict)  # per (provider, deployment)
     observed: bool = False  # its answer was counted and logged (once)
     native: NativeRequest | None = None  # the client's own wire request (/v1/messages), for a provider that speaks it
-
-    @property
-    def object(self) -> str:
-        return "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
 
     @property
     def plan(self) -> list[str]:
@@ -113,13 +129,6 @@ class _Assembly:
 
     events: UpstreamEvents
     asm: Assembler
-
-
-_Relay = ChunkRewriter | native_relay.MessagesRelay  # what turns upstream events into the client's bytes
-
-
-def new_id(endpoint: str) -> str:
-    return ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
 
 
 def cost_fragment(nano: int) -> orjson.Fragment:
@@ -163,11 +172,12 @@ class Gateway:
             allowed = tuple(self.settings.canonical(m) for m in key.models)
             if allowed and model not in allowed:
                 raise PermissionDenied(f"This API key is not allowed to use the model `{asked}`.", param="model")
-            checked = validate.check("chat" if endpoint == "chat" else "completions", body, card, model,
+            ep = protocol_endpoint(endpoint)
+            checked = validate.check(ep.name, body, card, model,
                                      catalogue=self._allowed_models(key))
             prefs = parse_preferences(body, self.router.providers, self.settings.models, model, allowed,
                                       self.router.state.options.max_models, aliases=self.settings.aliases)
-            call = Call(key=key, endpoint=endpoint, checked=checked, gen_id=new_id(endpoint), request_id=request_id,
+            call = Call(key=key, endpoint=ep, checked=checked, gen_id=ep.new_id(), request_id=request_id,
                         created=int(time.time()), started=started, prefs=prefs, native=native)
             routes = self._first_routes(call)
             # the prompt bound builds every deployment's request: only a budget needs it (the reservation)
@@ -208,13 +218,13 @@ class Gateway:
 
     def _candidates(self, call: Call, model_id: str) -> list[Candidate]:
         b = call.checked.body
-        rf = b["response_format"] if isinstance(b.get("response_format"), dict) else {}
+        rf: dict[str, Any] = b["response_format"] if isinstance(b.get("response_format"), dict) else {}
         strict = call.prefs.require_parameters or self.settings.routing.unsupported_parameters == "reject"
         needs = validate_needs(b, call, rf, b.get("stop"), strict)
         opts = self.router.state.options
         prefix = prompt_prefix(b, opts.affinity_prefix_chars) if opts.affinity_for(model_id) else ""
         cands, skipped = self.router.candidates(model_id, needs, call.prefs, prefix)
-        # NATIVE RELAY: what only a deployment speaking the client's wire format takes (documents) narrows the choice
+        # what only a deployment speaking the client's wire format takes (documents) narrows the choice
         cands = native_relay.keep_native(call.native, cands, skipped, model_id)
         call.skipped.extend(skipped)
         return cands
@@ -228,20 +238,19 @@ class Gateway:
                 return routes
         raise self._nothing_served(call, [])
 
-    def _nothing_served(self, call: Call, errors: list[Any]) -> GatewayError:
+    def _nothing_served(self, call: Call, errors: list[tuple[Candidate, GatewayError]]) -> GatewayError:
+        """Nothing served: a 400 naming the parameter when every deployment lacks what the request asks for, else
+        the attempts' and skips' account (502 / 503 / 504)."""
         skipped = call.skipped
-        if not errors and skipped and all(s.param for s in skipped):
-            param = skipped[0].param
-            what = {"tools": "tools", "suffix": "fill-in-the-middle (suffix)"}.get(param or "", f"'{param}'")
-            if param == "response_format":
-                what = skipped[0].reason.removeprefix("missing capability: ").split(" ", 1)[0]
-            raise InvalidRequest(f"No deployment of `{call.checked.model}` supports {what}.", param=param,
-                                 code="unsupported_parameter")
+        if not errors and skipped and all(s.kind is SkipKind.UNSUITED for s in skipped):
+            first = skipped[0]
+            raise InvalidRequest(f"No deployment of `{call.checked.model}` supports {first.lacking}.",
+                                 param=first.param, code="unsupported_parameter")
         return all_failed(errors, skipped, call.checked.model)
 
     async def _route(self, call: Call, routes: dict[str, list[Candidate]], attempt: Callable[[Candidate], Any],
                      cancel_on: Callable[[], Awaitable[None]] | None = None) -> tuple[Candidate, Any]:
-        errors: list[Any] = []
+        errors: list[tuple[Candidate, GatewayError]] = []
         deadline = self._deadline(call)
         for model_id in call.plan:
             if model_id not in routes and self.clock() >= deadline:
@@ -263,15 +272,14 @@ class Gateway:
         """The upstream request for one deployment, built once per call: what is reserved for is what is sent."""
         req = call.built.get((p.name, dep))
         if req is None:
-            build = p.chat_request if call.endpoint == "chat" else p.completion_request
             # hints this host does not honour are left out (and named in the answer); see params.py
             dropped = params.dropped_for(call.checked.body, self.settings.models[model_id], dep)
             body = params.without(call.checked.body, dropped)
             stream = call.checked.stream or p.config.assembles
             native = None if call.native is None else p.native_request(call.native, call.checked.body, dep,
                                                                        stream=stream, request_id=call.request_id)
-            req = native or build(body, dep, stream=stream, request_id=call.request_id,
-                                  max_output=self.settings.models[model_id].max_output_tokens)
+            req = native or p.request(call.endpoint, body, dep, stream=stream, request_id=call.request_id,
+                                      max_output=self.settings.models[model_id].max_output_tokens)
             req.meta["dropped"] = dropped
             call.built[(p.name, dep)] = req
         return req
@@ -344,7 +352,7 @@ class Gateway:
         relayed = native_relay.relays(call.built.get((cand.name, cand.dep)))
         cost = await self._settle(call, cand, usage, "completed", stream=False, estimate=_json_estimate(call, obj),
                                   finish_reason=native_relay.message_finish(obj) if relayed else _finish_reason(obj))
-        if relayed and call.native is not None:  # NATIVE RELAY: the upstream's message, our id and the client's model
+        if relayed and call.native is not None:  # the upstream's own message: our id and the client's model
             answer = JSONAnswer(native_relay.message_answer(obj, call.gen_id, call.native.model),
                                 self._headers(call, cand), native=True)
             self._observe(call, cand, 200, "completed", usage, cost)
@@ -352,50 +360,43 @@ class Gateway:
         return self._json_answer(call, cand, obj, usage, cost)
 
     def _json_answer(self, call: Call, cand: Candidate, obj: dict[str, Any], usage: Usage, cost: int) -> JSONAnswer:
-        obj["id"] = call.gen_id
-        obj["model"] = cand.model_id
-        obj["provider"] = cand.name
         if _exclude_reasoning(call):
             for ch in obj.get("choices") or ():
                 if isinstance(ch, dict) and isinstance(ch.get("message"), dict):
                     ch["message"].pop("reasoning_content", None)
         u = usage.to_openai(obj.get("usage") if isinstance(obj.get("usage"), dict) else None)
         u["cost"] = cost_fragment(cost)
-        obj["usage"] = u
-        answer = JSONAnswer(orjson.dumps(obj), self._headers(call, cand))
+        who = Identity(call.gen_id, cand.model_id, cand.name, call.created, call.endpoint.object)
+        answer = JSONAnswer(ChatCompletion.from_upstream(obj, who, u).to_json(), self._headers(call, cand))
         self._observe(call, cand, 200, "completed", usage, cost)
         return answer
 
     async def _json_attempt(self, call: Call, c: Candidate) -> tuple[dict[str, Any], Usage]:
-        p, t = c.provider, c.provider.config.timeouts
         self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=False)  # checkpointed if it dies
-        req = self._request(call, p, c.dep, c.model_id)
-        budget = max(min(t.total, self._deadline(call) - self.clock()), 0.001)
-        resp = await p.transport.send(req, connect=t.connect, headers_timeout=budget)
-        try:
-            try:
-                async with asyncio.timeout(budget):
-                    raw = await resp.read(self.settings.server.max_upstream_body_bytes)
-            except TimeoutError:
-                raise UpstreamTimeout("upstream did not finish its answer in time", sent=True) from None
-            if resp.status != 200:
-                raise p.map_error(resp.status, raw, resp.headers)
-            if native_relay.relays(req):  # NATIVE RELAY: the answer kept in the client's wire format
-                return native_relay.read_message(p, raw, call.checked.prompt_tokens)
-            obj = p.parse_json(raw)
-        finally:
-            await resp.close()
-        u = obj.get("usage")
-        return obj, p.usage(u) if isinstance(u, dict) else _json_estimate(call, obj)
+        budget = max(min(c.provider.config.timeouts.total, self._deadline(call) - self.clock()), 0.001)
+        req = self._request(call, c.provider, c.dep, c.model_id)
+        limit = self.settings.server.max_upstream_body_bytes
+        if native_relay.relays(req):  # the answer is kept in the client's wire format
+            raw = await c.provider.complete_raw(req, budget=budget, max_body_bytes=limit)
+            return native_relay.read_message(c.provider, raw, call.checked.prompt_tokens)
+        obj, usage = await c.provider.complete(req, budget=budget, max_body_bytes=limit)
+        return obj, usage or _json_estimate(call, obj)
 
     async def _open_assembly(self, call: Call, c: Candidate) -> _Assembly:
         """A non-stream request sent upstream as a stream: opened and held at the first-chunk gate like a stream."""
         events = await self._connect(call, c, total=self._deadline(call) - self.clock())
-        asm = Assembler(c.provider, chat=call.endpoint == "chat",
+        asm = Assembler(c.provider, chat=call.endpoint.chat,
                         max_bytes=self.settings.server.max_upstream_body_bytes)
         self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=False,
                            usage=lambda: asm.final_usage(call.checked.prompt_tokens))
-        await self._gate(c.provider, events, asm.feed)
+        async def take() -> Any:
+            obj = await events.__anext__()
+            err = c.provider.in_band_error(obj)
+            if err is not None:
+                raise InBandError(err)
+            return asm.feed(obj)
+
+        await self._gate(events, take)
         return _Assembly(events, asm)
 
     async def _assemble(self, call: Call, cand: Candidate, events: UpstreamEvents, asm: Assembler,
@@ -410,7 +411,7 @@ class Gateway:
             await (unless_gone(drain, wait_disconnect) if wait_disconnect is not None else drain)
             outcome = "completed"
         except GatewayError as e:
-            outcome, error = _broken_stream_outcome(e), e
+            outcome, error = broken_stream_outcome(e), e
             log.warning("assembled answer %s from %s broke: %s: %s", call.gen_id, cand.name, e.code,
                         e.detail or e.message)
         finally:
@@ -439,113 +440,67 @@ class Gateway:
 
     async def _stream(self, call: Call, routes: dict[str, list[Candidate]],
                       wait_disconnect: Callable[[], Awaitable[None]] | None = None) -> StreamAnswer:
-        async def attempt(c: Candidate) -> tuple[UpstreamEvents, _Relay, list[bytes]]:
+        async def attempt(c: Candidate) -> tuple[UpstreamEvents, Relay, list[bytes]]:
             return await self._open_stream(call, c)
 
         # a client that leaves while the first-chunk gate holds the answer cancels the upstream at once
         cand, (events, rw, first) = await self._route(call, routes, attempt, cancel_on=wait_disconnect)
         call.ttft = self.clock() - call.started
-        relayed = isinstance(rw, native_relay.MessagesRelay)
-        if relayed:  # NATIVE RELAY: the upstream's own events go to the client (an error after the first byte: its
-            # wire format's error event); settled by the same _finish_stream
-            gen = native_relay.pump(rw, events, first, cand.provider, lambda outcome, error: self._finish_stream(
-                call, cand, events, rw, outcome, error), call.gen_id)
-        else:
-            gen = self._pump(call, cand, events, rw, first)
-        return StreamAnswer(self._headers(call, cand),
-                            _Stream(gen, lambda: self._finish_stream(call, cand, events, rw, "client_cancelled", None)),
-                            native=relayed)
 
-    async def _open_stream(self, call: Call, c: Candidate) -> tuple[UpstreamEvents, _Relay, list[bytes]]:
+        async def finish(outcome: Outcome, error: GatewayError | None) -> tuple[Usage, int]:
+            return await self._finish_stream(call, cand, events, rw, outcome, error)
+
+        return StreamAnswer(self._headers(call, cand), ClientStream(events, rw, first, finish, provider=cand.name,
+                                                                   cost=cost_fragment),
+                            native=isinstance(rw, native_relay.MessagesRelay))
+
+    async def _open_stream(self, call: Call, c: Candidate) -> tuple[UpstreamEvents, Relay, list[bytes]]:
         """Open the upstream stream and hold it until its first data event is real generation (first-chunk gate)."""
         p = c.provider
         events = await self._connect(call, c)
-        rw: _Relay
-        if native_relay.relays(call.built.get((c.name, c.dep))) and call.native is not None:  # NATIVE RELAY
+        rw: Relay
+        if native_relay.relays(call.built.get((c.name, c.dep))) and call.native is not None:
+            # the upstream speaks the client's wire format: its events are relayed as they come (therouter.native)
             rw = native_relay.MessagesRelay(p, gen_id=call.gen_id, model=call.native.model)
         else:
             rw = ChunkRewriter(p, gen_id=call.gen_id, model=c.model_id, created=call.created,
-                               object_=call.object, include_usage=call.checked.include_usage,
+                               object_=call.endpoint.chunk_object, include_usage=call.checked.include_usage,
                                exclude_reasoning=_exclude_reasoning(call))
         # checkpoints read the rewriter's own counters: what a lost instance's stream is billed for
         self.meter.serving(call.gen_id, c.model_id, c.name, c.dep.model, stream=True,
                            usage=lambda: rw.final_usage(call.checked.prompt_tokens))
-        return events, rw, [await self._gate(p, events, rw.rewrite)]
+        async def take() -> bytes | None:
+            return rw.relay(await events.next_payload())
+
+        return events, rw, [await self._gate(events, take)]
 
     async def _connect(self, call: Call, c: Candidate, total: float | None = None) -> UpstreamEvents:
-        """Send the request; a 200 becomes the upstream's events under the first-token / idle / total clocks (an
-        answer for a non-stream client is also capped at the request's deadline)."""
-        p, t = c.provider, c.provider.config.timeouts
-        req = self._request(call, p, c.dep, c.model_id)
+        """The provider opens the upstream stream under the first-token / idle / total clocks (an answer for a
+        non-stream client is also capped at the request's deadline)."""
+        t, srv = c.provider.config.timeouts, self.settings.server
         first_token = min(t.first_token, max(self._deadline(call) - self.clock(), 0.001))
-        sent_at = self.clock()
-        resp = await p.transport.send(req, connect=t.connect, headers_timeout=first_token)
-        if resp.status != 200:
-            try:
-                async with asyncio.timeout(5):
-                    raw = await resp.read(self.settings.server.max_upstream_body_bytes)
-            except (TimeoutError, GatewayError):
-                raw = b""
-            finally:
-                await resp.close()
-            raise p.map_error(resp.status, raw, resp.headers)
         cap = t.total if total is None else max(min(t.total, total), 0.001)
-        return UpstreamEvents(resp, first_token=first_token, idle=t.idle, total=cap, clock=self.clock,
-                              started=sent_at, max_event_bytes=self.settings.server.max_upstream_event_bytes)
+        return await c.provider.open_stream(self._request(call, c.provider, c.dep, c.model_id),
+                                            first_token=first_token, total=cap, clock=self.clock,
+                                            max_event_bytes=srv.max_upstream_event_bytes,
+                                            max_error_bytes=srv.max_upstream_body_bytes)
 
-    async def _gate(self, p: Provider, events: UpstreamEvents, take: Callable[[dict[str, Any]], Any]) -> Any:
+    async def _gate(self, events: UpstreamEvents, take: Callable[[], Awaitable[T | None]]) -> T:
         """Read until ``take`` returns something (the first data event that is real generation) and return it; an
         in-band error, an empty stream or any failure before that closes the upstream and fails the attempt."""
         try:
             while True:
                 try:
-                    obj = await events.__anext__()
+                    out = await take()
                 except StopAsyncIteration:
                     raise UpstreamStreamError("upstream stream ended before any content", sent=True) from None
-                err = p.in_band_error(obj)
-                if err is not None:
-                    raise err
-                out = take(obj)
+                except InBandError as e:
+                    raise e.error from None
                 if out:
                     return out
         except BaseException:
             await events.aclose()
             raise
-
-    async def _pump(self, call: Call, cand: Candidate, events: UpstreamEvents, rw: ChunkRewriter,
-                    first: list[bytes]) -> AsyncIterator[bytes]:
-        outcome: Outcome = "client_cancelled"
-        error: GatewayError | None = None
-        try:
-            for b in first:
-                yield b
-            async for obj in events:
-                err = cand.provider.in_band_error(obj)
-                if err is not None:  # the upstream's words go to the log and the record, never to the client
-                    raise UpstreamError("The provider reported an error in its stream.", sent=True,
-                                        code="upstream_in_band_error", detail=err.detail)
-                out = rw.rewrite(obj)
-                if out:
-                    yield out
-            if not events.saw_done and rw.finish_reason is None:
-                raise UpstreamStreamError("upstream closed the stream before it finished", sent=True,
-                                          code="upstream_cut")
-            outcome = "completed"
-        except GatewayError as e:
-            outcome, error = _broken_stream_outcome(e), e
-            log.warning("stream %s from %s broke: %s: %s", call.gen_id, cand.name, e.code, e.detail or e.message)
-        finally:
-            usage, cost = await asyncio.shield(asyncio.ensure_future(
-                self._finish_stream(call, cand, events, rw, outcome, error)))
-        if error is not None:
-            # our words only (the upstream's are in the log and the record), naming the provider by its config name
-            message = f"Provider `{cand.name}` failed mid-stream: {error.message}"
-            yield b"data: " + orjson.dumps({"error": {"message": message, "type": error.type,
-                                                      "param": None, "code": error.code}}) + b"\n\n"
-            return
-        if call.checked.include_usage:
-            yield rw.usage_event(usage, {"cost": cost_fragment(cost)})
-        yield b"data: [DONE]\n\n"
 
     async def _finish_stream(self, call: Call, cand: Candidate, events: UpstreamEvents, rw: UsageTap,
                              outcome: Outcome, error: GatewayError | None) -> tuple[Usage, int]:
@@ -559,7 +514,7 @@ class Gateway:
             usage.estimated = usage.estimated or rw.usage_raw is None
             state.observe_stream_break(cand.key, f"{error.code}: {error.message}")
             if call.attempts:  # the serving attempt passed the gate, then broke: the record says how, in full
-                call.attempts[-1]["stream_error"] = {"code": error.code,
+                call.attempts[-1].stream_error = {"code": error.code,
                                                      "error": (error.detail or error.message)[:2000]}
             if self.metrics is not None:
                 self.metrics.observe_stream_error(cand.name, error)
@@ -582,7 +537,7 @@ class Gateway:
             provider=cand.name if cand else "", upstream_model=cand.dep.model if cand else "",
             usage=usage, cost_nano=0, price_version=call.adm.price_version if call.adm else 0,
             created=call.created, latency_ms=int((self.clock() - call.started) * 1000), ttft_ms=ttft_ms,
-            outcome=outcome, stream=stream, attempts=list(call.attempts),
+            outcome=outcome, stream=stream, attempts=[a.to_dict() for a in call.attempts],
             skipped=[s.to_dict() for s in call.skipped], request_id=call.request_id, finish_reason=finish_reason,
             dropped_params=self._dropped(call, cand) if cand else [],
             downgraded=self._downgraded(call, cand) if cand else [],
@@ -617,14 +572,14 @@ class Gateway:
             return
         call.observed = True
         first = call.attempts[0] if call.attempts else None
-        moved = cand is not None and first is not None and (first.get("provider"), first.get("model_id")) != (
+        moved = cand is not None and first is not None and (first.provider, first.model_id) != (
             cand.name, cand.model_id)
         self._finish(Finished(
             call.request_id, status, outcome, cand.model_id if cand else call.checked.model,
             cand.name if cand else "", seconds=self.clock() - call.started, ttft=call.ttft,
             generation_id=call.gen_id, key_id=call.key.id, usage=usage, cost_nano=cost, attempts=len(call.attempts),
-            requested=call.checked.model, fallback_from=str(first.get("provider")) if moved and first else "",
-            error=error if isinstance(error, GatewayError) else None, endpoint=_label(call.endpoint, call.native)))
+            requested=call.checked.model, fallback_from=first.provider if moved and first else "",
+            error=error if isinstance(error, GatewayError) else None, endpoint=_label(call.endpoint.name, call.native)))
 
     def _finish(self, f: Finished) -> None:
         """THE place a request's answer is observed: its metrics, its log line, its trace."""
@@ -639,30 +594,6 @@ class Gateway:
         if self.tracing is not None:
             self.tracing.begin(endpoint, request_id)
         self._finish(Finished(request_id, err.status, "refused", error=err, endpoint=endpoint))
-
-
-class _Stream:
-    """The answer's event iterator. If the response is closed before the first event was pulled (the client left
-    between the gate and the first write), the generator's ``finally`` would never run: ``aclose`` then finishes
-    the stream itself, so the upstream is closed, the slots are freed and the request is still metered."""
-
-    def __init__(self, gen: AsyncIterator[bytes], on_unstarted: Callable[[], Awaitable[Any]]) -> None:
-        self._gen = gen
-        self._started = False
-        self._on_unstarted = on_unstarted
-
-    def __aiter__(self) -> _Stream:
-        return self
-
-    async def __anext__(self) -> bytes:
-        self._started = True
-        return await self._gen.__anext__()
-
-    async def aclose(self) -> None:
-        if not self._started:
-            self._started = True
-            await asyncio.shield(asyncio.ensure_future(self._on_unstarted()))
-        await self._gen.aclose()  # type: ignore[attr-defined]
 
 
 def _status(e: BaseException) -> int:
@@ -688,7 +619,7 @@ def validate_needs(b: dict[str, Any], call: Call, rf: dict[str, Any], stop: Any,
         tools=bool(b.get("tools")) and b.get("tool_choice") != "none",
         json_object=rf.get("type") == "json_object",
         json_schema=rf.get("type") == "json_schema",
-        fim=call.endpoint == "completions" and b.get("suffix") is not None,
+        fim=not call.endpoint.chat and b.get("suffix") is not None,
         tokens=call.checked.window_tokens,
         stops=len(stop) if isinstance(stop, list) else (1 if stop else 0),
         stream=call.checked.stream,
@@ -715,12 +646,6 @@ def _finish_reason(obj: dict[str, Any]) -> str | None:
     choices = obj.get("choices")
     fr = choices[0].get("finish_reason") if isinstance(choices, list) and choices else None
     return fr if isinstance(fr, str) else None
-
-
-def _broken_stream_outcome(e: GatewayError) -> Outcome:
-    """A stream that failed after its first byte: its connection broke or stalled (``upstream_cut``), or the provider
-    sent something unusable: an in-band error, a malformed or oversized event, a chunk of the wrong shape."""
-    return "upstream_cut" if isinstance(e, (UpstreamStreamError, UpstreamTimeout)) else "upstream_error"
 
 
 def _json_chars(obj: dict[str, Any]) -> int:

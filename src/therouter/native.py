@@ -12,8 +12,9 @@ way, so everything OpenAI's shape cannot carry reaches the client: text ``citati
   the attempt and the next deployment is tried (which may be translated: the client sees one stream either way).
   Usage is read from ``message_start.message.usage`` and ``message_delta.usage`` (input, output, cache reads and
   writes; each event checked by the provider's own stream translator, so the meter sees what the translated path
-  would). :func:`pump` is the gateway's stream pump for it: a failure after the first byte is one Anthropic
-  ``error`` event, never a silent end, and the stream is settled once, whatever ended it.
+  would). It is a :class:`~therouter.streaming.Relay`: the gateway's one stream owner
+  (:class:`~therouter.streaming.ClientStream`) pumps, finishes and settles it like any stream; a failure after the
+  first byte is one Anthropic ``error`` event, never a silent end.
 - A JSON answer (:func:`read_message`, :func:`message_answer`): the upstream's message with ``id`` and ``model``
   rewritten, metered from its ``usage``.
 
@@ -22,29 +23,18 @@ The gateway's part is a hook in its stream and JSON paths (``native.relays(req)`
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
-from therouter.errors import (
-    GatewayError,
-    UpstreamError,
-    UpstreamStreamError,
-    UpstreamTimeout,
-)
-from therouter.metering.records import Outcome
+from therouter.errors import GatewayError
 from therouter.protocol.usage import Usage
+from therouter.providers import Provider, UpstreamRequest
 from therouter.providers._anthropic_response import finish_reason, openai_usage
-from therouter.providers._http import UpstreamRequest
-from therouter.providers.base import Provider
+from therouter.providers.events import parse_event
 from therouter.providers.wire import NativeRequest
 from therouter.routing.router import Candidate, Skip
-from therouter.streaming import UsageTap
-
-log = logging.getLogger("therouter.gateway")
+from therouter.streaming import InBandError, UsageTap
 
 # Anthropic's error types a client may be told (an in-band error keeps its type; anything else is an api_error)
 ERROR_TYPES = frozenset({"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
@@ -102,6 +92,25 @@ class MessagesRelay(UsageTap):
         self.start_usage: dict[str, Any] | None = None  # message_start's usage (the input counts)
         self.in_band_type: str | None = None  # the Anthropic type of an upstream's error event after the gate
         self._held: list[bytes] = []
+
+    def relay(self, payload: bytes) -> bytes | None:
+        """One upstream data event as it came -> the client's bytes (see :meth:`rewrite`); an ``error`` event raises
+        :class:`InBandError`, its Anthropic type kept for the error event that ends the stream."""
+        obj = parse_event(payload)
+        err = self.provider.in_band_error(obj)
+        if err is not None:
+            self.in_band_type = _in_band_type(obj)
+            raise InBandError(err)
+        return self.rewrite(obj)
+
+    def complete(self, saw_done: bool) -> bool:
+        return self.stopped  # Anthropic's streams end with message_stop (there is no [DONE])
+
+    def failure(self, error: GatewayError, provider_name: str) -> bytes:
+        return self.error(error, provider_name)
+
+    def closing(self, usage: Usage, cost: Any) -> bytes:
+        return b""  # message_delta carried the usage, message_stop ended it: as the upstream sent them
 
     def rewrite(self, obj: dict[str, Any]) -> bytes | None:
         """One upstream event -> bytes for the client; before the first content block, held (None), then sent
@@ -163,46 +172,6 @@ class MessagesRelay(UsageTap):
         return error_event(kind, f"Provider `{provider_name}` failed mid-stream: {error.message}")
 
 
-class _Events(Protocol):
-    def __aiter__(self) -> AsyncIterator[dict[str, Any]]: ...
-
-
-async def pump(relay: MessagesRelay, events: _Events, first: list[bytes], provider: Provider,
-               finish: Callable[[Outcome, GatewayError | None], Awaitable[Any]], gen_id: str = "") -> AsyncIterator[bytes]:
-    """The client's stream past the gate (``first``: what the gate released). ``finish(outcome, error)`` closes the
-    upstream and settles; it runs once, shielded, whatever ends the stream (the client leaving included)."""
-    outcome: Outcome = "client_cancelled"
-    error: GatewayError | None = None
-    try:
-        for b in first:
-            yield b
-        async for obj in events:
-            err = provider.in_band_error(obj)
-            if err is not None:  # the upstream's words go to the log and the record, never to the client
-                relay.in_band_type = _in_band_type(obj)
-                raise UpstreamError("The provider reported an error in its stream.", sent=True,
-                                    code="upstream_in_band_error", detail=err.detail)
-            out = relay.rewrite(obj)
-            if out:
-                yield out
-        if not relay.stopped:
-            raise UpstreamStreamError("upstream closed the stream before it finished", sent=True, code="upstream_cut")
-        outcome = "completed"
-    except GatewayError as e:
-        outcome, error = broken_stream_outcome(e), e
-        log.warning("stream %s from %s broke: %s: %s", gen_id, provider.name, e.code, e.detail or e.message)
-    finally:
-        await asyncio.shield(asyncio.ensure_future(finish(outcome, error)))
-    if error is not None:
-        yield relay.error(error, provider.name)
-
-
-def broken_stream_outcome(e: GatewayError) -> Outcome:
-    """As the gateway's: the connection broke or stalled (``upstream_cut``), or the provider sent something
-    unusable (``upstream_error``)."""
-    return "upstream_cut" if isinstance(e, (UpstreamStreamError, UpstreamTimeout)) else "upstream_error"
-
-
 def _in_band_type(obj: dict[str, Any]) -> str | None:
     err = obj.get("error")
     kind = err.get("type") if isinstance(err, dict) else None
@@ -238,4 +207,4 @@ def message_finish(message: dict[str, Any]) -> str | None:
 
 
 __all__ = ["MessagesRelay", "error_event", "keep_native", "message_answer",
-           "message_finish", "pump", "read_message", "relays", "serves"]
+           "message_finish", "read_message", "relays", "serves"]

@@ -1,4 +1,5 @@
-"""Server-sent events: encode what we send, decode what upstreams send.
+"""Server-sent events: THE framing of what we send (data events, named events, ``[DONE]``, error events) and the
+decoder of what upstreams send.
 
 The decoder follows the SSE spec as far as the OpenAI-style streams need: events end at a blank line (LF, CRLF or
 CR line endings, split anywhere across network chunks); ``:`` lines are comments (DeepSeek's ``: keep-alive``);
@@ -13,19 +14,37 @@ every read, so a long line arriving in small reads costs linear time.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
+
+from therouter.errors import GatewayError
+from therouter.protocol.responses import ErrorObject, ErrorResponse
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 
 
 def encode(obj: object) -> bytes:
+    """One data event of a JSON value."""
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 def encode_raw(payload: bytes) -> bytes:
+    """One data event of an already serialised JSON value."""
     return b"data: " + payload + b"\n\n"
+
+
+def named(kind: str, data: dict[str, Any]) -> bytes:
+    """A named event (``event: kind``) whose data carries its ``type`` too (Anthropic's Messages stream)."""
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **data}) + b"\n\n"
+
+
+def error_event(err: GatewayError, message: str | None = None) -> bytes:
+    """An error after the stream's first byte: one data event with OpenAI's error body (``message`` overrides the
+    error's own words, e.g. to name the provider); nothing follows it, not even ``[DONE]``."""
+    body = ErrorResponse(ErrorObject(err.message if message is None else message, err.type, err.param, err.code))
+    return encode_raw(body.to_json())
 
 
 class EventTooLarge(ValueError):
@@ -54,6 +73,35 @@ class SSEDecoder:
     def feed(self, chunk: bytes) -> Iterator[bytes]:
         if not chunk:
             return  # an empty read must not drop a pending CR (the LF of a split CRLF may come next)
+        if not (self._buf or self._open or self._has_data or self._pending_cr) and b"\r" not in chunk:
+            yield from self._blocks(chunk)
+            return
+        yield from self._lines(chunk)
+
+    def _blocks(self, chunk: bytes) -> Iterator[bytes]:
+        """The common case, at an event boundary with LF line endings: whole events are cut at blank lines, and an
+        event of one ``data: `` line is its payload as it is; anything else goes line by line (:meth:`_line`)."""
+        blocks = chunk.split(b"\n\n")
+        rest = blocks.pop()  # after the last blank line: an event still incomplete (or nothing)
+        for block in blocks:
+            if self._max is not None and len(block) > self._max and b"\n" not in block:
+                raise self._too_large("a line", len(block))
+            if block.startswith(b"data: ") and b"\n" not in block:
+                yield block[6:]
+                continue
+            for line in block.split(b"\n"):
+                if self._max is not None and len(line) > self._max:
+                    raise self._too_large("a line", len(line))
+                ev = self._line(line)
+                if ev is not None:
+                    yield ev
+            ev = self._line(b"")
+            if ev is not None:
+                yield ev
+        if rest:
+            yield from self._lines(rest)
+
+    def _lines(self, chunk: bytes) -> Iterator[bytes]:
         if b"\n" not in chunk and b"\r" not in chunk and (self._buf or self._open):
             # the middle of a long line: set the piece aside and count it, nothing to decode yet
             self._pending_cr = False

@@ -1,8 +1,4 @@
-"""Reading an upstream SSE stream: clocks that count data events only, and the per-chunk rewrite.
-
-:class:`UpstreamEvents` yields parsed data events from an upstream response under three clocks: first data event
-(``first_token``), gap between data events (``idle``) and an absolute cap (``total``). Comments and blank keep-alives
-never re-arm them (DeepSeek keeps a queued connection alive with ``: keep-alive`` for minutes).
+"""The per-chunk rewrite of an upstream stream (the events themselves: :mod:`therouter.providers.events`).
 
 :class:`ChunkRewriter` turns each upstream chunk into what the client receives: our id, the public model, the
 provider name, OpenAI's reasoning spelling, and usage placed the OpenAI way (only in a final ``choices: []`` chunk,
@@ -12,102 +8,30 @@ only when the client asked for it), while keeping the last usage the upstream re
 from __future__ import annotations
 
 import asyncio
-import time
-from typing import Any
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import orjson
 
-from therouter.errors import GatewayError, UpstreamBadResponse, UpstreamTimeout
+from therouter import sse
+from therouter.errors import (
+    GatewayError,
+    UpstreamError,
+    UpstreamStreamError,
+    UpstreamTimeout,
+)
+from therouter.metering.records import Outcome
+from therouter.protocol.responses import ChatCompletionChunk
 from therouter.protocol.usage import Usage
-from therouter.providers._http import UpstreamResponse
 from therouter.providers.base import Provider
-from therouter.sse import EventTooLarge, SSEDecoder
+from therouter.providers.events import UpstreamEvents, parse_event
 
-DEFAULT_MAX_EVENT = 1024 * 1024  # server.max_upstream_event_bytes
-
-
-class UpstreamEvents:
-    """Async iterator of parsed JSON objects (dicts); ends after ``[DONE]`` or EOF (``saw_done`` tells which).
-
-    What is not an event we can use is the provider's fault (:class:`UpstreamBadResponse`): a payload that is not
-    JSON, JSON that is not an object, a line or event over ``max_event_bytes``.
-    """
-
-    def __init__(self, resp: UpstreamResponse, *, first_token: float, idle: float, total: float,
-                 clock: Any = time.monotonic, started: float | None = None,
-                 max_event_bytes: int = DEFAULT_MAX_EVENT) -> None:
-        self.resp = resp
-        self._chunks = resp.chunks().__aiter__()
-        self._decoder = SSEDecoder(max_event_bytes)
-        self._pending: list[bytes] = []
-        self._clock = clock
-        self._start = clock() if started is None else started  # the attempt's send time
-        self._cap = self._start + total
-        self._deadline = min(self._start + first_token, self._cap)
-        self._idle = idle
-        self.saw_done = False
-        self.events = 0
-        self._eof = False
-
-    def __aiter__(self) -> UpstreamEvents:
-        return self
-
-    async def __anext__(self) -> dict[str, Any]:
-        while True:
-            if self._pending:
-                payload = self._pending.pop(0)
-                if payload.strip() == b"[DONE]":
-                    self.saw_done = True
-                    self._pending.clear()  # an exhausted iterator stays exhausted: nothing after [DONE] is an event
-                    raise StopAsyncIteration
-                try:
-                    obj = orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    raise UpstreamBadResponse("The provider sent a stream event that is not JSON.", sent=True,
-                                              code="malformed_stream_event",
-                                              detail=payload[:200].decode("utf-8", "replace")) from None
-                if not isinstance(obj, dict):
-                    raise UpstreamBadResponse("The provider sent a response of the wrong shape.", sent=True,
-                                              detail=f"stream event is {type(obj).__name__}, not an object")
-                self.events += 1
-                now = self._clock()
-                self._deadline = min(now + self._idle, self._cap)
-                return obj
-            if self._eof or self.saw_done:
-                raise StopAsyncIteration
-            await self._read()
-
-    async def _read(self) -> None:
-        remaining = self._deadline - self._clock()
-        if remaining <= 0:
-            raise self._timeout()
-        try:
-            async with asyncio.timeout(remaining):
-                chunk = await self._chunks.__anext__()
-        except StopAsyncIteration:
-            self._eof = True
-            chunk = None
-        except TimeoutError:
-            raise self._timeout() from None
-        try:
-            self._pending.extend(self._decoder.flush() if chunk is None else self._decoder.feed(chunk))
-        except EventTooLarge as e:
-            raise UpstreamBadResponse("The provider sent a stream event larger than the gateway accepts.",
-                                      sent=True, code="upstream_event_too_large", detail=str(e)) from None
-
-    def _timeout(self) -> GatewayError:
-        if self._clock() >= self._cap - 1e-6:
-            return UpstreamTimeout("upstream stream exceeded its time cap", sent=True, code="stream_time_cap")
-        if self.events == 0:
-            return UpstreamTimeout("upstream sent no data before the first-token timeout", sent=True,
-                                   code="first_token_timeout")
-        return UpstreamTimeout("upstream stream stalled (idle timeout)", sent=True, code="stream_idle_timeout")
-
-    async def aclose(self) -> None:
-        try:
-            await self.resp.close()
-        except Exception:  # noqa: BLE001, S110 - closing a broken connection must never raise
-            pass
+__all__ = ["ChunkRewriter", "ClientStream", "Relay", "UpstreamEvents", "UsageTap"]
+log = logging.getLogger("therouter.gateway")
+# (outcome, error or None) -> the usage and cost settled: the one way a stream ends
+Finisher = Callable[[Outcome, "GatewayError | None"], Awaitable[tuple[Usage, int]]]
 
 
 class UsageTap:
@@ -141,6 +65,108 @@ class UsageTap:
         return Usage(prompt_tokens=prompt_estimate, completion_tokens=(self.chars + 3) // 4, estimated=True)
 
 
+# ---- plain chunks, relayed as bytes --------------------------------------------------------------------------------
+# Most events of a stream differ from the one before only in their text: a delta of content (or reasoning) and
+# nothing else. Such an event is not parsed: once one has been parsed and rewritten, it is a template (the upstream's
+# bytes around its text string, and our rewrite's bytes around the same string), and every later event that is
+# exactly the upstream side's head + a valid JSON string body + tail is relayed as our head + that body + our tail.
+# Anything else (usage, a finish reason, an error, tool calls, reasoning to strip, a field that changed) is parsed and
+# rewritten in full, so the bytes sent are always what the full rewrite would send.
+
+
+@dataclass(slots=True, frozen=True)
+class _Template:
+    head: bytes  # the upstream event up to its text string's opening quote
+    tail: bytes  # from its closing quote on
+    out_head: bytes  # our event, likewise
+    out_tail: bytes
+
+    def relay(self, payload: bytes) -> tuple[bytes, int] | None:
+        """(our event, characters of text) if ``payload`` is this template's event with another text."""
+        if not (payload.startswith(self.head) and payload.endswith(self.tail)):
+            return None
+        mid = payload[len(self.head):len(payload) - len(self.tail)]
+        if len(self.head) + len(mid) + len(self.tail) != len(payload):
+            return None  # head and tail overlap
+        try:
+            text = orjson.loads(b'"' + mid + b'"')  # one valid JSON string, nothing around it
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(text, str):
+            return None
+        return self.out_head + mid + self.out_tail, len(text)
+
+
+def _plain_text(obj: dict[str, Any], exclude_reasoning: bool) -> tuple[str, str] | None:
+    """(field, text) of an event that is one choice's text and nothing else that varies; else None."""
+    choices = obj.get("choices")
+    if obj.get("usage") is not None or "error" in obj or type(choices) is not list or len(choices) != 1:
+        return None
+    ch = choices[0]
+    if type(ch) is not dict or ch.get("finish_reason") is not None or ch.get("logprobs") is not None:
+        return None
+    delta = ch.get("delta")
+    if delta is None:
+        text = ch.get("text")
+        return ("text", text) if type(text) is str else None
+    if type(delta) is not dict or len(delta) != 1:
+        return None
+    (field, text), = delta.items()
+    if field == "content" or (field == "reasoning_content" and not exclude_reasoning):
+        return (field, text) if type(text) is str else None
+    return None
+
+
+def _template(payload: bytes, out: bytes, field: str, text: str) -> _Template | None:
+    enc = orjson.dumps(text)
+    key = b'"' + field.encode() + b'":'
+    i, j = payload.find(key + enc), out.find(key + enc)
+    if i < 0 or j < 0 or payload.count(key) != 1 or out.count(key) != 1:
+        return None  # spelt another way (spaces, other escapes), or ambiguous: no template
+    i, j = i + len(key) + 1, j + len(key) + 1  # after the opening quote
+    n = len(enc) - 2
+    return _Template(payload[:i], payload[i + n:], out[:j], out[j + n:])
+
+
+class InBandError(Exception):
+    """An upstream event that is an error object (``error``: the mapped GatewayError). Before the first-chunk gate
+    it fails the attempt as it is; after it, it breaks the stream with our own words."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class Relay(Protocol):
+    """What :class:`ClientStream` relays through: upstream events in, the client's bytes out, in one wire format
+    (:class:`ChunkRewriter`: OpenAI's; :class:`therouter.native.MessagesRelay`: the client's own, e.g. Anthropic's)."""
+
+    gen_id: str
+    usage_raw: dict[str, Any] | None
+    finish_reason: str | None
+
+    def relay(self, payload: bytes) -> bytes | None:
+        """One upstream data event -> the client's bytes (None: nothing to send yet); :class:`InBandError` for an
+        error event."""
+        ...
+
+    def complete(self, saw_done: bool) -> bool:
+        """Whether the upstream's stream, now over, finished its answer (else it was cut)."""
+        ...
+
+    def failure(self, error: GatewayError, provider_name: str) -> bytes:
+        """The one event that ends a stream broken after its first byte (our words only)."""
+        ...
+
+    def closing(self, usage: Usage, cost: Any) -> bytes:
+        """What ends a completed stream (``cost``: the settled cost as its JSON value)."""
+        ...
+
+    def final_usage(self, prompt_estimate: int) -> Usage: ...
+
+    def estimate(self, prompt_estimate: int) -> Usage: ...
+
+
 class ChunkRewriter(UsageTap):
     """Per-stream state: identity rewrite, usage capture and produced-text accounting."""
 
@@ -153,6 +179,30 @@ class ChunkRewriter(UsageTap):
         self.created = created
         self.object = object_
         self.include_usage = include_usage
+        self._templates: dict[str, _Template] = {}  # per text field (content, reasoning_content, text)
+        self._learn = provider.plain_chunks
+
+    def relay(self, payload: bytes) -> bytes | None:
+        """One upstream data event, as it came -> the bytes of one client event (None: nothing to send). An event
+        that only changes the text of one already seen is relayed without a parse (:class:`_Template`); any other is
+        parsed and :meth:`rewrite`-n. Raises :class:`InBandError` for an error event, UpstreamBadResponse for an
+        unusable one."""
+        for t in self._templates.values():
+            hit = t.relay(payload)
+            if hit is not None:
+                self.chars += hit[1]
+                return hit[0]
+        obj = parse_event(payload)
+        err = self.provider.in_band_error(obj)
+        if err is not None:
+            raise InBandError(err)
+        plain = _plain_text(obj, self.exclude_reasoning) if self._learn else None
+        out = self.rewrite(obj)
+        if plain is not None and out is not None:
+            learnt = _template(payload, out, *plain)
+            if learnt is not None:
+                self._templates[plain[0]] = learnt
+        return out
 
     def rewrite(self, obj: dict[str, Any]) -> bytes | None:
         """One upstream chunk -> the bytes of one client event (or None when nothing is left to send)."""
@@ -181,7 +231,7 @@ class ChunkRewriter(UsageTap):
         obj["provider"] = self.provider.name
         if self.include_usage:
             obj["usage"] = None
-        return b"data: " + orjson.dumps(obj) + b"\n\n"
+        return sse.encode(obj)
 
     def _account(self, ch: dict[str, Any]) -> None:
         delta = ch.get("delta")
@@ -197,12 +247,22 @@ class ChunkRewriter(UsageTap):
         elif isinstance(ch.get("text"), str):
             self.chars += len(ch["text"])
 
+    def complete(self, saw_done: bool) -> bool:
+        return saw_done or self.finish_reason is not None
+
+    def failure(self, error: GatewayError, provider_name: str) -> bytes:
+        # naming the provider by its config name; the upstream's own words are in the log and the record
+        return sse.error_event(error, f"Provider `{provider_name}` failed mid-stream: {error.message}")
+
+    def closing(self, usage: Usage, cost: Any) -> bytes:
+        """The usage chunk (when the client asked for it, the OpenAI way), then ``[DONE]``."""
+        return (self.usage_event(usage, {"cost": cost}) if self.include_usage else b"") + sse.DONE
+
     def usage_event(self, usage: Usage, cost: dict[str, Any]) -> bytes:
         body = usage.to_openai(self.usage_raw)
         body.update(cost)
-        obj = {"id": self.gen_id, "object": self.object, "created": self.created, "model": self.model,
-               "provider": self.provider.name, "choices": [], "usage": body}
-        return b"data: " + orjson.dumps(obj) + b"\n\n"
+        return sse.encode_raw(ChatCompletionChunk(self.gen_id, self.object, self.created, self.model,
+                                                  self.provider.name, [], body).to_json())
 
 
 def _strip_reasoning(choices: list[Any]) -> bool:
@@ -221,3 +281,84 @@ def _strip_reasoning(choices: list[Any]) -> bool:
         else:
             keep = True
     return keep
+
+
+class ClientStream:
+    """THE owner of one client stream, from the first-chunk gate to its last byte.
+
+    It relays the upstream's events through the rewriter, frames everything the client receives (data events, the
+    usage event, ``[DONE]``, or one error event after a mid-stream failure, via :mod:`therouter.sse`), and finishes
+    the stream exactly once (upstream closed, slots freed, settled; :attr:`finish`) whatever ended it: the upstream's
+    end, a break, or the client leaving -- even before the first event was pulled, when the response is closed without
+    the generator ever starting (:meth:`aclose`). The finish is shielded: request cancellation cannot interrupt it.
+    """
+
+    def __init__(self, events: UpstreamEvents, rw: Relay, first: list[bytes], finish: Finisher, *,
+                 provider: str, cost: Callable[[int], Any]) -> None:
+        self.events = events
+        self.rw = rw
+        self._first = first
+        self._finish = finish
+        self._provider = provider
+        self._cost = cost  # nano-USD -> the JSON value of usage.cost
+        self._started = False
+        self._done: asyncio.Future[tuple[Usage, int]] | None = None
+        self._gen = self._relay()
+
+    def __aiter__(self) -> ClientStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self._started = True
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        if not self._started:
+            self._started = True
+            await self.finish("client_cancelled", None)
+        await self._gen.aclose()
+
+    async def finish(self, outcome: Outcome, error: GatewayError | None) -> tuple[Usage, int]:
+        """Close, free and settle: the first call does it, later ones get its result."""
+        if self._done is None:
+            self._done = asyncio.ensure_future(self._finish(outcome, error))
+        return await asyncio.shield(self._done)
+
+    async def _relay(self) -> AsyncGenerator[bytes, None]:
+        outcome: Outcome = "client_cancelled"
+        error: GatewayError | None = None
+        try:
+            for b in self._first:
+                yield b
+            while True:
+                try:
+                    payload = await self.events.next_payload()
+                except StopAsyncIteration:
+                    break
+                try:
+                    out = self.rw.relay(payload)
+                except InBandError as e:  # the upstream's words go to the log and the record, never to the client
+                    raise UpstreamError("The provider reported an error in its stream.", sent=True,
+                                        code="upstream_in_band_error", detail=e.error.detail) from None
+                if out:
+                    yield out
+            if not self.rw.complete(self.events.saw_done):
+                raise UpstreamStreamError("upstream closed the stream before it finished", sent=True,
+                                          code="upstream_cut")
+            outcome = "completed"
+        except GatewayError as e:
+            outcome, error = broken_stream_outcome(e), e
+            log.warning("stream %s from %s broke: %s: %s", self.rw.gen_id, self._provider, e.code,
+                        e.detail or e.message)
+        finally:
+            usage, cost = await self.finish(outcome, error)
+        if error is not None:
+            yield self.rw.failure(error, self._provider)
+            return
+        yield self.rw.closing(usage, self._cost(cost))
+
+
+def broken_stream_outcome(e: GatewayError) -> Outcome:
+    """A stream that failed after its first byte: its connection broke or stalled (``upstream_cut``), or the provider
+    sent something unusable: an in-band error, a malformed or oversized event, a chunk of the wrong shape."""
+    return "upstream_cut" if isinstance(e, (UpstreamStreamError, UpstreamTimeout)) else "upstream_error"

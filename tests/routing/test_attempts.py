@@ -19,14 +19,14 @@ from therouter.errors import (
     UpstreamRequestRejected,
     UpstreamTimeout,
 )
-from therouter.routing.attempts import AttemptPolicy, Exhausted, all_failed
+from therouter.routing.attempts import Attempt, AttemptPolicy, Exhausted, all_failed
 from therouter.routing.options import BreakerPolicy, RoutingOptions
 from therouter.routing.router import Candidate, Needs, Router, Skip
 
 
 @dataclass
 class FakeCall:
-    attempts: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
 
 
@@ -82,8 +82,8 @@ async def test_fallback_to_next_candidate_on_provider_fault() -> None:
     script = Script(clock, {"a": [UpstreamError("boom", sent=True)], "b": ["ok"]})
     cand, result = await run(r, pol, clock, script, call)
     assert (cand.name, result) == ("b", "ok") and slept == []  # moving on is immediate
-    assert [a["outcome"] for a in call.attempts] == ["error", "ok"]
-    assert call.attempts[0]["possibly_accepted"] and call.attempts[0]["code"] == "upstream_error"
+    assert [a.outcome.value for a in call.attempts] == ["error", "ok"]
+    assert call.attempts[0].possibly_accepted and call.attempts[0].code == "upstream_error"
 
 
 async def test_same_deployment_retried_after_backoff_when_nothing_else() -> None:
@@ -92,7 +92,7 @@ async def test_same_deployment_retried_after_backoff_when_nothing_else() -> None
     script = Script(clock, {"a": [UpstreamError("500 once"), "ok"]})
     _cand, result = await run(r, pol, clock, script, call)
     assert result == "ok" and len(slept) == 1 and 0 <= slept[0] <= 0.1
-    assert call.attempts[1].get("retry") is True
+    assert call.attempts[1].retry is True
     assert pol.budget.retries == 0  # the retry slot was given back
 
 
@@ -189,7 +189,7 @@ async def test_breaker_fed_by_attempts_and_probe_closes_it() -> None:
     clock.advance(5)
     call = FakeCall()
     cand, _ = await run(r, pol, clock, script, call)
-    assert cand.name == "a" and call.attempts[0].get("probe") is True
+    assert cand.name == "a" and call.attempts[0].probe is True
     assert r.state.breaker(("a", "m")).state == "closed"
 
 

@@ -4,7 +4,6 @@ usage read from message_start and message_delta, a failure after the first byte 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -12,8 +11,10 @@ import pytest
 
 from therouter import native
 from therouter.errors import GatewayError, UpstreamBadResponse
+from therouter.protocol.usage import Usage
 from therouter.providers.wire import NativeRequest
 from therouter.routing.router import Candidate, Skip
+from therouter.streaming import ClientStream
 
 from .providers._helpers import dep, make_provider
 
@@ -100,24 +101,35 @@ def test_a_known_event_of_the_wrong_shape_is_the_providers_fault() -> None:
 
 
 class _Events:
-    def __init__(self, events: list[dict[str, Any]]) -> None:
-        self.events = events
+    """The upstream's events as :class:`ClientStream` reads them (data payloads; Anthropic sends no [DONE])."""
 
-    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        for e in self.events:
-            yield e
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.payloads = [json.dumps(e).encode() for e in events]
+        self.saw_done = False
+        self.closed = False
+
+    async def next_payload(self) -> bytes:
+        if not self.payloads:
+            raise StopAsyncIteration
+        return self.payloads.pop(0)
+
+    async def aclose(self) -> None:
+        self.closed = True
 
 
 async def _run(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, GatewayError | None]]]:
+    """The relay under the gateway's one stream owner, as a native stream is served."""
     r = relay()
     first = [r.rewrite(START), r.rewrite(TEXT[0])]
     finished: list[tuple[str, GatewayError | None]] = []
 
-    async def finish(outcome: str, error: GatewayError | None) -> None:
+    async def finish(outcome: str, error: GatewayError | None) -> tuple[Usage, int]:
         finished.append((outcome, error))
+        return Usage(), 0
 
-    out = b"".join([b async for b in native.pump(r, _Events(events), [b for b in first if b],
-                                                  make_provider("anthropic"), finish, "gen-1")])
+    stream = ClientStream(_Events(events), r, [b for b in first if b], finish,  # type: ignore[arg-type]
+                          provider="anthropic-1", cost=str)
+    out = b"".join([b async for b in stream])
     return frames(out), finished
 
 

@@ -13,8 +13,14 @@ import pytest
 
 from therouter.config import ProviderConfig
 from therouter.errors import UpstreamBadResponse, UpstreamTimeout
-from therouter.providers import Provider, Transport, UpstreamRequest, UpstreamResponse, build_provider
-from therouter.streaming import ChunkRewriter, UpstreamEvents
+from therouter.providers import (
+    Provider,
+    Transport,
+    UpstreamRequest,
+    UpstreamResponse,
+    build_provider,
+)
+from therouter.streaming import ChunkRewriter, InBandError, UpstreamEvents
 
 
 class FakeClock:
@@ -384,3 +390,93 @@ async def test_a_gzip_stream_is_decoded_and_its_events_bounded() -> None:
     with pytest.raises(UpstreamBadResponse) as ei:
         await drain(UpstreamEvents(resp, first_token=5, idle=5, total=10, max_event_bytes=1024 * 1024))
     assert ei.value.code == "upstream_event_too_large"
+
+
+# ---- ChunkRewriter.relay: plain chunks relayed as bytes -------------------------------------------------------------
+
+TEXTS = ["Hello", " wor\"ld", "\n\ttab", " café", " 東京", " emoji 🎉", "", "back\\slash", " \u2028sep", "</script>"]
+
+
+def both(kind: str = "deepseek", include_usage: bool = False, exclude: bool = False,
+         object_: str = "chat.completion.chunk") -> tuple[ChunkRewriter, ChunkRewriter]:
+    def one() -> ChunkRewriter:
+        return ChunkRewriter(provider(kind), gen_id="gen-abc", model="public-model", created=1764316800,
+                             object_=object_, include_usage=include_usage, exclude_reasoning=exclude)
+    return one(), one()
+
+
+def relay_equals_rewrite(events: list[bytes], **kw: Any) -> ChunkRewriter:
+    """Every event relayed (bytes) is the event the full rewrite makes, and the metering state is the same."""
+    fast, full = both(**kw)
+    for e in events:
+        a, b = fast.relay(e), full.rewrite(orjson.loads(e))
+        assert (a is None) == (b is None), e
+        if a is not None:
+            assert b is not None and parse(a) == parse(b), e
+    assert (fast.chars, fast.usage_raw, fast.finish_reason) == (full.chars, full.usage_raw, full.finish_reason)
+    return fast
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("kind", ["deepseek", "vllm", "sglang", "openai"])
+def test_relay_sends_what_the_full_rewrite_sends(kind: str, include_usage: bool) -> None:
+    events = [orjson.dumps(chunk({"role": "assistant", "content": ""}))]
+    events += [orjson.dumps(chunk({"reasoning_content": t})) for t in TEXTS[:3]]
+    events += [orjson.dumps(chunk({"content": t})) for t in TEXTS]
+    events += [orjson.dumps(chunk({"content": ""}, "stop", usage=dict(DS_USAGE)))]
+    rw = relay_equals_rewrite(events, kind=kind, include_usage=include_usage)
+    assert set(rw._templates) == {"content", "reasoning_content"}  # the plain events went through as bytes
+
+
+def test_relay_of_text_completion_chunks() -> None:
+    def ev(text: str, finish: str | None = None) -> bytes:
+        return orjson.dumps({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+                             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
+    rw = relay_equals_rewrite([ev(t) for t in TEXTS] + [ev("", "length")], kind="vllm", object_="text_completion")
+    assert "text" in rw._templates
+
+
+def test_relay_with_reasoning_excluded_still_counts_it() -> None:
+    events = [orjson.dumps(chunk({"reasoning_content": t})) for t in TEXTS]
+    events += [orjson.dumps(chunk({"content": t})) for t in TEXTS]
+    rw = relay_equals_rewrite(events, exclude=True)
+    assert set(rw._templates) == {"content"}
+
+
+def test_relay_with_vllm_reasoning_translates_it() -> None:
+    events = [orjson.dumps(chunk({"reasoning": t})) for t in TEXTS] + [orjson.dumps(chunk({"content": "x"}))] * 3
+    relay_equals_rewrite(events, kind="vllm")
+
+
+def test_relay_of_events_that_differ_elsewhere() -> None:
+    """An event that matches a template's head and tail but is not one JSON string in between is parsed: extra keys
+    spliced in, another id or model, logprobs, a tool call: all get the full rewrite."""
+    base = orjson.dumps(chunk({"content": "seed"}))
+    head, tail = base.split(b'"seed"')
+    events = [base, head + b'"a","refusal":null' + tail,
+              orjson.dumps(chunk({"content": "x"}, id="other")), orjson.dumps(chunk({"content": "x"}, model="o")),
+              orjson.dumps({**chunk({"content": "lp"}), "choices": [{"index": 0, "delta": {"content": "lp"},
+                                                                      "logprobs": {"content": []},
+                                                                      "finish_reason": None}]}),
+              orjson.dumps(chunk({"tool_calls": [{"index": 0, "id": "c", "type": "function",
+                                                  "function": {"name": "f", "arguments": "{}"}}]})),
+              base]
+    relay_equals_rewrite(events)
+
+
+@pytest.mark.parametrize("middle", [b'bad\\', b'a"b', b"\x01", b'\\x41'])
+def test_relay_never_forwards_an_event_that_is_not_json(middle: bytes) -> None:
+    rw = rewriter()
+    base = orjson.dumps(chunk({"content": "seed"}))
+    assert rw.relay(base) is not None and rw._templates
+    head, tail = base.split(b"seed")
+    with pytest.raises(UpstreamBadResponse):
+        rw.relay(head + middle + tail)
+
+
+def test_relay_of_an_in_band_error() -> None:
+    rw = rewriter()
+    rw.relay(orjson.dumps(chunk({"content": "seed"})))
+    with pytest.raises(InBandError) as ei:
+        rw.relay(orjson.dumps({"error": {"message": "overloaded", "code": 503}}))
+    assert ei.value.error.status == 502 and "overloaded" in (ei.value.error.detail or "")

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from therouter.api.errors import sse_error_event
+from therouter import sse
 from therouter.errors import GatewayError, InternalError
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
@@ -60,9 +60,9 @@ class SSEResponse(Response):
                 except TimeoutError:
                     return
         except GatewayError as e:
-            await send({"type": "http.response.body", "body": sse_error_event(e), "more_body": True})
+            await send({"type": "http.response.body", "body": sse.error_event(e), "more_body": True})
         except Exception:  # noqa: BLE001 - never a traceback on the wire; the gateway logged it
-            await send({"type": "http.response.body", "body": sse_error_event(InternalError(
+            await send({"type": "http.response.body", "body": sse.error_event(InternalError(
                 "The server had an error while streaming your response.")), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

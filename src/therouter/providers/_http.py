@@ -326,9 +326,8 @@ def error_from_upstream(
                              retry_after=retry_after_seconds(headers))
     if status == 404 or "model not exist" in low or "model_not_found" in (code or ""):
         # the deployment names a model the host does not serve: a config fault, another deployment may work
-        err = UpstreamError(f"The provider does not serve the configured model ({how}).", sent=True, detail=detail)
-        err.retryable = False
-        return err
+        return UpstreamError(f"The provider does not serve the configured model ({how}).", sent=True, detail=detail,
+                             retryable=False)
     if 400 <= status < 500:
         shown = sanitize(message, secrets)
         if "maximum context length" in low or "context length" in low or "context_length" in (code or ""):

@@ -7,6 +7,8 @@ in a subclass as a handful of small hooks.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -14,10 +16,23 @@ import orjson
 
 from therouter import __version__
 from therouter.config import Deployment, ProviderConfig
-from therouter.errors import GatewayError, InvalidRequest, UpstreamBadResponse
+from therouter.errors import (
+    GatewayError,
+    InvalidRequest,
+    UpstreamBadResponse,
+    UpstreamTimeout,
+)
+from therouter.protocol.endpoint import Endpoint
 from therouter.protocol.usage import Usage
-from therouter.providers._http import Transport, UpstreamRequest, error_from_upstream
+from therouter.providers._http import (
+    DEFAULT_MAX_BODY,
+    Transport,
+    UpstreamRequest,
+    UpstreamResponse,
+    error_from_upstream,
+)
 from therouter.providers._sanitize import MAX_INPUT, secret_forms
+from therouter.providers.events import DEFAULT_MAX_EVENT, UpstreamEvents
 from therouter.providers.shapes import check_chunk, check_completion
 from therouter.providers.wire import NativeRequest
 
@@ -82,6 +97,14 @@ class Provider:
 
     # ---- requests -----------------------------------------------------------------------------------------------
 
+    def request(
+        self, endpoint: Endpoint, body: dict[str, Any], dep: Deployment, *, stream: bool,
+        request_id: str | None = None, max_output: int | None = None,
+    ) -> UpstreamRequest:
+        """The upstream request for ``endpoint`` (:meth:`chat_request` or :meth:`completion_request`)."""
+        build = self.chat_request if endpoint.chat else self.completion_request
+        return build(body, dep, stream=stream, request_id=request_id, max_output=max_output)
+
     def chat_request(
         self, body: dict[str, Any], dep: Deployment, *, stream: bool, request_id: str | None = None,
         max_output: int | None = None,
@@ -135,7 +158,7 @@ class Provider:
         """A request in the provider's own wire format, from a client that spoke it (``native``: e.g. an Anthropic
         Messages body from /v1/messages), with ``body`` the checked OpenAI translation whose limits hold; its
         ``meta["wire"]`` says the answer comes back in that format too (:mod:`therouter.native` relays it). None:
-        this provider takes the OpenAI translation (:meth:`chat_request`)."""
+        this provider takes the OpenAI translation (:meth:`request`)."""
         return None
 
     # hooks ----------------------------------------------------------------------------------------------------
@@ -168,6 +191,71 @@ class Provider:
         out["response_format"] = {"type": "json_object"}
         note = {"role": "system", "content": JSON_INSTRUCTION + orjson.dumps(schema).decode()}
         out["messages"] = [note, *out["messages"]]
+
+    # ---- the upstream call ------------------------------------------------------------------------------------
+
+    async def open_stream(self, req: UpstreamRequest, *, first_token: float, total: float,
+                          clock: Callable[[], float] = time.monotonic, max_event_bytes: int = DEFAULT_MAX_EVENT,
+                          max_error_bytes: int = DEFAULT_MAX_BODY) -> UpstreamEvents:
+        """Send a stream request; a 200 becomes its data events under the first-token / idle / total clocks (counted
+        from now), anything else the mapped :class:`GatewayError`."""
+        t = self.config.timeouts
+        sent_at = clock()
+        resp = await self.transport.send(req, connect=t.connect, headers_timeout=first_token)
+        if resp.status != 200:
+            raise await self._refusal(resp, max_error_bytes)
+        return UpstreamEvents(resp, first_token=first_token, idle=t.idle, total=total, clock=clock, started=sent_at,
+                              max_event_bytes=max_event_bytes)
+
+    async def complete(self, req: UpstreamRequest, *, budget: float,
+                       max_body_bytes: int = DEFAULT_MAX_BODY) -> tuple[dict[str, Any], Usage | None]:
+        """Send a non-stream request and read its answer within ``budget`` seconds: the OpenAI-shaped body and the
+        usage it reports (None: it reported none), or the mapped :class:`GatewayError`."""
+        obj = self.parse_json(await self.complete_raw(req, budget=budget, max_body_bytes=max_body_bytes))
+        u = obj.get("usage")
+        return obj, self.usage(u) if isinstance(u, dict) else None
+
+    async def complete_raw(self, req: UpstreamRequest, *, budget: float,
+                           max_body_bytes: int = DEFAULT_MAX_BODY) -> bytes:
+        """The body of a 200 answer to a non-stream request, read within ``budget`` seconds, as it came (a native
+        answer is relayed in its own wire format); any other status is the mapped :class:`GatewayError`."""
+        resp = await self.transport.send(req, connect=self.config.timeouts.connect, headers_timeout=budget)
+        try:
+            try:
+                async with asyncio.timeout(budget):
+                    raw = await resp.read(max_body_bytes)
+            except TimeoutError:
+                raise UpstreamTimeout("upstream did not finish its answer in time", sent=True) from None
+            if resp.status != 200:
+                raise self.map_error(resp.status, raw, resp.headers)
+            return raw
+        finally:
+            await resp.close()
+
+    async def get(self, url: str, timeout: float = 3.0) -> tuple[int, bytes]:
+        """A GET on this provider (health and model-list checks): status and body, within ``timeout``."""
+        req = UpstreamRequest("GET", url, self.headers())
+        resp = await self.transport.send(req, connect=min(self.config.timeouts.connect, timeout),
+                                         headers_timeout=timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                return resp.status, await resp.read()
+        finally:
+            await resp.close()
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+    async def _refusal(self, resp: UpstreamResponse, limit: int) -> GatewayError:
+        """A non-200 answer to a stream request as an error (its body read for at most 5 s)."""
+        try:
+            async with asyncio.timeout(5):
+                raw = await resp.read(limit)
+        except (TimeoutError, GatewayError):
+            raw = b""
+        finally:
+            await resp.close()
+        return self.map_error(resp.status, raw, resp.headers)
 
     # ---- responses ----------------------------------------------------------------------------------------------
 
@@ -204,6 +292,13 @@ class Provider:
         it carries nothing for the client. OpenAI-compatible upstreams need no state: their chunk, normalised in
         place. An upstream with its own event protocol (Anthropic) returns an object holding the stream's state."""
         return self._translate_chunk
+
+    @property
+    def plain_chunks(self) -> bool:
+        """Its plain content chunks are already OpenAI's (they may be relayed as bytes, see
+        :mod:`therouter.streaming`): true unless the adapter translates or normalises chunks itself."""
+        cls = type(self)
+        return cls.stream_translator is Provider.stream_translator and cls.normalize_chunk is Provider.normalize_chunk
 
     def _translate_chunk(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         self.normalize_chunk(obj)

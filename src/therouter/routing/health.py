@@ -20,7 +20,6 @@ import orjson
 
 from therouter.config import Deployment, Settings
 from therouter.errors import GatewayError
-from therouter.providers._http import UpstreamRequest
 from therouter.providers.base import Provider
 
 log = logging.getLogger("therouter.health")
@@ -106,13 +105,7 @@ class HealthMonitor:
                 log.exception("health check failed")
 
     async def _get(self, p: Provider, url: str, timeout: float = 3.0) -> tuple[int, bytes]:
-        req = UpstreamRequest("GET", url, p.headers())
-        resp = await p.transport.send(req, connect=min(p.config.timeouts.connect, timeout), headers_timeout=timeout)
-        try:
-            async with asyncio.timeout(timeout):
-                return resp.status, await resp.read()
-        finally:
-            await resp.close()
+        return await p.get(url, timeout)
 
     async def _check_health(self, p: Provider) -> None:
         st = self.state[p.name]

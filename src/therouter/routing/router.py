@@ -12,6 +12,7 @@ open circuits, the request fails fast (503 with Retry-After) rather than waiting
 
 from __future__ import annotations
 
+import enum
 import math
 import random
 from collections.abc import Callable
@@ -53,6 +54,24 @@ class Candidate:
         return (self.provider.name, self.dep.model)
 
 
+class SkipKind(enum.Enum):
+    """Why a deployment was left out: what code decides on (the :attr:`Skip.reason` text is for people)."""
+
+    UNSUITED = "unsuited"  # lacks what a request parameter asks for (Skip.param, Skip.lacking): a 400 if none is left
+    NOT_CONFIGURED = "not_configured"
+    CONTEXT = "context"
+    STOPS = "stops"
+    EXCLUDED = "excluded"  # the request's provider preferences
+    UNHEALTHY = "unhealthy"  # an active health check (Router.filters)
+    DRAINED = "drained"
+    COOLDOWN = "cooldown"  # Retry-After from the upstream
+    CIRCUIT = "circuit"  # open, or half-open with its probe in flight
+    NO_FALLBACKS = "no_fallbacks"  # allow_fallbacks: false
+    RETRY_BUDGET = "retry_budget"
+    RETRY_AFTER_CAP = "retry_after_cap"
+    NO_TIME = "no_time"  # no time left for a retry before the deadline
+
+
 @dataclass(slots=True)
 class Skip:
     provider: str
@@ -60,6 +79,8 @@ class Skip:
     model: str = ""
     retry_in: float | None = None  # seconds until this deployment may be tried again, when known
     param: str | None = None  # skipped for lacking what this request parameter asks for (a 400 if none is left)
+    kind: SkipKind = SkipKind.UNHEALTHY
+    lacking: str | None = None  # UNSUITED: what it lacks, as the client's error names it ("tools", "json_schema")
 
     def to_dict(self) -> dict[str, str]:
         d = {"provider": self.provider, "reason": self.reason}
@@ -91,18 +112,15 @@ class Router:
         for dep in card.deployments:
             provider = self.providers[dep.provider]
             cand = Candidate(model_id, dep, provider)
-            skip = self._unsuited(model_id, dep, card, needs, prefs)
+            skip = (self._unsuited(model_id, dep, card, needs, prefs)
+                    or self._unfit(model_id, dep, provider, card, needs, prefs))
             if skip is not None:
                 skipped.append(skip)
-                continue
-            reason = self._unfit(model_id, dep, provider, card, needs, prefs)
-            if reason:
-                skipped.append(Skip(dep.provider, reason, model_id))
                 continue
             skip = self._state_skip(cand)
             if skip is None:
                 ok.append(cand)
-            elif skip.reason.startswith("circuit"):
+            elif skip.kind is SkipKind.CIRCUIT:
                 held.append((cand, skip))
             else:
                 skipped.append(skip)
@@ -114,7 +132,8 @@ class Router:
             skipped.extend(s for _, s in held)
         ordered = self._order(model_id, ok, needs, prefs, prefix)
         if not prefs.allow_fallbacks and not prefs.order and len(ordered) > 1:
-            skipped.extend(Skip(c.name, "allow_fallbacks is false", model_id) for c in ordered[1:])
+            skipped.extend(Skip(c.name, "allow_fallbacks is false", model_id, kind=SkipKind.NO_FALLBACKS)
+                           for c in ordered[1:])
             ordered = ordered[:1]
         return ordered, skipped
 
@@ -125,64 +144,69 @@ class Router:
         """A deployment that cannot give the answer the request asks for (a 400 naming the parameter if no
         deployment is left), as opposed to one that cannot serve right now."""
         caps = set(dep.capabilities)
-        lacking: tuple[str, str] | None = None  # (what, param)
+        lacking: tuple[str, str, str] | None = None  # (the reason's words, what the client's error names, param)
         if needs.tools and "tools" not in caps:
-            lacking = ("capability: tools", "tools")
+            lacking = ("capability: tools", "tools", "tools")
         elif needs.json_schema and not caps & {"json_schema", "json_object"}:
-            lacking = ("capability: json_schema", "response_format")
+            lacking = ("capability: json_schema", "json_schema", "response_format")
         elif needs.json_schema and prefs.require_parameters and "json_schema" not in caps:
-            lacking = ("capability: json_schema (require_parameters: no json_object downgrade)", "response_format")
+            lacking = ("capability: json_schema (require_parameters: no json_object downgrade)", "json_schema",
+                       "response_format")
         elif needs.json_object and not caps & {"json_schema", "json_object"}:
-            lacking = ("capability: json_object", "response_format")
+            lacking = ("capability: json_object", "json_object", "response_format")
         elif needs.fim and "fim" not in caps:
-            lacking = ("capability: fim", "suffix")
+            lacking = ("capability: fim", "fill-in-the-middle (suffix)", "suffix")
         else:
             name = params.missing(needs.params, card, dep)
             if name is not None:
-                lacking = (f"parameter: {name}", name)
+                lacking = (f"parameter: {name}", f"'{name}'", name)
         if lacking is None:
             return None
-        return Skip(dep.provider, f"missing {lacking[0]}", model_id, param=lacking[1])
+        return Skip(dep.provider, f"missing {lacking[0]}", model_id, param=lacking[2], kind=SkipKind.UNSUITED,
+                    lacking=lacking[1])
 
     def _unfit(self, model_id: str, dep: Deployment, p: Provider, card: ModelConfig, needs: Needs,
-               prefs: Preferences) -> str | None:
+               prefs: Preferences) -> Skip | None:
         usable, why = p.usable
         if not usable:
-            return f"not configured: {why}"
+            return Skip(dep.provider, f"not configured: {why}", model_id, kind=SkipKind.NOT_CONFIGURED)
         ctx = dep.context_length or card.context_length
         if needs.tokens > ctx:
-            return f"context too small: {ctx} tokens"
+            return Skip(dep.provider, f"context too small: {ctx} tokens", model_id, kind=SkipKind.CONTEXT)
         if needs.stops > p.max_stop:
-            return f"too many stop sequences: at most {p.max_stop}"
+            return Skip(dep.provider, f"too many stop sequences: at most {p.max_stop}", model_id,
+                        kind=SkipKind.STOPS)
         excluded = prefs.excluded(p.name)
         if excluded:
-            return excluded
+            return Skip(dep.provider, excluded, model_id, kind=SkipKind.EXCLUDED)
         for f in self.filters:
             r = f(model_id, dep, p)
             if r:
-                return r
+                return Skip(dep.provider, r, model_id, kind=SkipKind.UNHEALTHY)
         return None
 
     def _state_skip(self, c: Candidate) -> Skip | None:
         st = self.state
         if st.drained(c.name):
-            return Skip(c.name, "drained", c.model_id)
+            return Skip(c.name, "drained", c.model_id, kind=SkipKind.DRAINED)
         left = st.cooldown_left(c.key)
         if left > 0:
-            return Skip(c.name, f"cooldown: rate limited upstream, {left:.1f}s left", c.model_id, left)
+            return Skip(c.name, f"cooldown: rate limited upstream, {left:.1f}s left", c.model_id, left,
+                        kind=SkipKind.COOLDOWN)
         b = st.breaker(c.key)
         if not b.available():
             wait = b.remaining()
             what = "circuit open" if b.state == "open" else "circuit half-open, probe in flight"
-            return Skip(c.name, f"{what} ({b.last_reason}); next probe in {wait:.1f}s", c.model_id, wait)
+            return Skip(c.name, f"{what} ({b.last_reason}); next probe in {wait:.1f}s", c.model_id, wait,
+                        kind=SkipKind.CIRCUIT)
         return None
 
-    def available(self, c: Candidate) -> str | None:
+    def available(self, c: Candidate) -> Skip | None:
         """Re-checked before a same-deployment retry: why it may no longer be used, or None."""
         skip = self._state_skip(c)
-        if skip is None or (c.forced and skip.reason.startswith("circuit")):
+        if skip is None or (c.forced and skip.kind is SkipKind.CIRCUIT):
             return None
-        return skip.reason
+        return skip
 
     # ---- ordering ---------------------------------------------------------------------------------------------
 
