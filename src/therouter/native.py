@@ -33,7 +33,7 @@ from therouter.providers import Provider, UpstreamRequest
 from therouter.providers._anthropic_response import finish_reason, openai_usage
 from therouter.providers.events import parse_event
 from therouter.providers.wire import NativeRequest
-from therouter.routing.router import Candidate, Skip
+from therouter.routing.router import Candidate, Skip, SkipKind
 from therouter.streaming import InBandError, UsageTap
 
 # Anthropic's error types a client may be told (an in-band error keeps its type; anything else is an api_error)
@@ -65,7 +65,7 @@ def keep_native(native: NativeRequest | None, cands: list[Candidate], skipped: l
             kept.append(c)
         else:
             skipped.append(Skip(c.name, f"missing capability: {what} (needs a {native.wire} deployment)", model_id,
-                                param=what))
+                                param=what, kind=SkipKind.UNSUITED, lacking=f"'{what}'"))
     return kept
 
 

@@ -355,7 +355,9 @@ class ClientStream:
         if error is not None:
             yield self.rw.failure(error, self._provider)
             return
-        yield self.rw.closing(usage, self._cost(cost))
+        tail = self.rw.closing(usage, self._cost(cost))
+        if tail:  # (a native stream has none: message_stop ended it)
+            yield tail
 
 
 def broken_stream_outcome(e: GatewayError) -> Outcome:
