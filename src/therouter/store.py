@@ -209,6 +209,31 @@ class Store:
             return replies[0]
         raise NoScriptError("the script could not be loaded")
 
+    async def script_many(self, script: Any, calls: Sequence[tuple[Sequence[str], Sequence[str | int]]]) -> list[Any]:
+        """One registered script run once per ``(keys, args)`` of ``calls``, all in one non-transactional pipeline
+        (a single node only: redis-py's cluster pipeline refuses EVALSHA). Returns one reply per call, an error reply
+        as its exception (the others ran); calls answered ``NOSCRIPT`` (they did not run) are sent again once the
+        script is loaded. A connection failure raises (the outcome of every call is then unknown)."""
+        assert not self.cluster, "script_many needs a single node"
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _ in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    keys, args = calls[i]
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                got = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, r in zip(todo, got):
+                replies[i] = r
+                if isinstance(r, NoScriptError):
+                    missing.append(i)
+            if not missing:
+                return replies
+            script.sha = await self.redis.script_load(script.script)
+            todo = missing
+        return replies
+
     async def _script_beside(self, script: Any, keys: Sequence[str], args: Sequence[str | int],
                              extra: Callable[[Any], None]) -> Any:
         """On a cluster, redis-py's pipeline refuses EVALSHA, so the script (on its keys' node; reloaded there after

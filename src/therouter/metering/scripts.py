@@ -40,3 +40,9 @@ class Scripts:
         """The script and a few more (idempotent) commands, added by ``extra(pipeline)``, in one round trip."""
         script = self._scripts[name]
         return await self._store.call(lambda: self._store.script_with(script, keys, args, extra))
+
+    async def run_many(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[str | int]]]) -> list[Any]:
+        """The script once per ``(keys, args)``, in one round trip (a single node; see ``Store.script_many``): one
+        reply per call, an error reply as its exception. A failure of the round trip raises ``StoreUnavailable``."""
+        script = self._scripts[name]
+        return await self._store.call(lambda: self._store.script_many(script, calls))
