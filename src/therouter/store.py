@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
@@ -62,6 +63,21 @@ def outage_reply(e: ResponseError) -> str | None:
             return str(getattr(e, "status_code", None) or code)
     prefix = str(e).split(" ", 1)[0]
     return prefix if prefix in _OUTAGE_REPLIES else None
+
+
+class _Connection(aioredis.Connection):
+    """redis-py's connection with hiredis' C command packer: packing a settle script's ~30 arguments in Python was
+    ~5 % of a request's CPU (bench/profile.py); hiredis does it ~8x faster, byte for byte the same. Arguments it does
+    not take (anything but str, bytes, int, float) go through redis-py's own packer, which raises its usual error."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        first = args[0]
+        if isinstance(first, str) and " " in first:  # e.g. "SCRIPT LOAD": the server wants the words apart
+            args = (*first.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            return super().pack_command(*args)
 
 
 class StoreBreaker:
@@ -147,6 +163,8 @@ class Store:
                 retry=None,
                 decode_responses=True,
                 health_check_interval=0,
+                # plain TCP only (rediss:// and unix:// keep the connection class their scheme gives)
+                **({"connection_class": _Connection} if cfg.redis_url.startswith("redis://") else {}),
             )
             self.redis = aioredis.Redis(connection_pool=pool)
         self.breaker = breaker or StoreBreaker()
