@@ -227,6 +227,50 @@ class Store:
             return replies[0]
         raise NoScriptError("the script could not be loaded")
 
+    async def script_with_many(self, script: Any,
+                               items: Sequence[tuple[Sequence[str], Sequence[str | int], Callable[[Any], None]]]
+                               ) -> list[Any]:
+        """:meth:`script_with` for several ``(keys, args, extra)`` at once, in one pipeline (a single node only).
+        Returns one entry per item: the script's reply, or the first error among its commands (the other items ran).
+        Items answered ``NOSCRIPT`` (they did not run) are sent again, with their idempotent extras, once the script
+        is loaded. A connection failure raises (the outcome of every item is then unknown)."""
+        assert not self.cluster, "script_with_many needs a single node"
+        replies: list[Any] = [None] * len(items)
+        todo = list(range(len(items)))
+        for _ in range(2):
+            spans: list[tuple[int, int, int]] = []
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    keys, args, extra = items[i]
+                    start = len(pipe)
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    extra(pipe)
+                    spans.append((i, start, len(pipe)))
+                got = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, a, b in spans:
+                part = got[a:b]
+                if isinstance(part[0], NoScriptError):
+                    missing.append(i)
+                    continue
+                replies[i] = next((r for r in part if isinstance(r, Exception)), part[0])
+            if not missing:
+                return replies
+            script.sha = await self.redis.script_load(script.script)
+            todo = missing
+        for i in todo:
+            replies[i] = NoScriptError("the script could not be loaded")
+        return replies
+
+    def reply_error(self, e: Exception) -> Exception:
+        """An error reply of one command in a pipeline, as :meth:`call` would raise it: an outage reply (OOM,
+        READONLY, ...) becomes ``StoreUnavailable``; any other stays what it is."""
+        if isinstance(e, ResponseError) and outage_reply(e) is not None:
+            self.breaker.failure()
+            return StoreUnavailable(f"the store refused the operation ({outage_reply(e)}); retry shortly",
+                                    retry_after=2)
+        return e
+
     async def script_many(self, script: Any, calls: Sequence[tuple[Sequence[str], Sequence[str | int]]]) -> list[Any]:
         """One registered script run once per ``(keys, args)`` of ``calls``, all in one non-transactional pipeline
         (a single node only: redis-py's cluster pipeline refuses EVALSHA). Returns one reply per call, an error reply
