@@ -55,6 +55,7 @@ def create_app(settings: Settings) -> FastAPI:
     # /openapi.json is served by api/ops.py, to the admin key only
     app = FastAPI(title="TheRouter", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
+    app.add_middleware(openai_routes.CompletionsRoute)  # innermost: the completion routes without FastAPI's routing
     app.add_middleware(BodyDeadlineMiddleware, timeout=settings.server.body_timeout)
     app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.server.max_concurrency)
     app.add_middleware(RequestIdMiddleware)

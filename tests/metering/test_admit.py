@@ -6,11 +6,14 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
+import redis.asyncio as aioredis
 
 from tests.metering._helpers import FakeClock, gen, record, settle_failed
-from therouter.errors import BudgetExceeded, RateLimited
+from tests.metering.conftest import Backend
+from therouter.errors import BudgetExceeded, RateLimited, StoreUnavailable
 from therouter.keys import KeyRecord
 from therouter.metering import Meter
+from therouter.metering.admission import Admission
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # the shared redis fixtures live in the session loop
 
@@ -230,3 +233,24 @@ async def test_per_model_tpm_override_reconciles_and_releases(meter: Meter, make
     await settle_failed(meter, b)  # a failed request gives its tokens back to the model's window as well
     c = await meter.admit(key, "qwen", 400, 400, gen())
     assert c.headers["x-ratelimit-remaining-tokens"] == str(1000 - 110 - 800)
+
+
+async def test_parallel_admissions_share_round_trips_and_a_failing_one_fails_alone(
+        meter: Meter, make_key: MakeKey, backend: Backend) -> None:
+    """Admissions made together go to Redis together (a single node: one pipeline); one whose script fails (here: its
+    key's reservation hash is of the wrong type) fails closed alone (a budget: 503), the others are admitted."""
+    good, bad = make_key(budget_nano=10**12), make_key(budget_nano=10**12)
+    await meter.store.redis.set(meter.layout.resv(bad.id), "not a hash")
+    node = aioredis.Redis.from_url(backend.node_url(meter.layout.resv(good.id)))
+    try:
+        before = int((await node.info("stats"))["total_reads_processed"])
+        results = await asyncio.gather(*(meter.admit(k, "qwen", 10, 10, gen()) for k in [*[good] * 20, bad]),
+                                       return_exceptions=True)
+        after = int((await node.info("stats"))["total_reads_processed"])
+    finally:
+        await node.aclose()
+    admitted = [r for r in results[:20] if isinstance(r, Admission) and r.tracked]
+    assert isinstance(results[20], StoreUnavailable)
+    assert (await meter.key_summary(good))["reserved_nano"] == sum(r.reserved_nano for r in admitted)
+    if backend.kind == "single":  # 21 admissions in one round trip, not 21 (a big pipeline may take a few reads)
+        assert len(admitted) == 20 and after - before < 10

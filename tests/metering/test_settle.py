@@ -7,8 +7,10 @@ import random
 from collections.abc import Callable
 
 import pytest
+import redis.asyncio as aioredis
 
 from tests.metering._helpers import FakeClock, gen, record, settle_failed
+from tests.metering.conftest import Backend
 from therouter.errors import BudgetExceeded, RateLimited
 from therouter.keys import KeyRecord
 from therouter.metering import Meter
@@ -191,3 +193,30 @@ async def test_generation_by_request_id_is_per_key_and_expires_with_the_record(m
     g = gen()  # no request id: no index key
     await meter.settle(await meter.admit(k1, "qwen", 10, 10, g), record(g))
     assert await r.exists(lay.rid(k1.id, "")) == 0
+
+
+async def test_parallel_settlements_share_round_trips_and_a_failing_one_is_journalled_alone(
+        meter: Meter, make_key: MakeKey, backend: Backend) -> None:
+    """Settlements queued together go to Redis together (a single node: one pipeline of scripts, one of extras);
+    one whose script fails (here: a counter key of the wrong type) is journalled, the others are stored exactly."""
+    good, bad = make_key(budget_nano=10**12), make_key(budget_nano=10**12)
+    adms = [await meter.admit(good, "qwen", 10, 10, gen()) for _ in range(20)]
+    broken = await meter.admit(bad, "qwen", 10, 10, gen())
+    r = meter.store.redis
+    await r.set(meter.layout.per(bad.id, "total"), "not a hash")  # HINCRBY on it fails inside the script
+    node = aioredis.Redis.from_url(backend.node_url(meter.layout.per(good.id, "total")))
+    try:
+        before = int((await node.info("stats"))["total_reads_processed"])
+        costs = await asyncio.gather(*(meter.settle(a, record(a.gen_id, prompt=100, completion=10))
+                                       for a in [*adms, broken]))
+        after = int((await node.info("stats"))["total_reads_processed"])
+    finally:
+        await node.aclose()
+    assert meter.journal_writes_total >= 1  # the broken one (and, on a box too slow for the socket timeout, more)
+    await meter.replay_journal()  # a timed-out settlement is applied from the journal; the broken one is rejected
+    s = await meter.key_summary(good)
+    assert (s["requests"], s["total_spend_nano"], s["reserved_nano"]) == (20, sum(costs[:20]), 0)
+    assert await r.xlen(meter.layout.stream(good.id)) == 20
+    assert all([await meter.generation(a.gen_id, good.id) for a in adms])
+    if backend.kind == "single":  # 21 settlements in 2 round trips, not 42 (a big pipeline may take a few reads)
+        assert after - before < 21

@@ -23,6 +23,9 @@ Policies (what tests/metering pins, against a real redis-server):
   ``gen:ID`` lookup); it runs only after a first settlement, so the feed is at-least-once, never the counters.
   No additive command is ever re-sent after a timeout: an unknown outcome goes to the journal, whose replay runs
   the same idempotent script. ``settle`` never raises and runs shielded from the caller's cancellation.
+  On a single node settlements are **group-committed**: those queued while a batch is in Redis go together in the
+  next one (one pipeline of settle scripts, one of the extras), so a loaded worker pays two round trips per batch,
+  not two per request; each caller still returns only once its record is stored (or journalled).
 * **Crash recovery** (:mod:`instance`): every request in flight is registered under this process's instance id
   (for a reservation, in the admission's round trip) and checkpointed; requests of an instance that stopped
   heartbeating are settled by the survivors as ``gateway_lost``.
@@ -41,7 +44,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +93,8 @@ class Meter:
         self.usage_anomalies: Counter[tuple[str, str]] = Counter()  # (provider, reason): see bounds.py
         self._orphans: dict[str, tuple[str, int, str]] = {}  # gen id -> (key id, window, model): releases owed
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._batch: list[_Pending] = []  # settlements waiting for the next round trip (a single node)
+        self._flusher: asyncio.Task[None] | None = None
         self._background: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._replay_lock = asyncio.Lock()
@@ -298,12 +303,77 @@ class Meter:
         record.price_version = price.version
 
     async def _settle(self, adm: Admission, record: GenerationRecord, only_if_reserved: bool = False) -> None:
-        try:
+        if not self.store.cluster:  # group commit: settled with the others waiting, in two round trips in all
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._batch.append(_Pending(adm, record, only_if_reserved, fut))
+            if self._flusher is None:
+                self._flusher = asyncio.create_task(self._flush_settlements(), name="meter-settle")
+            await fut
+            return
+        try:  # a cluster's pipeline refuses EVALSHA: one script call per settlement
             await self._apply(adm, record, post_owed=False, only_if_reserved=only_if_reserved)
         except Exception as e:  # the outcome is unknown: the journal's replay settles it exactly once
             if not isinstance(e, GatewayError):
                 log.exception("metering: settle failed unexpectedly; journalling %s", adm.gen_id)
             await self._journal(adm, record, post=False, only_if_reserved=only_if_reserved)
+
+    async def _flush_settlements(self) -> None:
+        """Settle everything queued, batch after batch, until the queue is empty. A batch is what was queued while
+        the previous one was in Redis (group commit): one pipeline of settle scripts, then one pipeline of the
+        extras of those settled for the first time. Every waiting ``_settle`` is released when its batch is done,
+        whatever happened (a failed one is journalled first)."""
+        try:
+            while self._batch:
+                batch, self._batch = self._batch, []
+                try:
+                    await self._settle_batch(batch)
+                except BaseException:
+                    for p in batch:  # (never happens: _settle_batch journals what fails) nothing is left waiting
+                        if not p.done.done():
+                            await self._journal(p.adm, p.record, post=False, only_if_reserved=p.only_if_reserved)
+                    raise
+                finally:
+                    for p in batch:
+                        if not p.done.done():
+                            p.done.set_result(None)
+        finally:
+            self._flusher = None
+
+    async def _settle_batch(self, batch: list[_Pending]) -> None:
+        ready: list[tuple[_Pending, str]] = []
+        for p in batch:
+            try:
+                ready.append((p, _json(p.record.to_dict())))
+            except Exception:
+                log.exception("metering: settle failed unexpectedly; journalling %s", p.adm.gen_id)
+                await self._journal(p.adm, p.record, post=False, only_if_reserved=p.only_if_reserved)
+        if not ready:
+            return
+        calls = [(self._settle_keys(p.adm, p.record),
+                  [*self._settle_args(p.adm, p.record, rec_json), 1 if p.only_if_reserved else 0, p.record.provider])
+                 for p, rec_json in ready]
+        try:
+            replies = await self.scripts.run_many("settle", calls)
+        except Exception as e:  # the outcome of each is unknown: the journal's replay settles them exactly once
+            if not isinstance(e, GatewayError):
+                log.exception("metering: settle failed unexpectedly; journalling %d records", len(ready))
+            for p, _ in ready:
+                await self._journal(p.adm, p.record, post=False, only_if_reserved=p.only_if_reserved)
+            return
+        first: list[tuple[_Pending, str]] = []
+        for (p, rec_json), reply in zip(ready, replies):
+            if isinstance(reply, Exception):  # this one's script failed (the others ran): journalled
+                log.error("metering: settle script failed for %s (%s); journalled", p.adm.gen_id, reply)
+                await self._journal(p.adm, p.record, post=False, only_if_reserved=p.only_if_reserved)
+            elif int(reply[0]) == 1:
+                first.append((p, rec_json))
+        if not first:
+            return
+        try:
+            await self.store.call(lambda: self._post_many(first))
+        except Exception:  # noqa: BLE001 - whatever stopped the extras, the journal keeps the records
+            for p, _ in first:
+                await self._journal(p.adm, p.record, post=True)
 
     async def _apply(self, adm: Admission, record: GenerationRecord, post_owed: bool, replay: bool = False,
                      only_if_reserved: bool = False) -> None:
@@ -333,6 +403,19 @@ class Meter:
                 o.record_ttl, o.day_ttl, o.month_ttl, o.stream_maxlen,
                 c["prompt_tokens"] + c["completion_tokens"], day_id(adm.admitted_at), month_id(adm.admitted_at),
                 record.request_id]
+
+    async def _post_many(self, settled: Sequence[tuple[_Pending, str]]) -> None:
+        """The cross-slot extras of several first settlements, in one pipeline (see :meth:`_post`)."""
+        lay = self.layout
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            for p, rec_json in settled:
+                gen_id, key_id = p.adm.gen_id, p.adm.key_id
+                pipe.xadd(lay.feed(), {"gen": gen_id, "key": key_id, "rec": rec_json},
+                          maxlen=self.options.feed_maxlen, approximate=True)
+                pipe.sadd(lay.keyset(), key_id)
+                pipe.set(lay.gen_index(gen_id), key_id, ex=self.options.record_ttl)
+                pipe.hdel(self.instance.key, gen_id)  # no longer in flight
+            await pipe.execute()
 
     async def _post(self, adm: Admission, rec_json: str, only_if_missing: bool = False) -> None:
         lay = self.layout
@@ -504,6 +587,15 @@ class Meter:
 
     async def rebuild_totals(self, key_id: str) -> dict[str, Any]:
         return await self.reports.rebuild_totals(key_id)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A settlement queued for the next batch (``done`` is set once it is stored or journalled)."""
+    adm: Admission
+    record: GenerationRecord
+    only_if_reserved: bool
+    done: asyncio.Future[None]
 
 
 def _ignore(*_: Any) -> None:

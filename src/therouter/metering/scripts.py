@@ -7,11 +7,16 @@ EVALSHA; redis-py reloads a script itself after a ``NOSCRIPT`` (e.g. after a Red
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
+from therouter.errors import StoreUnavailable
 from therouter.store import Store
+
+# a queued run_with call: script name, keys, args, extra commands, the caller's future
+_Queued = tuple[str, Sequence[str], Sequence[str | int], Callable[[Any], None], "asyncio.Future[Any]"]
 
 _WITH_COMMON = ("admit", "settle", "release")
 _PLAIN = ("price_set", "rebuild", "reap")
@@ -26,6 +31,8 @@ class Scripts:
         self._store = store
         common = _text("common")
         self._scripts: dict[str, Any] = {}
+        self._queue: list[_Queued] = []  # run_with calls waiting for the next round trip (a single node)
+        self._flusher: asyncio.Task[None] | None = None
         for name in _WITH_COMMON:
             self._scripts[name] = store.redis.register_script(common + "\n" + _text(name))
         for name in _PLAIN:
@@ -38,6 +45,51 @@ class Scripts:
 
     async def run_with(self, name: str, keys: Sequence[str], args: Sequence[str | int],
                        extra: Callable[[Any], None]) -> Any:
-        """The script and a few more (idempotent) commands, added by ``extra(pipeline)``, in one round trip."""
+        """The script and a few more (idempotent) commands, added by ``extra(pipeline)``, in one round trip. On a
+        single node the calls made while a batch is in Redis go together in the next one (group commit: one
+        pipeline for many admissions); each caller gets its own reply or error, as if it had gone alone."""
         script = self._scripts[name]
-        return await self._store.call(lambda: self._store.script_with(script, keys, args, extra))
+        if self._store.cluster:
+            return await self._store.call(lambda: self._store.script_with(script, keys, args, extra))
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((name, keys, args, extra, done))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="scripts-batch")
+        return await done
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                queued, self._queue = self._queue, []
+                for name in {q[0] for q in queued}:
+                    await self._send([q for q in queued if q[0] == name])
+        finally:
+            self._flusher = None
+
+    async def _send(self, batch: list[_Queued]) -> None:
+        script = self._scripts[batch[0][0]]
+        items = [(keys, args, extra) for _, keys, args, extra, _ in batch]
+        try:
+            replies = await self._store.call(lambda: self._store.script_with_many(script, items))
+        except BaseException as e:
+            for *_, done in batch:
+                if not done.done():  # each caller its own exception object
+                    done.set_exception(StoreUnavailable(e.message, retry_after=e.retry_after)
+                                       if isinstance(e, StoreUnavailable) else e if isinstance(e, Exception)
+                                       else StoreUnavailable("the store call was interrupted", retry_after=2))
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (*_, done), reply in zip(batch, replies):
+            if done.done():  # its caller has gone (cancelled)
+                continue
+            if isinstance(reply, Exception):
+                done.set_exception(self._store.reply_error(reply))
+            else:
+                done.set_result(reply)
+
+    async def run_many(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[str | int]]]) -> list[Any]:
+        """The script once per ``(keys, args)``, in one round trip (a single node; see ``Store.script_many``): one
+        reply per call, an error reply as its exception. A failure of the round trip raises ``StoreUnavailable``."""
+        script = self._scripts[name]
+        return await self._store.call(lambda: self._store.script_many(script, calls))
