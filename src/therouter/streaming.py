@@ -324,6 +324,15 @@ class ClientStream:
             self._done = asyncio.ensure_future(self._finish(outcome, error))
         return await asyncio.shield(self._done)
 
+    def _take(self, payload: bytes, batch: list[bytes]) -> None:
+        try:
+            out = self.rw.relay(payload)
+        except InBandError as e:  # the upstream's words go to the log and the record, never to the client
+            raise UpstreamError("The provider reported an error in its stream.", sent=True,
+                                code="upstream_in_band_error", detail=e.error.detail) from None
+        if out:
+            batch.append(out)
+
     async def _relay(self) -> AsyncGenerator[bytes, None]:
         outcome: Outcome = "client_cancelled"
         error: GatewayError | None = None
@@ -335,13 +344,22 @@ class ClientStream:
                     payload = await self.events.next_payload()
                 except StopAsyncIteration:
                     break
+                # the events one upstream read brought go to the client in one write, as a plain proxy relays a read
+                batch: list[bytes] = []
                 try:
-                    out = self.rw.relay(payload)
-                except InBandError as e:  # the upstream's words go to the log and the record, never to the client
-                    raise UpstreamError("The provider reported an error in its stream.", sent=True,
-                                        code="upstream_in_band_error", detail=e.error.detail) from None
-                if out:
-                    yield out
+                    self._take(payload, batch)
+                    while self.events.ready():
+                        try:
+                            payload = await self.events.next_payload()  # already read: no wait
+                        except StopAsyncIteration:
+                            break
+                        self._take(payload, batch)
+                except GatewayError:
+                    if batch:  # what came before the failure is the client's, then the error event
+                        yield b"".join(batch)
+                    raise
+                if batch:
+                    yield b"".join(batch) if len(batch) > 1 else batch[0]
             if not self.rw.complete(self.events.saw_done):
                 raise UpstreamStreamError("upstream closed the stream before it finished", sent=True,
                                           code="upstream_cut")

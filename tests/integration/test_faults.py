@@ -174,6 +174,12 @@ def test_client_leaving_during_first_token_wait_cancels_upstream(gateway: Gatewa
         time.sleep(0.05)
     last = fakes["deepseek"].stats()["log"][-1]
     assert last.get("closed_by") == "client" and last["tokens_sent"] == 0
+    # a client leaving is ordinary (a 499 in the request log), never a server error with a traceback
+    deadline = time.monotonic() + 2
+    while "outcome=client_cancelled" not in gateway.logs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "outcome=client_cancelled" in gateway.logs()
+    assert "Exception in ASGI application" not in gateway.logs() and "Traceback" not in gateway.logs()
 
 
 def test_upstream_redirect_is_not_followed(client: openai.OpenAI, fakes: dict[str, Fake], gateway: Gateway,

@@ -108,6 +108,9 @@ class _Events:
         self.saw_done = False
         self.closed = False
 
+    def ready(self) -> bool:
+        return bool(self.payloads)
+
     async def next_payload(self) -> bytes:
         if not self.payloads:
             raise StopAsyncIteration

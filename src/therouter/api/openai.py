@@ -6,6 +6,7 @@ carry OpenRouter's field names beside ours (:mod:`therouter.api.openrouter`).
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from typing import Any
 
@@ -103,6 +104,11 @@ class CompletionsRoute:
                         return
 
             answer = await services.gateway.handle(key, endpoint, raw, rid, gone)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # a real cancellation (e.g. shutdown) goes on
+            return  # the client left (the gateway's disconnect signal): observed as a 499, nobody to answer
         except GatewayError as e:
             if not observed:
                 services.gateway.refused(endpoint, rid, e)

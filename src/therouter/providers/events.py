@@ -66,6 +66,10 @@ class UpstreamEvents:
     async def __anext__(self) -> dict[str, Any]:
         return parse_event(await self.next_payload())
 
+    def ready(self) -> bool:
+        """Whether :meth:`next_payload` has something already read (it returns, or ends, without waiting)."""
+        return bool(self._pending)
+
     async def next_payload(self) -> bytes:
         """The next data event's payload as it came (a reader that needs no parse relays these bytes); raises
         StopAsyncIteration after ``[DONE]`` or at EOF."""
