@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -360,6 +362,24 @@ def test_failure_after_the_first_event_is_an_error_event(rig: Rig) -> None:
     with pytest.raises(anthropic.APIStatusError), rig.client().messages.stream(
             model=CLAUDE_MODEL, max_tokens=64, messages=HELLO) as s:
         s.get_final_message()
+
+
+def test_a_client_leaving_is_a_499_not_a_server_error(rig: Rig) -> None:
+    """Agents cancel often: a client that leaves while the first-chunk gate holds the answer cancels the upstream and
+    is logged as an ordinary client_cancelled request, never as an exception with a traceback."""
+    rig.fakes["deepseek"].configure(ttft_ms=1500)
+    raw = json.dumps({"model": CLAUDE_MODEL, "max_tokens": 16, "messages": HELLO, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", int(rig.gw.url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: " + rig.key.encode()
+                  + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(raw)).encode()
+                  + b"\r\n\r\n" + raw)
+        time.sleep(0.3)  # the answer is held at the gate (the upstream thinks for 1.5 s); then the client leaves
+    deadline = time.monotonic() + 5
+    while "outcome=client_cancelled" not in rig.gw.logs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logs = rig.gw.logs()
+    assert "outcome=client_cancelled" in logs
+    assert "Exception in ASGI application" not in logs and "Traceback" not in logs
 
 
 def test_keys_never_leak(rig: Rig, tmp_path: Path) -> None:

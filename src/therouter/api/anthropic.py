@@ -53,8 +53,14 @@ async def messages(request: Request, services: ServicesDep) -> Any:
 
     request.state.observed = True  # from here on the gateway counts and logs the request, whatever happens
     native = NativeRequest.of("anthropic", req.native, req.model, request.headers, req.native_only)
-    answer = await services.gateway.handle(key, "chat", orjson.dumps(req.openai), request.state.request_id, gone,
-                                           native=native)
+    try:
+        answer = await services.gateway.handle(key, "chat", orjson.dumps(req.openai), request.state.request_id, gone,
+                                               native=native)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # a real cancellation (e.g. shutdown) goes on
+        return Response(status_code=499)  # the client left (observed as a 499): nobody reads this
     if isinstance(answer, StreamAnswer):
         gen_id = answer.headers.get("x-therouter-generation-id", "")
         stream = surface.MessageStream(req, gen_id, validate.estimate_chat_tokens(req.openai))
