@@ -7,17 +7,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from therouter import __version__
 from therouter.api import admin, admin_keys, errors, ops
 from therouter.api import anthropic as anthropic_routes
 from therouter.api import openai as openai_routes
-from therouter.api.middleware import (
-    BodyDeadlineMiddleware,
-    ConcurrencyLimitMiddleware,
-    HeaderLimitMiddleware,
-    RequestIdMiddleware,
-)
+from therouter.api.middleware import BodyDeadlineMiddleware, FrontDoor
 from therouter.config import Settings
 from therouter.errors import GatewayError
 from therouter.logs import setup_logging
@@ -25,6 +21,19 @@ from therouter.observability import worker_exit
 from therouter.services import build_services
 
 log = logging.getLogger("therouter")
+
+
+class App(FastAPI):
+    """The FastAPI app behind a :class:`~therouter.api.middleware.FrontDoor`: every request enters there (the
+    completion routes are served from it, everything else comes back to FastAPI's own stack)."""
+
+    front: FrontDoor
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.front(scope, receive, send)
+
+    async def fastapi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -53,13 +62,11 @@ def create_app(settings: Settings) -> FastAPI:
             worker_exit()
 
     # /openapi.json is served by api/ops.py, to the admin key only
-    app = FastAPI(title="TheRouter", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    app.add_middleware(openai_routes.CompletionsRoute)  # innermost: the completion routes without FastAPI's routing
-    app.add_middleware(BodyDeadlineMiddleware, timeout=settings.server.body_timeout)
-    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.server.max_concurrency)
-    app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.server.max_header_bytes)  # outermost: runs first
+    app = App(title="TheRouter", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+              openapi_url=None)
+    app.front = FrontDoor(app.fastapi, openai_routes.PATHS, openai_routes.CompletionsRoute(app),
+                          max_header_bytes=settings.server.max_header_bytes, limit=settings.server.max_concurrency)
+    app.add_middleware(BodyDeadlineMiddleware, timeout=settings.server.body_timeout)  # the routes FastAPI serves
     errors.install(app)
     app.include_router(openai_routes.router)
     app.include_router(openai_routes.router, prefix="/api")  # OpenRouter's base path: /api/v1/...

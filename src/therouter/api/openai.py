@@ -7,13 +7,14 @@ carry OpenRouter's field names beside ours (:mod:`therouter.api.openrouter`).
 from __future__ import annotations
 
 import asyncio
+import logging
 from decimal import Decimal
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from therouter import params
 from therouter.api import openrouter
@@ -23,14 +24,17 @@ from therouter.api.middleware import SANE_REQUEST_ID
 from therouter.api.streaming import SSEResponse
 from therouter.errors import (
     GatewayError,
+    InternalError,
     InvalidRequest,
     ModelNotFound,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
 )
 from therouter.gateway import StreamAnswer
 
 router = APIRouter(prefix="/v1")
+log = logging.getLogger("therouter.api")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -69,30 +73,31 @@ PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
 
 
 class CompletionsRoute:
-    """Pure ASGI, in front of FastAPI's routing: ``POST /v1/chat/completions`` and ``/v1/completions`` (and their
-    ``/api/v1`` mounts) go straight to the gateway; every other request goes on to FastAPI. FastAPI's routing and
-    dependency injection measured ~8 % of a JSON request's CPU (bench/profile.py). Same behaviour as the FastAPI
-    routes below, which stay for everything this does not take: the key first (401 in OpenAI's shape), then the
-    body (413 past the limit; its deadline is ``BodyDeadlineMiddleware``'s, outside this), then the gateway; a
-    request refused before the gateway had it is counted and logged all the same (``Gateway.refused``), and an
-    unexpected exception reaches the server-error handler (a generic 500) as it would from a route."""
+    """``POST /v1/chat/completions`` and ``/v1/completions`` (and their ``/api/v1`` mounts), served straight from
+    :class:`~therouter.api.middleware.FrontDoor`, without FastAPI's layers: its middleware stack, routing and
+    dependency injection measured as a large share of a JSON request's CPU (bench/profile.sh). Same behaviour as the
+    FastAPI routes below, which stay for the OpenAPI schema: the key first (401 in OpenAI's shape), then the body
+    (413 past the limit, 408 when it has not all arrived ``server.body_timeout`` after the headers), then the
+    gateway; a request refused before the gateway had it is counted and logged all the same
+    (``Gateway.refused``); an unexpected exception is logged and answered with a generic 500, never a traceback."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: Any) -> None:
+        self.app = app  # the FastAPI app: its state holds the services once the lifespan built them
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = PATHS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if endpoint is None:
-            await self.app(scope, receive, send)
-            return
-        services = scope["app"].state.services
-        rid = scope["state"]["request_id"]
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, endpoint: str, rid: str) -> None:
+        services = self.app.state.services
+        server = services.settings.server
+        deadline = asyncio.get_running_loop().time() + server.body_timeout
         observed = False
         try:
             headers = _headers(scope)
             key = await services.auth.authenticate(headers.get(b"authorization", b"").decode("latin-1") or None)
-            raw = await _receive_body(receive, headers.get(b"content-length"),
-                                      services.settings.server.max_body_bytes)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    raw = await _receive_body(receive, headers.get(b"content-length"), server.max_body_bytes)
+            except TimeoutError:
+                raise RequestTimeout(f"The request body did not arrive within {server.body_timeout:g} s.",
+                                     headers={"Connection": "close"}) from None
             if raw is None:
                 return  # the client left while sending its body: nobody to answer
             observed = True  # from here on the gateway counts and logs the request, whatever happens
@@ -114,12 +119,20 @@ class CompletionsRoute:
                 services.gateway.refused(endpoint, rid, e)
             await error_response(e, rid)(scope, receive, send)
             return
+        except Exception:
+            log.exception("unexpected error on POST %s", scope["path"])
+            await error_response(InternalError("The server had an error while processing your request."),
+                                 rid)(scope, receive, send)
+            return
         if isinstance(answer, StreamAnswer):
-            await SSEResponse(answer.events, answer.headers, services.settings.server.stream_write_timeout)(
+            await SSEResponse(answer.events, {**answer.headers, "x-request-id": rid}, server.stream_write_timeout)(
                 scope, receive, send)
-        else:
-            await Response(answer.body, status_code=answer.status, headers=answer.headers,
-                           media_type="application/json")(scope, receive, send)
+            return
+        out = [(b"content-type", b"application/json"), (b"content-length", str(len(answer.body)).encode()),
+               (b"x-request-id", rid.encode())]
+        out += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
+        await send({"type": "http.response.start", "status": answer.status, "headers": out})
+        await send({"type": "http.response.body", "body": answer.body})
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
