@@ -1,4 +1,4 @@
-"""Redis: the one module that imports ``redis``.
+"""Redis: the one module that imports ``redis`` (with ``_resp``, its batches of the request path on a single node).
 
 The client has short socket and connect timeouts and a breaker, so a hung or dead Redis never hangs a request:
 calls fail fast with :class:`StoreUnavailable`. Every key is namespaced by ``key_prefix``.
@@ -17,6 +17,7 @@ side by side instead (:meth:`Store.script_with`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,6 +41,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from therouter._resp import Command, Commands, Wire
 from therouter.config import StoreConfig
 from therouter.errors import StoreUnavailable
 from therouter.keys import KeyRecord, display, hash_key, new_key
@@ -167,6 +169,10 @@ class Store:
                 **({"connection_class": _Connection} if cfg.redis_url.startswith("redis://") else {}),
             )
             self.redis = aioredis.Redis(connection_pool=pool)
+        # the request path's batches (admission, settlement) on a plain-TCP single node: _resp.Wire
+        self._wire = Wire(cfg.redis_url, max_connections=cfg.max_connections, socket_timeout=cfg.socket_timeout,
+                          connect_timeout=cfg.connect_timeout, pool_timeout=cfg.pool_timeout) \
+            if cfg.redis_url.startswith("redis://") and not self.cluster else None
         self.breaker = breaker or StoreBreaker()
 
     def k(self, *parts: str) -> str:
@@ -188,10 +194,18 @@ class Store:
             raise
         except (RedisError, RedisClusterException, OSError, TimeoutError) as e:
             self.breaker.failure()
+            if not self.cluster:  # the server may have gone: its idle connections are not trusted again
+                await self._drop_idle()
             raise StoreUnavailable(f"the store is unavailable ({type(e).__name__}); retry shortly",
                                    retry_after=2) from None
         self.breaker.success()
         return result
+
+    async def _drop_idle(self) -> None:
+        if self._wire is not None:
+            await self._wire.aclose()
+        with contextlib.suppress(Exception):  # closing what is already broken
+            await self.redis.connection_pool.disconnect(inuse_connections=False)
 
     async def _in_slot(self, fn: Callable[[], Awaitable[T]]) -> T:
         assert self._slots is not None
@@ -239,14 +253,14 @@ class Store:
         todo = list(range(len(items)))
         for _ in range(2):
             spans: list[tuple[int, int, int]] = []
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    keys, args, extra = items[i]
-                    start = len(pipe)
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                    extra(pipe)
-                    spans.append((i, start, len(pipe)))
-                got = await pipe.execute(raise_on_error=False)
+            batch = Commands()
+            for i in todo:
+                keys, args, extra = items[i]
+                start = len(batch)
+                batch.evalsha(script.sha, len(keys), *keys, *args)
+                extra(batch)
+                spans.append((i, start, len(batch)))
+            got = await self.send(batch.items)
             missing = []
             for i, a, b in spans:
                 part = got[a:b]
@@ -261,6 +275,16 @@ class Store:
         for i in todo:
             replies[i] = NoScriptError("the script could not be loaded")
         return replies
+
+    async def send(self, commands: Sequence[Command]) -> list[Any]:
+        """Commands in one round trip (a single node), replies in order, an error reply as its exception (the
+        others ran); a connection failure raises. Replies are Redis' own (``OK``, not redis-py's ``True``)."""
+        if self._wire is not None:
+            return await self._wire.execute(commands)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for c in commands:
+                pipe.execute_command(*c)
+            return list(await pipe.execute(raise_on_error=False))
 
     def reply_error(self, e: Exception) -> Exception:
         """An error reply of one command in a pipeline, as :meth:`call` would raise it: an outage reply (OOM,
@@ -280,11 +304,8 @@ class Store:
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for _ in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    keys, args = calls[i]
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                got = await pipe.execute(raise_on_error=False)
+            got = await self.send([("EVALSHA", script.sha, len(calls[i][0]), *calls[i][0], *calls[i][1])
+                                   for i in todo])
             missing = []
             for i, r in zip(todo, got):
                 replies[i] = r
@@ -321,6 +342,8 @@ class Store:
             return False
 
     async def aclose(self) -> None:
+        if self._wire is not None:
+            await self._wire.aclose()
         await self.redis.aclose()
 
     # ---- API keys -----------------------------------------------------------------------------------------------

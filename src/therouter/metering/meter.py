@@ -50,6 +50,7 @@ from typing import Any
 
 import orjson
 
+from therouter._resp import Commands
 from therouter.config import Settings
 from therouter.errors import BudgetExceeded, GatewayError, RateLimited, StoreUnavailable
 from therouter.keys import KeyRecord
@@ -407,15 +408,17 @@ class Meter:
     async def _post_many(self, settled: Sequence[tuple[_Pending, str]]) -> None:
         """The cross-slot extras of several first settlements, in one pipeline (see :meth:`_post`)."""
         lay = self.layout
-        async with self.store.redis.pipeline(transaction=False) as pipe:
-            for p, rec_json in settled:
-                gen_id, key_id = p.adm.gen_id, p.adm.key_id
-                pipe.xadd(lay.feed(), {"gen": gen_id, "key": key_id, "rec": rec_json},
-                          maxlen=self.options.feed_maxlen, approximate=True)
-                pipe.sadd(lay.keyset(), key_id)
-                pipe.set(lay.gen_index(gen_id), key_id, ex=self.options.record_ttl)
-                pipe.hdel(self.instance.key, gen_id)  # no longer in flight
-            await pipe.execute()
+        pipe = Commands()
+        for p, rec_json in settled:
+            gen_id, key_id = p.adm.gen_id, p.adm.key_id
+            pipe.xadd(lay.feed(), {"gen": gen_id, "key": key_id, "rec": rec_json},
+                      maxlen=self.options.feed_maxlen, approximate=True)
+            pipe.sadd(lay.keyset(), key_id)
+            pipe.set(lay.gen_index(gen_id), key_id, ex=self.options.record_ttl)
+            pipe.hdel(self.instance.key, gen_id)  # no longer in flight
+        for reply in await self.store.send(pipe.items):
+            if isinstance(reply, Exception):
+                raise self.store.reply_error(reply)
 
     async def _post(self, adm: Admission, rec_json: str, only_if_missing: bool = False) -> None:
         lay = self.layout

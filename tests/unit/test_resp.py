@@ -1,0 +1,130 @@
+"""_resp: the request path's Redis batches -- the same commands redis-py would send, replies in order, error replies
+as redis-py's exceptions, and a connection in doubt never reused."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hiredis
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, ResponseError
+
+from therouter._resp import Commands, Wire
+from therouter.redisproc import RedisProcess
+
+CALLS: list[Callable[[Any], None]] = [
+    lambda p: p.evalsha("a" * 40, 2, "k1", "k2", 1, "x"),
+    lambda p: p.hset("h", "f", "v"),
+    lambda p: p.hset("h", mapping={"a": 1, "b": "2"}),
+    lambda p: p.hdel("h", "f", "g"),
+    lambda p: p.pexpire("h", 1500),
+    lambda p: p.sadd("s", "m"),
+    lambda p: p.set("k", "v", ex=30),
+    lambda p: p.set("k", "v", ex=30, nx=True),
+    lambda p: p.zadd("z", {"inst": 1732900000123}),
+    lambda p: p.xadd("feed", {"gen": "g", "rec": "{}"}, maxlen=1000, approximate=True),
+]
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_recorded_commands_are_what_redis_py_sends(call: Callable[[Any], None]) -> None:
+    ours = Commands()
+    call(ours)
+    pipe = aioredis.Redis().pipeline(transaction=False)
+    call(pipe)
+    theirs = pipe.command_stack[0][0]
+    assert hiredis.pack_command(ours.items[0]) == hiredis.pack_command(tuple(theirs))
+
+
+def wire(url: str, **kw: float) -> Wire:
+    opts: dict[str, Any] = {"max_connections": 4, "socket_timeout": 1.0, "connect_timeout": 1.0,
+                            "pool_timeout": 1.0, **kw}
+    return Wire(url, **opts)
+
+
+async def test_a_batch_answers_in_order_with_error_replies_in_place(redis_proc: RedisProcess) -> None:
+    w = wire(redis_proc.url)
+    try:
+        replies = await w.execute([("SET", "resp:k", "é"), ("GET", "resp:k"), ("HSET", "resp:k", "f", "v"),
+                                   ("EVALSHA", "0" * 40, 0), ("DEL", "resp:k")])
+        assert replies[:2] == ["OK", "é"]
+        assert isinstance(replies[2], ResponseError) and "WRONGTYPE" in str(replies[2])
+        assert isinstance(replies[3], NoScriptError)
+        assert replies[4] == 1
+        assert await w.execute([("PING",)]) == ["PONG"]
+        assert len(w._idle) == 1  # one connection, reused
+    finally:
+        await w.aclose()
+
+
+async def test_a_connection_the_server_dropped_is_not_reused(redis_proc: RedisProcess) -> None:
+    w = wire(redis_proc.url)
+    admin = aioredis.Redis.from_url(redis_proc.url)
+    try:
+        [cid] = await w.execute([("CLIENT", "ID")])
+        await admin.execute_command("CLIENT", "KILL", "ID", cid)
+        await asyncio.sleep(0.05)  # the loop reads the EOF
+        [again] = await w.execute([("CLIENT", "ID")])
+        assert again != cid
+    finally:
+        await admin.aclose()
+        await w.aclose()
+
+
+async def test_password_and_database_from_the_url(tmp_path: Path) -> None:
+    proc = RedisProcess(tmp_path / "redis", appendonly=False).start()
+    try:
+        admin = aioredis.Redis.from_url(proc.url)
+        await admin.config_set("requirepass", "s3cret")
+        await admin.aclose()
+        base = proc.url.rsplit("/", 1)[0].replace("redis://", "redis://:s3cret@")
+        w = wire(base + "/3")
+        try:
+            assert await w.execute([("SET", "k", "in-3")]) == ["OK"]
+            auth = aioredis.Redis.from_url(base + "/3", decode_responses=True)
+            assert await auth.get("k") == "in-3"
+            await auth.aclose()
+        finally:
+            await w.aclose()
+        bad = wire(proc.url.replace("redis://", "redis://:wrong@"))
+        with pytest.raises(ConnectionError, match="refused the connection"):
+            await bad.execute([("PING",)])
+        await bad.aclose()
+    finally:
+        proc.stop()
+
+
+async def test_a_silent_server_times_out_and_its_connection_is_dropped() -> None:
+    accepted: list[socket.socket] = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    loop = asyncio.get_running_loop()
+
+    async def accept() -> None:
+        while True:
+            conn, _ = await loop.sock_accept(server)
+            accepted.append(conn)
+
+    acceptor = asyncio.create_task(accept())
+    w = wire(f"redis://127.0.0.1:{port}/0", socket_timeout=0.2)
+    try:
+        with pytest.raises(TimeoutError):
+            await w.execute([("PING",)])
+        assert w._idle == []  # in an unknown state: closed, not pooled
+        with pytest.raises(TimeoutError):
+            await w.execute([("PING",)])
+        assert len(accepted) == 2  # a new connection the second time
+    finally:
+        acceptor.cancel()
+        await w.aclose()
+        for c in accepted:
+            c.close()
+        server.close()
