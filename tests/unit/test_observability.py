@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from prometheus_client import generate_latest
@@ -93,6 +94,25 @@ def test_text_lines_append_the_fields() -> None:
     finally:
         REQUEST_ID.reset(token)
     assert line.endswith('hello world request_id=req_abc status=200 model="m one"')
+
+
+def test_line_times_are_logging_s_own_across_seconds() -> None:
+    """The formatters format a second once and reuse it: the text must still be what logging itself writes."""
+    text, js, plain = TextFormatter(), JsonFormatter(), logging.Formatter()
+    for created in (1732900000.001, 1732900000.999, 1732900001.5, 1732900000.25, 1764460800.0):
+        rec = _record()
+        rec.created, rec.msecs = created, (created - int(created)) * 1000
+        assert text.format(rec).startswith(plain.formatTime(rec) + " INFO therouter.test: hello world")
+        ts = json.loads(js.format(rec))["ts"]
+        assert ts == time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(rec.msecs):03d}Z"
+
+
+def test_the_request_line_carries_its_fields() -> None:
+    rec = _record(_fields={"event": "request", "status": 499, "request_id": "req_x", "model": None})
+    assert json.loads(JsonFormatter().format(rec)) | {"ts": "", "pid": 0} == {
+        "ts": "", "pid": 0, "level": "info", "logger": "therouter.test", "msg": "hello world",
+        "request_id": "req_x", "event": "request", "status": 499, "model": None}
+    assert TextFormatter().format(rec).endswith("hello world request_id=req_x status=499 model=-")
 
 
 def test_safe_url_hides_the_password() -> None:

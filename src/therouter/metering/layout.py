@@ -40,17 +40,25 @@ Not metering (store.py): API keys and shared routing state
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 
 from therouter.keys import BudgetPeriod
 
 
 def day_id(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).strftime("%Y%m%d")
+    return _day(int(at // 86400))[0]
 
 
 def month_id(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).strftime("%Y%m")
+    return _day(int(at // 86400))[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _day(day: int) -> tuple[str, str]:
+    """A UTC day (days since the epoch) -> ("YYYYMMDD", "YYYYMM"): formatted once per day, not per request."""
+    d = datetime.fromtimestamp(day * 86400, UTC)
+    return d.strftime("%Y%m%d"), d.strftime("%Y%m")
 
 
 def period_id(period: BudgetPeriod, at: float) -> str:

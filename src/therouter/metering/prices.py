@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from decimal import Decimal
 from typing import Any
 
 from therouter.config import MAX_PRICE_USD, NANO
@@ -133,13 +132,10 @@ def price_at(versions: Iterable[PriceVersion], at: float) -> PriceVersion | None
 
 def nano_to_usd(nano: int) -> str:
     """Exact decimal string for display: at least 2 decimals, trailing zeros trimmed ("1.50", "0.000212800" ->
-    "0.0002128")."""
-    text = format(Decimal(nano) / NANO, "f")
-    if "." not in text:
-        return text + ".00"
-    whole, frac = text.split(".")
-    frac = frac.rstrip("0")
-    return f"{whole}.{frac.ljust(2, '0')}"
+    "0.0002128"). Integer arithmetic only (it runs a few times per request)."""
+    whole, frac = divmod(abs(nano), 10**9)
+    digits = f"{frac:09d}".rstrip("0")
+    return f"{'-' if nano < 0 else ''}{whole}.{digits.ljust(2, '0')}"
 
 
 def _whole(v: Any, what: str, maximum: int | None = None) -> int:

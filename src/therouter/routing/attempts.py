@@ -314,18 +314,32 @@ class AttemptPolicy:
 
 
 async def unless_gone(work: Awaitable[T], gone: Callable[[], Awaitable[None]]) -> T:
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(gone())
+    """``work``, run in this task, unless the client leaves first (``gone()`` returns): then it is cancelled and
+    ``CancelledError("client disconnected")`` raised. One watcher task, no second task for the work: this is on
+    every request's path. A cancellation from outside (shutdown) stays what it is."""
+    me = asyncio.current_task()
+    assert me is not None
+    left = False
+
+    async def watch() -> None:
+        nonlocal left
+        await gone()
+        left = True
+        me.cancel("client disconnected")
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        raise asyncio.CancelledError("client disconnected")
+        result = await work
+    except asyncio.CancelledError:
+        if left and me.uncancel() == 0:  # ours alone
+            raise asyncio.CancelledError("client disconnected") from None
+        raise
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
+    if left:  # the work ended (or swallowed our cancel) as the client left: the client is gone all the same
+        me.uncancel()
+        raise asyncio.CancelledError("client disconnected")
+    return result
 
 
 def all_failed(errors: list[tuple[Candidate, GatewayError]], skipped: list[Skip], model: str = "") -> GatewayError:
