@@ -25,6 +25,7 @@ from therouter import native as native_relay
 from therouter import params, validate
 from therouter.assembly import Assembler
 from therouter.config import Deployment, ModelConfig, Settings
+from therouter.disconnect import unless_gone
 from therouter.errors import (
     GatewayError,
     InvalidRequest,
@@ -51,7 +52,6 @@ from therouter.routing.attempts import (
     AttemptPolicy,
     Exhausted,
     all_failed,
-    unless_gone,
 )
 from therouter.routing.balance import prompt_prefix
 from therouter.routing.preferences import NO_PREFERENCES, Preferences, parse_preferences

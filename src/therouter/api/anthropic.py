@@ -19,6 +19,7 @@ from therouter import validate
 from therouter.api.deps import ServicesDep
 from therouter.api.openai import read_body
 from therouter.api.streaming import SSEResponse
+from therouter.disconnect import client_left, waiter
 from therouter.errors import GatewayError, ModelNotFound
 from therouter.gateway import StreamAnswer
 from therouter.keys import KeyRecord
@@ -44,21 +45,14 @@ async def _read(request: Request, services: Any, count_only: bool = False) -> su
 async def messages(request: Request, services: ServicesDep) -> Any:
     key = await _key(request, services)
     req = await _read(request, services)
-
-    async def gone() -> None:
-        while True:
-            msg = await request.receive()
-            if msg["type"] == "http.disconnect":
-                return
-
     request.state.observed = True  # from here on the gateway counts and logs the request, whatever happens
     native = NativeRequest.of("anthropic", req.native, req.model, request.headers, req.native_only)
     try:
-        answer = await services.gateway.handle(key, "chat", orjson.dumps(req.openai), request.state.request_id, gone,
+        answer = await services.gateway.handle(key, "chat", orjson.dumps(req.openai), request.state.request_id,
+                                               waiter(request.receive),
                                                native=native)
     except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
+        if not client_left():
             raise  # a real cancellation (e.g. shutdown) goes on
         return Response(status_code=499)  # the client left (observed as a 499): nobody reads this
     if isinstance(answer, StreamAnswer):

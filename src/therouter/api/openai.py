@@ -22,6 +22,7 @@ from therouter.api.deps import KeyDep, ServicesDep
 from therouter.api.errors import error_response
 from therouter.api.middleware import SANE_REQUEST_ID
 from therouter.api.streaming import SSEResponse
+from therouter.disconnect import client_left, waiter
 from therouter.errors import (
     GatewayError,
     InternalError,
@@ -54,15 +55,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def _complete(endpoint: str, request: Request, key: Any, services: Any) -> Response | SSEResponse:
     raw = await read_body(request, services.settings.server.max_body_bytes)
     rid = request.state.request_id
-
-    async def gone() -> None:
-        while True:
-            msg = await request.receive()
-            if msg["type"] == "http.disconnect":
-                return
-
     request.state.observed = True  # from here on the gateway counts and logs the request, whatever happens
-    answer = await services.gateway.handle(key, endpoint, raw, rid, gone)
+    answer = await services.gateway.handle(key, endpoint, raw, rid, waiter(request.receive))
     if isinstance(answer, StreamAnswer):
         return SSEResponse(answer.events, answer.headers, services.settings.server.stream_write_timeout)
     return Response(answer.body, status_code=answer.status, headers=answer.headers, media_type="application/json")
@@ -101,17 +95,9 @@ class CompletionsRoute:
             if raw is None:
                 return  # the client left while sending its body: nobody to answer
             observed = True  # from here on the gateway counts and logs the request, whatever happens
-
-            async def gone() -> None:
-                while True:
-                    msg = await receive()
-                    if msg["type"] == "http.disconnect":
-                        return
-
-            answer = await services.gateway.handle(key, endpoint, raw, rid, gone)
+            answer = await services.gateway.handle(key, endpoint, raw, rid, waiter(receive))
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if not client_left():
                 raise  # a real cancellation (e.g. shutdown) goes on
             return  # the client left (the gateway's disconnect signal): observed as a 499, nobody to answer
         except GatewayError as e:

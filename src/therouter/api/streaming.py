@@ -1,9 +1,9 @@
 """An SSE response that notices a client disconnect even while the upstream is silent, and a client that stops
 reading.
 
-The body is pumped in one task while another waits for ``http.disconnect``; whichever ends first cancels the other,
-so a client that goes away closes the upstream within moments (the gateway's generator then meters what was produced
-in a shielded ``finally``).
+The body is pumped in the request's task while one watcher waits for ``http.disconnect``
+(:mod:`therouter.disconnect`) and cancels the pump, so a client that goes away closes the upstream within moments
+(the gateway's generator then meters what was produced in a shielded ``finally``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from therouter import sse
+from therouter.disconnect import client_left, unless_gone, waiter
 from therouter.errors import GatewayError, InternalError
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
@@ -31,19 +32,14 @@ class SSEResponse(Response):
         self.sse_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        pump = asyncio.ensure_future(self._pump(send))
-        watch = asyncio.ensure_future(_wait_disconnect(receive))
         try:
-            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+            await unless_gone(self._pump(send), waiter(receive))  # pumped in this task; one disconnect watcher
+        except asyncio.CancelledError:
+            if not client_left():
+                raise  # a real cancellation (e.g. shutdown) goes on
+        except OSError:
+            pass  # the connection broke under a write: the client is gone
         finally:
-            for t in (pump, watch):
-                if not t.done():
-                    t.cancel()
-            for t in (pump, watch):
-                try:
-                    await t
-                except (asyncio.CancelledError, OSError):
-                    pass
             aclose = getattr(self.events, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -67,8 +63,3 @@ class SSEResponse(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _wait_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return

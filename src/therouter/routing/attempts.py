@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from therouter.disconnect import unless_gone
 from therouter.errors import (
     GatewayError,
     NoDeploymentAvailable,
@@ -311,35 +312,6 @@ class AttemptPolicy:
     def _observe(self, cand: Candidate, err: GatewayError | None, dt: float) -> None:
         for obs in self.observers:
             obs(cand, err, dt)
-
-
-async def unless_gone(work: Awaitable[T], gone: Callable[[], Awaitable[None]]) -> T:
-    """``work``, run in this task, unless the client leaves first (``gone()`` returns): then it is cancelled and
-    ``CancelledError("client disconnected")`` raised. One watcher task, no second task for the work: this is on
-    every request's path. A cancellation from outside (shutdown) stays what it is."""
-    me = asyncio.current_task()
-    assert me is not None
-    left = False
-
-    async def watch() -> None:
-        nonlocal left
-        await gone()
-        left = True
-        me.cancel("client disconnected")
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        result = await work
-    except asyncio.CancelledError:
-        if left and me.uncancel() == 0:  # ours alone
-            raise asyncio.CancelledError("client disconnected") from None
-        raise
-    finally:
-        watcher.cancel()
-    if left:  # the work ended (or swallowed our cancel) as the client left: the client is gone all the same
-        me.uncancel()
-        raise asyncio.CancelledError("client disconnected")
-    return result
 
 
 def all_failed(errors: list[tuple[Candidate, GatewayError]], skipped: list[Skip], model: str = "") -> GatewayError:
