@@ -548,7 +548,7 @@ class Gateway:
         call.settled = True
         assert call.adm is not None
         rec = self._record(call, cand, usage, outcome, stream, finish_reason)
-        return await asyncio.shield(self.meter.settle(call.adm, rec, estimate, call.checked.sequences))
+        return await self.meter.settle(call.adm, rec, estimate, call.checked.sequences)  # survives cancellation
 
     async def _settle_failure(self, call: Call, exc: BaseException) -> tuple[Usage | None, int]:
         """A request that produced no answer: release its reservation and keep a record of the attempts."""

@@ -158,3 +158,12 @@ async def test_cache_write_price_is_stored_versioned_and_set_by_operators(meter:
     with pytest.raises(InvalidRequest) as ei:
         await meter.set_price("qwen", "5", "0.5", "25", cache_write_usd="-1")
     assert ei.value.param == "cache_write"
+
+
+async def test_a_price_version_s_dict_is_every_field() -> None:
+    """to_dict is written out by hand (it runs on every admission): it must keep up with the fields."""
+    import dataclasses
+
+    p = PriceVersion("m", 3, 1732900000, 1, 2, 3, "operator", 4)
+    assert p.to_dict() == dataclasses.asdict(p)
+    assert PriceVersion.from_dict(p.to_dict()) == p

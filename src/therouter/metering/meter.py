@@ -267,11 +267,15 @@ class Meter:
             record.model = record.model or adm.model  # the model that served (a `models` fallback may differ)
             self._bound(adm, record, estimate, choices)
             self._price(adm, record)
-            work = self._settle(adm, record, only_if_reserved)
         except Exception:
             log.exception("metering: the cost of %s could not be computed; journalled unpriced", adm.gen_id)
             record.cost_nano = 0
             work = self._journal(adm, record, post=False, priced=False, only_if_reserved=only_if_reserved)
+        else:
+            if not self.store.cluster:  # queued for the group commit, whose flusher task owns it from here
+                await asyncio.shield(self._queue(adm, record, only_if_reserved))
+                return record.cost_nano
+            work = self._settle(adm, record, only_if_reserved)
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -304,12 +308,8 @@ class Meter:
         record.price_version = price.version
 
     async def _settle(self, adm: Admission, record: GenerationRecord, only_if_reserved: bool = False) -> None:
-        if not self.store.cluster:  # group commit: settled with the others waiting, in two round trips in all
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._batch.append(_Pending(adm, record, only_if_reserved, fut))
-            if self._flusher is None:
-                self._flusher = asyncio.create_task(self._flush_settlements(), name="meter-settle")
-            await fut
+        if not self.store.cluster:
+            await self._queue(adm, record, only_if_reserved)
             return
         try:  # a cluster's pipeline refuses EVALSHA: one script call per settlement
             await self._apply(adm, record, post_owed=False, only_if_reserved=only_if_reserved)
@@ -317,6 +317,17 @@ class Meter:
             if not isinstance(e, GatewayError):
                 log.exception("metering: settle failed unexpectedly; journalling %s", adm.gen_id)
             await self._journal(adm, record, post=False, only_if_reserved=only_if_reserved)
+
+    def _queue(self, adm: Admission, record: GenerationRecord, only_if_reserved: bool) -> asyncio.Future[None]:
+        """Group commit (a single node): settled with the others waiting, in two round trips in all; the future is
+        done when this one is settled or journalled. ``aclose`` waits for the flusher."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._batch.append(_Pending(adm, record, only_if_reserved, fut))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_settlements(), name="meter-settle")
+            self._tasks.add(self._flusher)
+            self._flusher.add_done_callback(self._tasks.discard)
+        return fut
 
     async def _flush_settlements(self) -> None:
         """Settle everything queued, batch after batch, until the queue is empty. A batch is what was queued while

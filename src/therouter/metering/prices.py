@@ -18,7 +18,7 @@ version in force at a time ``t`` is the one with the newest ``effective_at`` not
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from therouter.config import MAX_PRICE_USD, NANO
@@ -45,7 +45,9 @@ class PriceVersion:
         return self.input if self.cache_write is None else self.cache_write
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"model": self.model, "version": self.version, "effective_at": self.effective_at, "input": self.input,
+                "cached_input": self.cached_input, "output": self.output, "source": self.source,
+                "cache_write": self.cache_write}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PriceVersion:
