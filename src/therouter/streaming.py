@@ -348,11 +348,7 @@ class ClientStream:
                 batch: list[bytes] = []
                 try:
                     self._take(payload, batch)
-                    while self.events.ready():
-                        try:
-                            payload = await self.events.next_payload()  # already read: no wait
-                        except StopAsyncIteration:
-                            break
+                    for payload in self.events.take_ready():  # already read: no wait
                         self._take(payload, batch)
                 except GatewayError:
                     if batch:  # what came before the failure is the client's, then the error event

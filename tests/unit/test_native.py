@@ -108,8 +108,9 @@ class _Events:
         self.saw_done = False
         self.closed = False
 
-    def ready(self) -> bool:
-        return bool(self.payloads)
+    def take_ready(self) -> list[bytes]:
+        ready, self.payloads = self.payloads, []
+        return ready
 
     async def next_payload(self) -> bytes:
         if not self.payloads:

@@ -66,9 +66,22 @@ class UpstreamEvents:
     async def __anext__(self) -> dict[str, Any]:
         return parse_event(await self.next_payload())
 
-    def ready(self) -> bool:
-        """Whether :meth:`next_payload` has something already read (it returns, or ends, without waiting)."""
-        return bool(self._pending)
+    def take_ready(self) -> list[bytes]:
+        """Every payload already read, without waiting (what :meth:`next_payload` would return next, up to
+        ``[DONE]``, which ends the events as it does there)."""
+        out: list[bytes] = []
+        pending = self._pending
+        while pending:
+            payload = pending.popleft()
+            if payload.strip() == b"[DONE]":
+                self.saw_done = True
+                pending.clear()
+                break
+            out.append(payload)
+        if out:
+            self.events += len(out)
+            self._deadline = min(self._clock() + self._idle, self._cap)
+        return out
 
     async def next_payload(self) -> bytes:
         """The next data event's payload as it came (a reader that needs no parse relays these bytes); raises
