@@ -352,8 +352,9 @@ class Settings(_Strict):
     def canonical(self, model_id: str) -> str:
         """The catalogue's id for a name a client sent: an exact alias resolves, a model id is itself, then the
         longest matching pattern alias (`claude-*`) resolves; anything else is returned as it is."""
-        if model_id in self._aliases:
-            return self._aliases[model_id]
+        hit = self._aliases.get(model_id)  # (a pydantic private attribute: read once, it is on every request)
+        if hit is not None:
+            return hit
         if model_id in self.models:
             return model_id
         for pattern, mid in self._patterns:
