@@ -32,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from functools import lru_cache
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -116,8 +117,7 @@ class _Conn(asyncio.Protocol):
     # ---- asyncio.Protocol -----------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport instances
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)

@@ -447,3 +447,41 @@ async def test_connect_refused_and_a_bad_url(h1: H1Transport) -> None:
         await h1.send(req("ftp://example.test/v1"), connect=1, headers_timeout=2)
     assert ei.value.sent is False
     assert h1._pool is not None and h1._pool.open == 0  # no slot leaked
+
+
+def test_under_uvloop() -> None:
+    """The gateway runs on uvloop (whose transports are not asyncio.Transport instances): reuse, chunked bodies,
+    pausing and a stale connection there too."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def chunked_big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, srv: Server) -> None:
+        while await srv.read_request(reader):
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            for _ in range(32):
+                writer.write(b"10000\r\n" + b"z" * 65536 + b"\r\n")
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            if len(srv.requests) == 2:
+                await srv.read_request(reader)  # the third request, on the reused connection: dropped unanswered
+                return
+
+    async def main() -> None:
+        t = H1Transport(4)
+        try:
+            async with Server(chunked_big) as srv:
+                for _ in range(3):
+                    resp = await t.send(req(srv.url()), connect=1, headers_timeout=2)
+                    total = 0
+                    async for c in resp.raw_chunks():
+                        total += len(c)
+                        await asyncio.sleep(0.005)
+                    await resp.close()
+                    assert total == 32 * 65536
+            assert srv.connections == 2
+            assert [c for c, _, _ in srv.requests] == [1, 1, 1, 2]
+        finally:
+            await t.aclose()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
