@@ -440,10 +440,11 @@ class H1Transport(Transport):
                                              server_hostname=host if ssl_ctx else None)
         except TimeoutError:
             pool.forget(conn)
-            raise UpstreamConnectError(_CONNECT_TIMEOUT, detail="connect timed out") from None
+            raise UpstreamConnectError(_CONNECT_TIMEOUT, detail=f"connect to {host}:{port} timed out") from None
         except OSError as e:
             pool.forget(conn)
-            raise UpstreamConnectError(_CONNECT, detail=_oserror(e)) from None
+            # the address is for the operator (detail: log and attempt record); uvloop's errors do not name it
+            raise UpstreamConnectError(_CONNECT, detail=f"{_oserror(e)} (connecting to {host}:{port})") from None
         except BaseException:
             pool.forget(conn)
             raise
