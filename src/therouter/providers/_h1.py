@@ -27,6 +27,7 @@ fresh connection, as every HTTP client does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections import deque
@@ -302,7 +303,11 @@ class _Pool:
                 if got is None:
                     self.free_slot()
                 else:
+                    got.keep_alive = True  # as it was released: idle and reusable
                     self.release(got)
+            else:
+                with contextlib.suppress(ValueError):  # a timed-out waiter leaves the queue (bounded under overload)
+                    self.waiters.remove((key, fut))
             raise
 
     def _close_other_idle(self, key: PoolKey) -> bool:

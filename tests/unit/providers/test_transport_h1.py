@@ -485,3 +485,28 @@ def test_under_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
+
+
+async def test_waiting_for_a_slot_is_bounded_by_the_headers_timeout() -> None:
+    release = asyncio.Event()
+
+    async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, srv: Server) -> None:
+        while await srv.read_request(reader):
+            await release.wait()
+            writer.write(ok())
+
+    t = H1Transport(1)
+    try:
+        async with Server(held) as srv:
+            first = asyncio.create_task(roundtrip(t, srv.url()))
+            await asyncio.sleep(0.05)
+            with pytest.raises(UpstreamConnectError) as ei:
+                await t.send(req(srv.url()), connect=1, headers_timeout=0.2)
+            assert ei.value.sent is False  # it never left: another deployment may take it
+            assert t._pool is not None and not t._pool.waiters
+            release.set()
+            assert await first == (200, b'{"ok":true}')
+            assert await roundtrip(t, srv.url()) == (200, b'{"ok":true}')
+        assert srv.connections == 1 and len(srv.requests) == 2
+    finally:
+        await t.aclose()
