@@ -1,11 +1,13 @@
 """Upstream HTTP: the one place that talks to the network and maps foreign exceptions to GatewayErrors.
 
-Two interchangeable transports sit behind :class:`Transport`:
+Three interchangeable transports sit behind :class:`Transport`:
 
 - :class:`AiohttpTransport` (default): an aiohttp ``ClientSession`` per provider; roughly 10x the throughput of httpx's
   pool on this class of machine.
 - :class:`HttpxTransport`: ``httpx.AsyncClient``; used where respx serves best (adapter unit tests) and available by
   config (``server.upstream_client: httpx``).
+- :class:`~therouter.providers._h1.H1Transport`: a lean HTTP/1.1 client on raw asyncio + httptools
+  (``server.upstream_client: h1``), without aiohttp's per-request overhead.
 
 Redirects are never followed. Content-encoding is undone here, by us (``_decode``), never by the client library, so
 a compressed body never inflates past the limit its reader sets. Responses are exposed as decoded byte chunks;
@@ -254,6 +256,10 @@ class HttpxTransport(Transport):
 def make_transport(kind: str, max_connections: int) -> Transport:
     if kind == "httpx":
         return HttpxTransport(max_connections)
+    if kind == "h1":
+        from therouter.providers._h1 import H1Transport  # here: _h1 imports this module
+
+        return H1Transport(max_connections)
     return AiohttpTransport(max_connections)
 
 

@@ -1,6 +1,7 @@
 """The transports: foreign exceptions -> GatewayErrors, no redirects, chunks as they come.
 
-HttpxTransport is driven through respx; AiohttpTransport against tiny real servers on 127.0.0.1.
+HttpxTransport is driven through respx; AiohttpTransport and H1Transport against tiny real servers on 127.0.0.1 (the
+same tests for both: ``real_transport``; H1Transport's own pool and framing tests are in test_transport_h1.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import respx
 from aiohttp import web
 
 from therouter.errors import UpstreamBadResponse, UpstreamConnectError, UpstreamStreamError, UpstreamTimeout
-from therouter.providers._http import AiohttpTransport, HttpxTransport, UpstreamRequest, make_transport
+from therouter.providers._h1 import H1Transport
+from therouter.providers._http import AiohttpTransport, HttpxTransport, Transport, UpstreamRequest, make_transport
 
 URL = "http://upstream.test/v1/chat/completions"
 
@@ -36,9 +38,10 @@ async def httpx_transport() -> AsyncIterator[HttpxTransport]:
     await t.aclose()
 
 
-@pytest_asyncio.fixture(loop_scope="function")  # the loop the test runs in
-async def aiohttp_transport() -> AsyncIterator[AiohttpTransport]:
-    t = AiohttpTransport()
+@pytest_asyncio.fixture(loop_scope="function", params=["aiohttp", "h1"])
+async def real_transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
+    """The transports that talk to real sockets: one contract."""
+    t = make_transport(request.param, 512)
     yield t
     await t.aclose()
 
@@ -148,6 +151,7 @@ async def test_httpx_broken_stream_is_a_stream_error(httpx_transport: HttpxTrans
 
 def test_make_transport_kinds() -> None:
     assert isinstance(make_transport("aiohttp", 4), AiohttpTransport)
+    assert isinstance(make_transport("h1", 4), H1Transport)
     t = make_transport("httpx", 4)
     assert isinstance(t, HttpxTransport)
     asyncio.run(t.aclose())
@@ -164,17 +168,17 @@ def free_closed_port() -> int:
     return port
 
 
-async def test_aiohttp_connection_refused(aiohttp_transport: AiohttpTransport) -> None:
+async def test_real_connection_refused(real_transport: Transport) -> None:
     port = free_closed_port()
     t0 = time.monotonic()
     with pytest.raises(UpstreamConnectError) as ei:
-        await aiohttp_transport.send(req(f"http://127.0.0.1:{port}/v1/chat/completions"), connect=1,
+        await real_transport.send(req(f"http://127.0.0.1:{port}/v1/chat/completions"), connect=1,
                                      headers_timeout=2)
     assert ei.value.sent is False
     assert time.monotonic() - t0 < 1.0
 
 
-async def test_aiohttp_silent_server_times_out_within_headers_timeout(aiohttp_transport: AiohttpTransport) -> None:
+async def test_real_silent_server_times_out_within_headers_timeout(real_transport: Transport) -> None:
     accepted = asyncio.Event()
     writers: list[asyncio.StreamWriter] = []
 
@@ -188,7 +192,7 @@ async def test_aiohttp_silent_server_times_out_within_headers_timeout(aiohttp_tr
     try:
         t0 = time.monotonic()
         with pytest.raises(UpstreamTimeout) as ei:
-            await aiohttp_transport.send(req(f"http://127.0.0.1:{port}/v1/chat/completions"), connect=1,
+            await real_transport.send(req(f"http://127.0.0.1:{port}/v1/chat/completions"), connect=1,
                                          headers_timeout=0.3)
         elapsed = time.monotonic() - t0
         assert 0.25 <= elapsed < 1.0
@@ -201,7 +205,7 @@ async def test_aiohttp_silent_server_times_out_within_headers_timeout(aiohttp_tr
         await server.wait_closed()
 
 
-async def test_aiohttp_connect_timeout_is_a_connect_error(aiohttp_transport: AiohttpTransport) -> None:
+async def test_real_connect_timeout_is_a_connect_error(real_transport: Transport) -> None:
     """A host that never completes the TCP handshake: nothing was sent, so sent is False (not an UpstreamTimeout).
 
     The listener's accept queue is filled and never drained: Linux then drops further SYNs, so connect() hangs.
@@ -232,7 +236,7 @@ async def test_aiohttp_connect_timeout_is_a_connect_error(aiohttp_transport: Aio
             probe.close()
         t0 = time.monotonic()
         with pytest.raises(UpstreamConnectError) as ei:
-            await aiohttp_transport.send(req(f"http://127.0.0.1:{port}/v1/chat/completions"), connect=0.2,
+            await real_transport.send(req(f"http://127.0.0.1:{port}/v1/chat/completions"), connect=0.2,
                                          headers_timeout=3)
         assert ei.value.sent is False
         assert time.monotonic() - t0 < 1.5
@@ -265,7 +269,7 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, int]:
     return runner, port
 
 
-async def test_aiohttp_redirect_not_followed_and_stream_incremental(aiohttp_transport: AiohttpTransport) -> None:
+async def test_real_redirect_not_followed_and_stream_incremental(real_transport: Transport) -> None:
     release = asyncio.Event()
     seen: list[str] = []
 
@@ -293,13 +297,13 @@ async def test_aiohttp_redirect_not_followed_and_stream_incremental(aiohttp_tran
     app.router.add_post("/v1/stream", stream)
     runner, port = await _serve(app)
     try:
-        resp = await aiohttp_transport.send(req(f"http://127.0.0.1:{port}/v1/redirect"), connect=1, headers_timeout=2)
+        resp = await real_transport.send(req(f"http://127.0.0.1:{port}/v1/redirect"), connect=1, headers_timeout=2)
         assert resp.status == 302
         assert resp.headers["location"].endswith("/v1/elsewhere")
         await resp.close()
         assert seen == ["redirect"]
 
-        resp = await aiohttp_transport.send(req(f"http://127.0.0.1:{port}/v1/stream"), connect=1, headers_timeout=2)
+        resp = await real_transport.send(req(f"http://127.0.0.1:{port}/v1/stream"), connect=1, headers_timeout=2)
         assert resp.status == 200
         assert seen[-1] == "Bearer sk-ours"
         it = resp.chunks().__aiter__()
@@ -351,7 +355,7 @@ async def test_httpx_unknown_encoding_is_a_provider_fault(httpx_transport: Httpx
     await resp.close()
 
 
-async def test_aiohttp_leaves_decoding_to_us(aiohttp_transport: AiohttpTransport) -> None:
+async def test_real_leaves_decoding_to_us(real_transport: Transport) -> None:
     seen: list[str] = []
     body = gzip.compress(b"data: 1\n\n" * 1000)
 
@@ -370,13 +374,13 @@ async def test_aiohttp_leaves_decoding_to_us(aiohttp_transport: AiohttpTransport
     try:
         r = req(f"http://127.0.0.1:{port}/v1/gz")
         r.headers["accept-encoding"] = "br, zstd"  # whatever a caller put there, we only ask for what we decode
-        resp = await aiohttp_transport.send(r, connect=1, headers_timeout=2)
+        resp = await real_transport.send(r, connect=1, headers_timeout=2)
         got = [c async for c in resp.chunks()]
         assert b"".join(got) == b"data: 1\n\n" * 1000
         await resp.close()
         assert seen == ["gzip, deflate"]
 
-        resp = await aiohttp_transport.send(req(f"http://127.0.0.1:{port}/v1/bomb"), connect=1, headers_timeout=2)
+        resp = await real_transport.send(req(f"http://127.0.0.1:{port}/v1/bomb"), connect=1, headers_timeout=2)
         with pytest.raises(UpstreamBadResponse) as ei:
             await resp.read(1024 * 1024)
         assert ei.value.code == "upstream_response_too_large"
@@ -385,11 +389,11 @@ async def test_aiohttp_leaves_decoding_to_us(aiohttp_transport: AiohttpTransport
         await runner.cleanup()
 
 
-async def test_transport_errors_keep_foreign_text_out_of_the_message(aiohttp_transport: AiohttpTransport) -> None:
+async def test_transport_errors_keep_foreign_text_out_of_the_message(real_transport: Transport) -> None:
     """An OS error names the address it failed on: that goes to detail (log, record), never to message."""
     port = free_closed_port()
     with pytest.raises(UpstreamConnectError) as ei:
-        await aiohttp_transport.send(req(f"http://127.0.0.1:{port}/v1/chat/completions"), connect=1,
+        await real_transport.send(req(f"http://127.0.0.1:{port}/v1/chat/completions"), connect=1,
                                      headers_timeout=2)
     assert "127.0.0.1" not in ei.value.message and str(port) not in ei.value.message
     assert ei.value.detail
