@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || [ -x /usr/bin/redis-cli ] || missing+=(redis-tools)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # the TLS transport tests make their own certificate
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing ${missing[*]} (Debian packages)..."
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -376,10 +376,10 @@ class _Pool:
 
 
 class H1Transport(Transport):
-    def __init__(self, max_connections: int = 512) -> None:
+    def __init__(self, max_connections: int = 512, ssl_context: ssl.SSLContext | None = None) -> None:
         self._max = max_connections
         self._pool: _Pool | None = None
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context  # https: the system's trust store (ssl.create_default_context) unless given
 
     def _get(self) -> _Pool:
         pool = self._pool

@@ -7,7 +7,10 @@ connections, framing (chunked, close-delimited, Connection: close), a response n
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Self
 
 import pytest
@@ -23,8 +26,9 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Await
 class Server:
     """A raw HTTP/1.1 server: ``handler`` runs per connection; what arrived is recorded."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, tls: ssl.SSLContext | None = None) -> None:
         self.handler = handler
+        self.tls = tls
         self.connections = 0
         self.requests: list[tuple[int, bytes, bytes]] = []  # (connection number, head, body)
         self.closed_by_client = 0
@@ -33,7 +37,7 @@ class Server:
         self._writers: list[asyncio.StreamWriter] = []
 
     async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -70,7 +74,7 @@ class Server:
         return True
 
     def url(self, path: str = "/v1/chat/completions") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{path}"
 
 
 def ok(body: bytes = b'{"ok":true}', extra: str = "") -> bytes:
@@ -510,3 +514,34 @@ async def test_waiting_for_a_slot_is_bounded_by_the_headers_timeout() -> None:
         assert srv.connections == 1 and len(srv.requests) == 2
     finally:
         await t.aclose()
+
+
+def _certificate(tmp: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (openssl, which the test command installs)."""
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+async def test_https_verifies_the_server_and_keeps_the_connection_alive(tmp_path: Path) -> None:
+    cert, key = _certificate(tmp_path)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    async with Server(keep_alive, tls=server_tls) as srv:
+        trusting = H1Transport(4, ssl_context=ssl.create_default_context(cafile=str(cert)))
+        try:
+            assert await roundtrip(trusting, srv.url()) == (200, b'{"ok":true}')
+            assert await roundtrip(trusting, srv.url()) == (200, b'{"ok":true}')
+            assert srv.connections == 1 and len(srv.requests) == 2
+            assert srv.requests[0][1].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        finally:
+            await trusting.aclose()
+        system = H1Transport(4)  # the system's trust store does not know a self-signed certificate
+        try:
+            with pytest.raises(UpstreamConnectError) as e:
+                await roundtrip(system, srv.url())
+            assert "CERTIFICATE_VERIFY_FAILED" in (e.value.detail or "") and not e.value.sent
+        finally:
+            await system.aclose()
