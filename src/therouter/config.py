@@ -53,7 +53,7 @@ class ServerConfig(_Strict):
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_header_bytes: int = Field(64 * 1024, ge=1024)  # all request headers together (names + values): else 431
     max_json_depth: int = Field(64, ge=4, le=1024)
-    upstream_client: Literal["aiohttp", "httpx", "h1"] = "aiohttp"
+    upstream_client: Literal["aiohttp", "httpx", "h1"] = "h1"
     # an upstream SSE line / event, and a non-stream upstream body (after content-decoding), over these end the
     # attempt as a provider fault; the gateway never holds more of them in memory
     max_upstream_event_bytes: int = Field(1024 * 1024, ge=1024)

@@ -2,12 +2,12 @@
 
 Three interchangeable transports sit behind :class:`Transport`:
 
-- :class:`AiohttpTransport` (default): an aiohttp ``ClientSession`` per provider; roughly 10x the throughput of httpx's
-  pool on this class of machine.
-- :class:`HttpxTransport`: ``httpx.AsyncClient``; used where respx serves best (adapter unit tests) and available by
-  config (``server.upstream_client: httpx``).
-- :class:`~therouter.providers._h1.H1Transport`: a lean HTTP/1.1 client on raw asyncio + httptools
-  (``server.upstream_client: h1``), without aiohttp's per-request overhead.
+- :class:`~therouter.providers._h1.H1Transport` (default, ``server.upstream_client: h1``): a lean HTTP/1.1 client on
+  raw asyncio + httptools, ~4x cheaper per request than aiohttp's client (no task, header multidict or tracing hooks
+  per request).
+- :class:`AiohttpTransport` (``aiohttp``): an aiohttp ``ClientSession`` per provider; roughly 10x the throughput of
+  httpx's pool on this class of machine.
+- :class:`HttpxTransport` (``httpx``): ``httpx.AsyncClient``; used where respx serves best (adapter unit tests).
 
 Redirects are never followed. Content-encoding is undone here, by us (``_decode``), never by the client library, so
 a compressed body never inflates past the limit its reader sets. Responses are exposed as decoded byte chunks;
