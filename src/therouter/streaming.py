@@ -337,17 +337,11 @@ class ClientStream:
         outcome: Outcome = "client_cancelled"
         error: GatewayError | None = None
         try:
-            for b in self._first:
-                yield b
+            # the events one upstream read brought go to the client in one write, as a plain proxy relays a read (the
+            # first write: the gate's event and what came with it)
+            batch: list[bytes] = list(self._first)
             while True:
                 try:
-                    payload = await self.events.next_payload()
-                except StopAsyncIteration:
-                    break
-                # the events one upstream read brought go to the client in one write, as a plain proxy relays a read
-                batch: list[bytes] = []
-                try:
-                    self._take(payload, batch)
                     for payload in self.events.take_ready():  # already read: no wait
                         self._take(payload, batch)
                 except GatewayError:
@@ -356,6 +350,12 @@ class ClientStream:
                     raise
                 if batch:
                     yield b"".join(batch) if len(batch) > 1 else batch[0]
+                    batch = []
+                try:
+                    payload = await self.events.next_payload()
+                except StopAsyncIteration:
+                    break
+                self._take(payload, batch)
             if not self.rw.complete(self.events.saw_done):
                 raise UpstreamStreamError("upstream closed the stream before it finished", sent=True,
                                           code="upstream_cut")

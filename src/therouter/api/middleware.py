@@ -7,8 +7,8 @@ deliver the headers is bounded below ASGI, in the server's protocol (server.py).
 from __future__ import annotations
 
 import asyncio
+import os
 import re
-import uuid
 from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -66,7 +66,7 @@ class FrontDoor:
             await error_response(err, extra_headers={"Connection": "close"},
                                  anthropic=is_anthropic(path))(scope, receive, send)
             return
-        rid = rid or "req_" + uuid.uuid4().hex
+        rid = rid or "req_" + os.urandom(16).hex()
         scope.setdefault("state", {})["request_id"] = rid
         token = REQUEST_ID.set(rid)  # every log line written while this request is handled carries it
         try:
