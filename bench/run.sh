@@ -5,8 +5,5 @@
 # starts listens on loopback and is stopped by pid when it ends (Ctrl-C included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bench/install-deps.sh
-PY="${PYTHON:-python3}"
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[bench]' 2>&1 | { grep -v '^WARNING: Location' || true; }
+source bench/_setup.sh
 exec .venv/bin/python bench/run.py "$@"

@@ -33,7 +33,7 @@ import orjson
 
 from therouter.errors import GatewayError, InvalidRequest
 from therouter.providers._anthropic_request import REASONING_FORMAT
-from therouter.providers._anthropic_response import reasoning_entry
+from therouter.providers.anthropic import reasoning_entry
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                 "content_filter": "refusal"}

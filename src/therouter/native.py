@@ -30,7 +30,7 @@ import orjson
 from therouter.errors import GatewayError
 from therouter.protocol.usage import Usage
 from therouter.providers import Provider, UpstreamRequest
-from therouter.providers._anthropic_response import finish_reason, openai_usage
+from therouter.providers.anthropic import finish_reason, openai_usage
 from therouter.providers.events import parse_event
 from therouter.providers.wire import NativeRequest
 from therouter.routing.router import Candidate, Skip, SkipKind

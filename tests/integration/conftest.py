@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,18 @@ def gateway_config(redis_url: str, prefix: str, fakes: dict[str, Fake], data_dir
     }
 
 
+def own_config(redis_url: str, fakes: dict[str, Fake], tmp: Path, tag: str) -> dict[str, Any]:
+    """:func:`gateway_config` for a gateway of a module's own: a fresh key prefix (``tag`` + random), data under
+    ``tmp``."""
+    return gateway_config(redis_url, f"{tag}{uuid.uuid4().hex[:8]}:", fakes, tmp / "data")
+
+
+def anthropic_provider(claude: Fake) -> dict[str, Any]:
+    """The provider entry of a fake Anthropic upstream (its key in the gateway's ``TEST_ANTHROPIC_KEY``)."""
+    return {"kind": "anthropic", "base_url": claude.url, "api_key_env": "TEST_ANTHROPIC_KEY",
+            "timeouts": {"connect": 1, "first_token": 2, "idle": 2, "total": 20}}
+
+
 @dataclass
 class Gateway:
     url: str
@@ -175,14 +188,23 @@ def start_gateway(config: dict[str, Any], tmp: Path, extra_env: dict[str, str] |
     raise RuntimeError(f"gateway did not start: {log_path.read_text()}")
 
 
+@contextmanager
+def running(gw: Gateway, *own_fakes: Fake) -> Iterator[Gateway]:
+    """A started gateway (and fake upstreams of its own), stopped when the block ends: a fixture yields inside it."""
+    try:
+        yield gw
+    finally:
+        stop(gw.proc)
+        for f in own_fakes:
+            stop(f.proc)
+
+
 @pytest.fixture(scope="session")
 def gateway(redis_proc: RedisProcess, fakes: dict[str, Fake],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("gw")
-    prefix = f"it{uuid.uuid4().hex[:8]}:"
-    gw = start_gateway(gateway_config(redis_proc.url, prefix, fakes, tmp / "data"), tmp)
-    yield gw
-    stop(gw.proc)
+    with running(start_gateway(own_config(redis_proc.url, fakes, tmp, "it"), tmp)) as gw:
+        yield gw
 
 
 async def make_key(gw: Gateway, name: str = "test", **limits: Any) -> str:
@@ -224,6 +246,16 @@ def _clean_fakes(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def redis_url(redis_proc: RedisProcess) -> str:
     return redis_proc.url
+
+
+def wait_for(pred: Any, timeout: float = 5.0) -> Any:
+    """``pred()``'s first truthy value, polled every 50 ms; its last value once ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v or time.monotonic() > deadline:
+            return v
+        time.sleep(0.05)
 
 
 def post_raw(gw: Gateway, key: str, body: dict[str, Any]) -> socket.socket:

@@ -22,9 +22,9 @@ from tests.integration.conftest import (
     ADMIN_KEY,
     Fake,
     Gateway,
-    gateway_config,
+    own_config,
+    running,
     start_gateway,
-    stop,
 )
 from tests.integration.test_cli import therouter
 from therouter.redisproc import RedisProcess
@@ -37,10 +37,8 @@ HELLO = [{"role": "user", "content": "hi"}]
 def gw2(redis_proc: RedisProcess, fakes: dict[str, Fake], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """A gateway with two worker processes."""
     tmp = tmp_path_factory.mktemp("gw2")
-    gw = start_gateway(gateway_config(redis_proc.url, f"ak{uuid.uuid4().hex[:8]}:", fakes, tmp / "data"), tmp,
-                       workers=2)
-    yield gw
-    stop(gw.proc)
+    with running(start_gateway(own_config(redis_proc.url, fakes, tmp, "ak"), tmp, workers=2)) as gw:
+        yield gw
 
 
 def admin(gw: Gateway, method: str, path: str, body: Any = None, key: str | None = ADMIN_KEY) -> httpx.Response:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,12 @@ import pytest
 from tests.integration.conftest import (
     Fake,
     Gateway,
-    gateway_config,
+    anthropic_provider,
     make_key,
+    own_config,
+    running,
     start_fake,
     start_gateway,
-    stop,
 )
 from therouter.redisproc import RedisProcess
 
@@ -52,21 +52,17 @@ class Rig:
 def rig(redis_proc: RedisProcess, fakes: dict[str, Fake], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     tmp = tmp_path_factory.mktemp("messages")
     claude = start_fake("anthropic", ANTHROPIC_KEY, "--models", "*")
-    cfg = gateway_config(redis_proc.url, f"am{uuid.uuid4().hex[:8]}:", fakes, tmp / "data")
+    cfg = own_config(redis_proc.url, fakes, tmp, "am")
     cfg["models"]["deepseek/deepseek-v3.2"]["aliases"] = ["claude-*", "claude-haiku-exact"]
     cfg["models"]["selfhost/only-sglang"]["aliases"] = ["claude-haiku-*"]  # longer pattern: wins for haiku ids
-    cfg["providers"]["anthropic"] = {"kind": "anthropic", "base_url": claude.url, "api_key_env": "TEST_ANTHROPIC_KEY",
-                                     "timeouts": {"connect": 1, "first_token": 2, "idle": 2, "total": 20}}
+    cfg["providers"]["anthropic"] = anthropic_provider(claude)
     card = dict(cfg["models"]["selfhost/only-vllm"])
     cfg["models"]["anthropic/claude-test"] = {
         **card, "context_length": 200000, "max_output_tokens": 8192, "supported_parameters": ["max_tokens", "tools", "tool_choice", "stop", "temperature"],
         "deployments": [{"provider": "anthropic", "model": "claude-opus-4-7",
                          "capabilities": ["tools", "json_object", "reasoning"]}]}
-    gw = start_gateway(cfg, tmp, {"TEST_ANTHROPIC_KEY": ANTHROPIC_KEY})
-    key = asyncio.run(make_key(gw, "messages"))
-    yield Rig(gw, key, fakes, claude)
-    stop(gw.proc)
-    stop(claude.proc)
+    with running(start_gateway(cfg, tmp, {"TEST_ANTHROPIC_KEY": ANTHROPIC_KEY}), claude) as gw:
+        yield Rig(gw, asyncio.run(make_key(gw, "messages")), fakes, claude)
 
 
 def generation(rig: Rig, gen_id: str, key: str | None = None) -> dict[str, Any]:

@@ -23,11 +23,12 @@ import pytest
 from tests.integration.conftest import (
     Fake,
     Gateway,
-    gateway_config,
+    anthropic_provider,
     make_key,
+    own_config,
+    running,
     start_fake,
     start_gateway,
-    stop,
 )
 from therouter.fakeupstream.anthropic import signature
 from therouter.redisproc import RedisProcess
@@ -67,11 +68,10 @@ class Rig:
 def rig(redis_proc: RedisProcess, fakes: dict[str, Fake], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     tmp = tmp_path_factory.mktemp("native")
     claude = start_fake("anthropic", ANTHROPIC_KEY, "--models", "*")
-    cfg = gateway_config(redis_proc.url, f"nv{uuid.uuid4().hex[:8]}:", fakes, tmp / "data")
+    cfg = own_config(redis_proc.url, fakes, tmp, "nv")
     cfg["server"].update(log_format="json", metrics_token=METRICS_TOKEN)
     cfg["routing"] = {"breaker": {"consecutive_failures": 100}}  # failures on purpose never eject a deployment
-    cfg["providers"]["anthropic"] = {"kind": "anthropic", "base_url": claude.url, "api_key_env": "TEST_ANTHROPIC_KEY",
-                                     "timeouts": {"connect": 1, "first_token": 2, "idle": 2, "total": 20}}
+    cfg["providers"]["anthropic"] = anthropic_provider(claude)
     card = cfg["models"]["selfhost/only-vllm"]
     cfg["models"][CANONICAL] = {
         **card, "context_length": 200000, "max_output_tokens": 8192, "pricing": PRICES, "aliases": ["claude-native-*"],
@@ -81,10 +81,8 @@ def rig(redis_proc: RedisProcess, fakes: dict[str, Fake], tmp_path_factory: pyte
              "capabilities": ["tools", "json_object", "reasoning"]},
             {"provider": "vllm-local", "model": "deepseek-ai/DeepSeek-V3.2", "priority": 1,
              "capabilities": ["tools", "json_object"]}]}
-    gw = start_gateway(cfg, tmp, {"TEST_ANTHROPIC_KEY": ANTHROPIC_KEY})
-    yield Rig(gw, claude, fakes["vllm"])
-    stop(gw.proc)
-    stop(claude.proc)
+    with running(start_gateway(cfg, tmp, {"TEST_ANTHROPIC_KEY": ANTHROPIC_KEY}), claude) as gw:
+        yield Rig(gw, claude, fakes["vllm"])
 
 
 @pytest.fixture(autouse=True)

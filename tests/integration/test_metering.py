@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     read_events,
     start_gateway,
     stop,
+    wait_for,
 )
 from therouter.config import StoreConfig
 from therouter.redisproc import RedisProcess
@@ -88,15 +89,6 @@ def key_info(gw: Gateway, key: str) -> dict[str, Any]:
     r = httpx.get(gw.v1 + "/key", headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 200, r.text
     return r.json()["data"]  # type: ignore[no-any-return]
-
-
-def wait_for(pred: Any, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v or time.monotonic() > deadline:
-            return v
-        time.sleep(0.05)
 
 
 def test_generation_record_and_exact_cost(client: openai.OpenAI, gateway: Gateway, api_key: str,

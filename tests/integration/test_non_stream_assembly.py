@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import Fake, Gateway, make_key, start_gateway, stop
+from tests.integration.conftest import Fake, Gateway, make_key, running, start_gateway, wait_for
 from therouter.redisproc import RedisProcess
 
 T = {"connect": 1, "first_token": 2, "idle": 2, "total": 20}
@@ -73,9 +73,8 @@ def gw(redis_proc: RedisProcess, fakes: dict[str, Fake], tmp_path_factory: pytes
         "store": {"redis_url": redis_proc.url, "key_prefix": f"asm{uuid.uuid4().hex[:8]}:"},
         "data_dir": str(tmp / "data"), "providers": providers, "models": models,
     }
-    g = start_gateway(cfg, tmp)
-    yield g
-    stop(g.proc)
+    with running(start_gateway(cfg, tmp)) as g:
+        yield g
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +89,6 @@ def post(gw: Gateway, key: str, path: str, body: dict[str, Any]) -> httpx.Respon
 def record(gw: Gateway, key: str, **query: str) -> dict[str, Any] | None:
     r = httpx.get(gw.v1 + "/generation", params=query, headers={"Authorization": f"Bearer {key}"}, timeout=5)
     return r.json()["data"] if r.status_code == 200 else None  # type: ignore[no-any-return]
-
-
-def wait_for(pred: Any, timeout: float = 8.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v or time.monotonic() > deadline:
-            return v
-        time.sleep(0.05)
 
 
 def comparable(answer: dict[str, Any], flavor: str) -> dict[str, Any]:
@@ -207,12 +197,12 @@ def test_a_non_stream_client_that_leaves_is_billed_what_was_produced(gw: Gateway
     fakes["deepseek"].reset()
     rid = "leave-" + uuid.uuid4().hex[:8]
     _send_and_leave(gw, key, {"model": "eq/deepseek-stream", "messages": HELLO}, rid, after=1.0)
-    rec = wait_for(lambda: record(gw, key, request_id=rid))
+    rec = wait_for(lambda: record(gw, key, request_id=rid), 8)
     assert rec, "the request was never metered"
     assert rec["outcome"] == "client_cancelled" and rec["stream"] is False
     assert 0 < rec["usage"]["completion_tokens"] < chunks  # what was produced, not the whole answer, not nothing
     assert rec["usage"]["estimated"] is True and rec["cost_nano"] > 0
-    last = wait_for(lambda: [e for e in fakes["deepseek"].stats()["log"] if e.get("t_end")])[-1]
+    last = wait_for(lambda: [e for e in fakes["deepseek"].stats()["log"] if e.get("t_end")], 8)[-1]
     assert last["closed_by"] == "client" and last["tokens_sent"] < chunks  # the upstream was closed, not finished
 
 
@@ -224,9 +214,9 @@ def test_a_passthrough_hosted_answer_still_finishes_when_its_client_leaves(gw: G
     fakes["deepseek"].reset()
     rid = "finish-" + uuid.uuid4().hex[:8]
     _send_and_leave(gw, key, {"model": "eq/deepseek-pass", "messages": HELLO}, rid, after=0.4)
-    rec = wait_for(lambda: record(gw, key, request_id=rid))
+    rec = wait_for(lambda: record(gw, key, request_id=rid), 8)
     assert rec and rec["outcome"] == "completed" and rec["usage"]["completion_tokens"] == 8
-    last = wait_for(lambda: [e for e in fakes["deepseek"].stats()["log"] if e.get("t_end")])[-1]
+    last = wait_for(lambda: [e for e in fakes["deepseek"].stats()["log"] if e.get("t_end")], 8)[-1]
     assert last["closed_by"] == "server"
 
 

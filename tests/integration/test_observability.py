@@ -20,10 +20,10 @@ from tests.integration.conftest import (
     CANARY,
     Fake,
     Gateway,
-    gateway_config,
     make_key,
+    own_config,
+    running,
     start_gateway,
-    stop,
 )
 from therouter.redisproc import RedisProcess
 
@@ -37,11 +37,10 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 @pytest.fixture(scope="module")
 def gw2(redis_proc: RedisProcess, fakes: dict[str, Fake], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("obs")
-    cfg = gateway_config(redis_proc.url, f"obs{uuid.uuid4().hex[:8]}:", fakes, tmp / "data")
+    cfg = own_config(redis_proc.url, fakes, tmp, "obs")
     cfg["server"].update(log_format="json", metrics_token=METRICS_TOKEN)
-    gw = start_gateway(cfg, tmp, workers=2)
-    yield gw
-    stop(gw.proc)
+    with running(start_gateway(cfg, tmp, workers=2)) as gw:
+        yield gw
 
 
 def scrape(gw: Gateway) -> Samples:

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import ADMIN_KEY, CANARY, Fake, Gateway, make_key, stop
+from tests.integration.conftest import ADMIN_KEY, CANARY, Fake, Gateway, make_key, running
 from tests.integration.routing_helpers import (
     HELLO,
     admin,
@@ -81,12 +81,9 @@ def rig(redis_proc: RedisProcess, tmp_path_factory: pytest.TempPathFactory) -> I
         "r/first": [{"provider": "ds-models"}],
         "r/second": [{"provider": "vl-models"}],
     }
-    gw = start_routed_gateway(config(redis_proc.url, tmp / "data", providers, models), tmp, OPTIONS)
-    key = asyncio.run(make_key(gw, "routing"))
-    yield Rig(gw, key, ds, v1, v2, sg)
-    stop(gw.proc)
-    for f in (ds, v1, v2, sg):
-        stop(f.proc)
+    with running(start_routed_gateway(config(redis_proc.url, tmp / "data", providers, models), tmp, OPTIONS),
+                 ds, v1, v2, sg) as gw:
+        yield Rig(gw, asyncio.run(make_key(gw, "routing")), ds, v1, v2, sg)
 
 
 @pytest.fixture(autouse=True)

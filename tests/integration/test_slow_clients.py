@@ -9,7 +9,6 @@ import json
 import select
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,10 +19,10 @@ import pytest
 from tests.integration.conftest import (
     Fake,
     Gateway,
-    gateway_config,
     make_key,
+    own_config,
+    running,
     start_gateway,
-    stop,
 )
 from therouter.redisproc import RedisProcess
 
@@ -36,12 +35,11 @@ HEADER_TIMEOUT, BODY_TIMEOUT, MAX_CONCURRENCY = 1.0, 2.0, 3
 def slow_gw(redis_proc: RedisProcess, fakes: dict[str, Fake],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("slow")
-    cfg = gateway_config(redis_proc.url, f"sc{uuid.uuid4().hex[:8]}:", fakes, tmp / "data")
+    cfg = own_config(redis_proc.url, fakes, tmp, "sc")
     cfg["server"].update(header_timeout=HEADER_TIMEOUT, body_timeout=BODY_TIMEOUT, max_concurrency=MAX_CONCURRENCY)
     cfg["providers"]["deepseek"]["timeouts"] = {"connect": 1, "first_token": 20, "idle": 20, "total": 30}
-    gw = start_gateway(cfg, tmp)
-    yield gw
-    stop(gw.proc)
+    with running(start_gateway(cfg, tmp)) as gw:
+        yield gw
 
 
 @pytest.fixture(scope="module")

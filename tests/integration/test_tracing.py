@@ -21,10 +21,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from tests.integration.conftest import (
     Fake,
     Gateway,
-    gateway_config,
     make_key,
+    own_config,
+    running,
     start_gateway,
-    stop,
 )
 from therouter.redisproc import RedisProcess
 
@@ -82,10 +82,10 @@ def traced(redis_proc: RedisProcess, fakes: dict[str, Fake],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Receiver]]:
     rx = Receiver()
     tmp = tmp_path_factory.mktemp("otel")
-    cfg = gateway_config(redis_proc.url, f"otel{uuid.uuid4().hex[:8]}:", fakes, tmp / "data")
-    gw = start_gateway(cfg, tmp, extra_env={"OTEL_EXPORTER_OTLP_ENDPOINT": rx.url, "OTEL_BSP_SCHEDULE_DELAY": "100"})
-    yield gw, rx
-    stop(gw.proc)
+    cfg = own_config(redis_proc.url, fakes, tmp, "otel")
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": rx.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    with running(start_gateway(cfg, tmp, extra_env=env)) as gw:
+        yield gw, rx
     rx.close()
 
 

@@ -10,27 +10,23 @@ and after, with generous slack (the limits here are 256 KiB per event and 4 MiB 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
 
-from tests.integration.conftest import Fake, Gateway, make_key, stop
+from tests.integration.conftest import Fake, Gateway
 from tests.integration.upstream_helpers import (
     BODY_LIMIT,
     EVENT_LIMIT,
     MODEL,
     error_event,
+    module_fixtures,
     peak_rss_kib,
     provider_report,
     record,
-    reset_routing,
-    start_own_gateway,
     stream_raw,
 )
 from therouter.fakeupstream import config as fake_config
-from therouter.redisproc import RedisProcess
 
 HELLO = [{"role": "user", "content": "hello there"}]
 SHAPES = list(fake_config.SHAPES)  # choices 5, a choice / delta / tool call that is not an object, tool_calls 5,
@@ -38,22 +34,7 @@ SHAPES = list(fake_config.SHAPES)  # choices 5, a choice / delta / tool call tha
 SLACK_KIB = 48 * 1024  # ~10x what bounded reads take here, far below inflating a bomb or buffering a 64 MiB line
 
 
-@pytest.fixture(scope="module")
-def gw(redis_proc: RedisProcess, fakes: dict[str, Fake], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    g = start_own_gateway(redis_proc.url, fakes, Path(tmp_path_factory.mktemp("upstream-misbehaving")))
-    yield g
-    stop(g.proc)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_routing(gw: Gateway) -> Iterator[None]:
-    yield
-    reset_routing(gw)  # these faults count toward deepseek's circuit; each test starts as after an operator's reset
-
-
-@pytest.fixture
-async def key(gw: Gateway) -> str:
-    return await make_key(gw, "upstream-misbehaving")
+gw, _fresh_routing, key = module_fixtures("upstream-misbehaving")
 
 
 def sdk(gw: Gateway, key: str) -> openai.OpenAI:

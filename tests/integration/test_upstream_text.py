@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
 import yaml
 
-from tests.integration.conftest import Fake, Gateway, make_key, stop
+from tests.integration.conftest import Fake, Gateway
 from tests.integration.upstream_helpers import (
     ECHO_PATH,
     ECHO_PEER,
@@ -26,32 +24,14 @@ from tests.integration.upstream_helpers import (
     UNHEALTHY_MODEL,
     error_event,
     leaks,
+    module_fixtures,
     provider_report,
     record,
-    reset_routing,
     secrets_in,
-    start_own_gateway,
     stream_raw,
 )
-from therouter.redisproc import RedisProcess
 
-
-@pytest.fixture(scope="module")
-def gw(redis_proc: RedisProcess, fakes: dict[str, Fake], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    g = start_own_gateway(redis_proc.url, fakes, Path(tmp_path_factory.mktemp("upstream-text")))
-    yield g
-    stop(g.proc)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_routing(gw: Gateway) -> Iterator[None]:
-    yield
-    reset_routing(gw)  # failures here count toward circuits; each test starts as after an operator's reset
-
-
-@pytest.fixture
-async def key(gw: Gateway) -> str:
-    return await make_key(gw, "upstream-text")
+gw, _fresh_routing, key = module_fixtures("upstream-text")
 
 
 def sdk(gw: Gateway, key: str) -> openai.OpenAI:

@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import base64
 import json
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+import pytest
 
 from tests.integration.conftest import (
     ADMIN_KEY,
     CANARY,
     Fake,
     Gateway,
-    gateway_config,
+    make_key,
+    own_config,
+    running,
     start_gateway,
 )
+from therouter.redisproc import RedisProcess
 
 MODEL = "deepseek/deepseek-v3.2"  # deepseek (CANARY key) first, then vllm-local, then sglang-local
 NOWHERE_MODEL = "test/only-nowhere"  # one deployment on a closed port, no health check: every request tries it
@@ -33,7 +37,7 @@ ECHO_PEER = "10.20.30.40:8000"
 
 
 def start_own_gateway(redis_url: str, fakes: dict[str, Fake], tmp: Path) -> Gateway:
-    cfg = gateway_config(redis_url, f"up{uuid.uuid4().hex[:8]}:", fakes, tmp / "data")
+    cfg = own_config(redis_url, fakes, tmp, "up")
     cfg["server"]["max_upstream_event_bytes"] = EVENT_LIMIT
     cfg["server"]["max_upstream_body_bytes"] = BODY_LIMIT
     # the non-stream cases here are about the passthrough body reader (answers assembled from a stream are read as
@@ -46,6 +50,29 @@ def start_own_gateway(redis_url: str, fakes: dict[str, Fake], tmp: Path) -> Gate
     cfg["models"][NOWHERE_MODEL] = {**card, "deployments": [{"provider": "nowhere-hosted", "model": "m"}]}
     cfg["models"][UNHEALTHY_MODEL] = {**card, "deployments": [{"provider": "nowhere", "model": "m"}]}
     return start_gateway(cfg, tmp)
+
+
+def module_fixtures(name: str) -> tuple[Any, Any, Any]:
+    """The fixtures of an upstream test module, as ``gw, _fresh_routing, key = module_fixtures(NAME)``: the
+    module's own gateway (:func:`start_own_gateway`); each test starts as after an operator's reset of every
+    provider (the faults count toward circuits); a new key per test."""
+
+    @pytest.fixture(scope="module")
+    def gw(redis_proc: RedisProcess, fakes: dict[str, Fake],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+        with running(start_own_gateway(redis_proc.url, fakes, tmp_path_factory.mktemp(name))) as g:
+            yield g
+
+    @pytest.fixture(autouse=True)
+    def _fresh_routing(gw: Gateway) -> Iterator[None]:
+        yield
+        reset_routing(gw)
+
+    @pytest.fixture
+    async def key(gw: Gateway) -> str:
+        return await make_key(gw, name)
+
+    return gw, _fresh_routing, key
 
 
 def leaks(client_key: str) -> list[str]:

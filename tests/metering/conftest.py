@@ -47,8 +47,8 @@ def backend(request: pytest.FixtureRequest, redis_proc: RedisProcess) -> Backend
 
 @pytest.fixture
 async def store(request: pytest.FixtureRequest, backend: Backend, key_prefix: str) -> AsyncIterator[Store]:
-    # @pytest.mark.store_config(...): a test about something else than timeouts may widen the 0.25 s socket timeout,
-    # so a stall of a busy test process is not mistaken for an outage
+    # @pytest.mark.store_config(...): a test about something else than timeouts may widen them (socket_timeout,
+    # pool_timeout), so a stall of a busy test process is not mistaken for an outage
     marker = request.node.get_closest_marker("store_config")
     s = Store(StoreConfig(redis_url=backend.url, key_prefix=key_prefix, **(marker.kwargs if marker else {})))
     assert s.cluster == (backend.kind == "cluster")

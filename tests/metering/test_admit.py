@@ -51,24 +51,20 @@ async def test_key_without_budget_or_limits_takes_the_fast_path(meter: Meter, ma
     assert (await meter.key_summary(key))["requests"] == 1
 
 
-@pytest.mark.store_config(socket_timeout=5.0)  # atomicity under concurrency, not timeouts: a timed-out admission
-# may have reserved (its reply lost), which would make the count below depend on the machine's load
+# atomicity under concurrency, not queueing: on a cluster 32 admissions (max_connections) run at once and the other 18
+# queue for a slot; one still queued after pool_timeout (1 s) is answered StoreUnavailable without running. The wave
+# takes ~0.1 s on an idle machine, so a test process slowed ~10x late in a full run got there; a wide pool_timeout
+# keeps the count exact. (A single node sends the 50 admissions in one pipeline: nothing queues there.)
+@pytest.mark.store_config(pool_timeout=30.0)
 async def test_fifty_parallel_admits_fit_exactly_ten(meter: Meter, make_key: MakeKey) -> None:
     key = make_key(budget_nano=10 * RESERVE)  # a brand-new key: no counter exists yet
     results = await asyncio.gather(*(meter.admit(key, "deepseek-chat", 1000, 1000, gen()) for _ in range(50)),
                                    return_exceptions=True)
     admitted = [r for r in results if not isinstance(r, BaseException)]
     refused = [r for r in results if isinstance(r, BudgetExceeded)]
-    # a store outage answer is the one other outcome allowed (seen on the cluster late in a full CI run): the budget
-    # must hold all the same -- never more admitted or reserved than it covers
-    unavailable = [r for r in results if isinstance(r, StoreUnavailable)]
-    assert len(admitted) + len(refused) + len(unavailable) == 50
+    assert (len(admitted), len(refused)) == (10, 40)
     s = await meter.key_summary(key)
-    if not unavailable:
-        assert (len(admitted), len(refused)) == (10, 40)
-        assert (s["reserved_nano"], s["budget_left_nano"]) == (10 * RESERVE, 0)
-    assert len(admitted) <= 10
-    assert len(admitted) * RESERVE <= s["reserved_nano"] <= 10 * RESERVE and s["budget_left_nano"] >= 0
+    assert (s["reserved_nano"], s["budget_left_nano"]) == (10 * RESERVE, 0)
     assert refused[0].status == 402 and refused[0].headers["x-should-retry"] == "false"
     assert "$0.00 left of $0.007 for the total budget" in refused[0].message
 

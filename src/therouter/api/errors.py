@@ -51,10 +51,6 @@ def error_response(err: GatewayError, request_id: str | None = None,
                     media_type="application/json")
 
 
-def sse_error_event(err: GatewayError) -> bytes:
-    return b"data: " + orjson.dumps(err.body()) + b"\n\n"
-
-
 def install(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway(request: Request, exc: GatewayError) -> Response:

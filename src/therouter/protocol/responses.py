@@ -29,7 +29,9 @@ class ErrorResponse:
 
 @dataclass(slots=True)
 class ChatCompletionChunk:
-    """A chunk the gateway writes itself: the final usage chunk (``choices: []``), OpenAI's way."""
+    """A chunk the gateway writes itself: the final usage chunk (``choices: []``), OpenAI's way. orjson writes the
+    fields in declaration order, which is the wire order here and differs from :class:`Identity`'s, and streaming
+    builds it positionally: so it declares its own fields."""
 
     id: str
     object: str
@@ -56,15 +58,11 @@ class Identity:
 
 
 @dataclass(slots=True)
-class ChatCompletion:
+class ChatCompletion(Identity):
     """A non-stream answer (chat.completion or text_completion): the upstream's body with our identity and usage.
-    Fields the upstream added and we do not know pass through (``extra``)."""
+    Fields the upstream added and we do not know pass through (``extra``). Built by keyword only; :meth:`to_json`
+    writes the fields in OpenAI's order, not the declaration order."""
 
-    id: str
-    object: str
-    created: int
-    model: str
-    provider: str
     choices: list[Any]
     usage: dict[str, Any]
     extra: dict[str, Any]

@@ -23,11 +23,21 @@ import orjson
 from therouter.config import Deployment
 from therouter.errors import GatewayError, InvalidRequest, UpstreamBadResponse
 from therouter.providers._anthropic_request import DEFAULT_MAX_TOKENS, build_body
-from therouter.providers._anthropic_response import AnthropicStream, to_completion
+from therouter.providers._anthropic_response import (
+           AnthropicStream,
+           finish_reason,
+           openai_usage,
+           reasoning_entry,
+           to_completion,
+)
 from therouter.providers._http import UpstreamRequest, error_from_upstream
 from therouter.providers._sanitize import MAX_INPUT
 from therouter.providers.base import Provider, StreamTranslator
 from therouter.providers.wire import FORWARDED_HEADERS, NativeRequest
+
+# the translation helpers the Messages surface (therouter.native, anthropic_surface) uses are re-exported here
+__all__ = ["ANTHROPIC_VERSION", "ERROR_STATUS", "AnthropicProvider", "finish_reason", "openai_usage",
+           "reasoning_entry"]
 
 ANTHROPIC_VERSION = "2023-06-01"
 # Anthropic's error type -> the HTTP status it comes with (what an in-stream error event is read as)

@@ -31,41 +31,36 @@ def check_chunk(obj: dict[str, Any]) -> None:
     if choices is not None:
         if not isinstance(choices, list):
             raise bad_shape(f"chunk choices is {_kind(choices)}, not a list")
-        for ch in choices:
-            if not isinstance(ch, dict):
-                raise bad_shape(f"a chunk choice is {_kind(ch)}, not an object")
-            delta = ch.get("delta")
-            if delta is not None:
-                if not isinstance(delta, dict):
-                    raise bad_shape(f"delta is {_kind(delta)}, not an object")
-                _check_message(delta, "delta", function_required=False)
-            _check_choice(ch)
-    usage = obj.get("usage")
-    if usage is not None and not isinstance(usage, dict):
-        raise bad_shape(f"chunk usage is {_kind(usage)}, not an object")
+        _check_choices(choices, "a chunk choice", "delta")
+    _check_usage(obj.get("usage"), "chunk usage")
 
 
 def check_completion(obj: dict[str, Any]) -> None:
     """A non-stream answer (already known to be an object with a ``choices`` list)."""
-    for ch in obj["choices"]:
+    _check_choices(obj["choices"], "a choice", "message")
+    _check_usage(obj.get("usage"), "usage")
+
+
+def _check_choices(choices: list[Any], label: str, where: str) -> None:
+    """Each choice an object; its ``where`` (``delta`` in a chunk, ``message`` in an answer) an object of the right
+    shape when present; its ``text`` and ``finish_reason`` strings when present."""
+    for ch in choices:
         if not isinstance(ch, dict):
-            raise bad_shape(f"a choice is {_kind(ch)}, not an object")
-        msg = ch.get("message")
-        if msg is not None:
-            if not isinstance(msg, dict):
-                raise bad_shape(f"message is {_kind(msg)}, not an object")
-            _check_message(msg, "message", function_required=True)
-        _check_choice(ch)
-    usage = obj.get("usage")
+            raise bad_shape(f"{label} is {_kind(ch)}, not an object")
+        part = ch.get(where)
+        if part is not None:
+            if not isinstance(part, dict):
+                raise bad_shape(f"{where} is {_kind(part)}, not an object")
+            _check_message(part, where, function_required=where == "message")
+        for k in ("text", "finish_reason"):
+            v = ch.get(k)
+            if v is not None and not isinstance(v, str):
+                raise bad_shape(f"choice {k} is {_kind(v)}, not a string")
+
+
+def _check_usage(usage: Any, label: str) -> None:
     if usage is not None and not isinstance(usage, dict):
-        raise bad_shape(f"usage is {_kind(usage)}, not an object")
-
-
-def _check_choice(ch: dict[str, Any]) -> None:
-    for k in ("text", "finish_reason"):
-        v = ch.get(k)
-        if v is not None and not isinstance(v, str):
-            raise bad_shape(f"choice {k} is {_kind(v)}, not a string")
+        raise bad_shape(f"{label} is {_kind(usage)}, not an object")
 
 
 def _check_message(msg: dict[str, Any], where: str, *, function_required: bool) -> None:
