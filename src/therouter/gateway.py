@@ -366,7 +366,8 @@ class Gateway:
                     ch["message"].pop("reasoning_content", None)
         u = usage.to_openai(obj.get("usage") if isinstance(obj.get("usage"), dict) else None)
         u["cost"] = cost_fragment(cost)
-        who = Identity(call.gen_id, cand.model_id, cand.name, call.created, call.endpoint.object)
+        who = Identity(id=call.gen_id, object=call.endpoint.object, created=call.created, model=cand.model_id,
+                       provider=cand.name)
         answer = JSONAnswer(ChatCompletion.from_upstream(obj, who, u).to_json(), self._headers(call, cand))
         self._observe(call, cand, 200, "completed", usage, cost)
         return answer

@@ -261,8 +261,9 @@ class ChunkRewriter(UsageTap):
     def usage_event(self, usage: Usage, cost: dict[str, Any]) -> bytes:
         body = usage.to_openai(self.usage_raw)
         body.update(cost)
-        return sse.encode_raw(ChatCompletionChunk(self.gen_id, self.object, self.created, self.model,
-                                                  self.provider.name, [], body).to_json())
+        return sse.encode_raw(ChatCompletionChunk(id=self.gen_id, object=self.object, created=self.created,
+                                                  model=self.model, provider=self.provider.name, choices=[],
+                                                  usage=body).to_json())
 
 
 def _strip_reasoning(choices: list[Any]) -> bool:

@@ -27,17 +27,23 @@ class ErrorResponse:
         return orjson.dumps(self)
 
 
-@dataclass(slots=True)
-class ChatCompletionChunk:
-    """A chunk the gateway writes itself: the final usage chunk (``choices: []``), OpenAI's way. orjson writes the
-    fields in declaration order, which is the wire order here and differs from :class:`Identity`'s, and streaming
-    builds it positionally: so it declares its own fields."""
+@dataclass(slots=True, kw_only=True)
+class Identity:
+    """The fields the gateway owns in every answer and chunk: our generation id, the endpoint's ``object``, the
+    request's ``created``, the public model and the provider's config name (declared in OpenAI's wire order)."""
 
     id: str
     object: str
     created: int
     model: str
     provider: str
+
+
+@dataclass(slots=True, kw_only=True)
+class ChatCompletionChunk(Identity):
+    """A chunk the gateway writes itself: the final usage chunk (``choices: []``), OpenAI's way (orjson writes the
+    fields in declaration order: the identity, then these)."""
+
     choices: list[Any]
     usage: dict[str, Any] | None = None
 
@@ -45,19 +51,7 @@ class ChatCompletionChunk:
         return orjson.dumps(self)
 
 
-@dataclass(slots=True)
-class Identity:
-    """The fields the gateway owns in every answer and chunk: our generation id, the public model, the provider's
-    config name (and, for chunks, the request's ``created`` and the endpoint's ``object``)."""
-
-    id: str
-    model: str
-    provider: str
-    created: int
-    object: str
-
-
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class ChatCompletion(Identity):
     """A non-stream answer (chat.completion or text_completion): the upstream's body with our identity and usage.
     Fields the upstream added and we do not know pass through (``extra``). Built by keyword only; :meth:`to_json`
