@@ -304,6 +304,7 @@ class ClientStream:
         self._cost = cost  # nano-USD -> the JSON value of usage.cost
         self._started = False
         self._done: asyncio.Future[tuple[Usage, int]] | None = None
+        self.ended = False  # the chunk just yielded is the stream's last (the response can end with it)
         self._gen = self._relay()
 
     def __aiter__(self) -> ClientStream:
@@ -368,10 +369,12 @@ class ClientStream:
         finally:
             usage, cost = await self.finish(outcome, error)
         if error is not None:
+            self.ended = True
             yield self.rw.failure(error, self._provider)
             return
         tail = self.rw.closing(usage, self._cost(cost))
         if tail:  # (a native stream has none: message_stop ended it)
+            self.ended = True
             yield tail
 
 

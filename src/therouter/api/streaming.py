@@ -48,12 +48,15 @@ class SSEResponse(Response):
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + self.sse_headers})
         try:
             async for chunk in self.events:
+                last = getattr(self.events, "ended", False)  # the stream's last chunk ends the response with it
                 try:
                     # a client that stopped reading: the transport's buffer stays full and send() waits; past the
                     # write timeout the client is treated as gone (upstream closed, tokens so far metered)
                     async with asyncio.timeout(self.write_timeout):
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        await send({"type": "http.response.body", "body": chunk, "more_body": not last})
                 except TimeoutError:
+                    return
+                if last:
                     return
         except GatewayError as e:
             await send({"type": "http.response.body", "body": sse.error_event(e), "more_body": True})
