@@ -113,11 +113,14 @@ class Wire:
         """The commands in one round trip: their replies in order, an error reply as its ``ResponseError`` (the
         others ran). A broken or slow connection raises (``OSError`` / ``TimeoutError``): the outcome of every
         command is then unknown."""
-        try:
-            async with asyncio.timeout(self.pool_timeout):  # (not wait_for: it can drop an acquired permit)
-                await self._slots.acquire()
-        except TimeoutError:
-            raise TimeoutError("no connection to the store became free in time") from None
+        if self._slots.locked():  # (a timer only when there is a wait)
+            try:
+                async with asyncio.timeout(self.pool_timeout):  # (not wait_for: it can drop an acquired permit)
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise TimeoutError("no connection to the store became free in time") from None
+        else:
+            await self._slots.acquire()
         conn: _Conn | None = None
         try:
             conn = await self._checkout()

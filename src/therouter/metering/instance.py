@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -71,13 +71,17 @@ class InFlight:
         return (self.stream, self.model, self.provider, self.upstream_model, u.prompt_tokens, u.completion_tokens,
                 u.cached_tokens, u.reasoning_tokens, u.cache_write_tokens)
 
-    def encode(self, state: tuple[Any, ...], at: float) -> str:
+    def encode(self, state: tuple[Any, ...], at: float, tracked: bool = False) -> str:
+        """``tracked``: written as if admitted (the admission pipeline registers it before the script said so)."""
         stream, model, provider, upstream_model, prompt, completion, cached, reasoning, cache_write = state
         usage = {"prompt": prompt, "completion": completion, "cached": cached, "reasoning": reasoning}
         if cache_write:
             usage["cache_write"] = cache_write
+        adm = self.adm.to_dict()
+        if tracked:
+            adm["tracked"] = True
         return orjson.dumps({
-            "adm": self.adm.to_dict(), "stream": stream, "model": model, "provider": provider,
+            "adm": adm, "stream": stream, "model": model, "provider": provider,
             "upstream_model": upstream_model, "at": at, "usage": usage,
         }).decode()
 
@@ -123,8 +127,8 @@ class Instance:
 
     def registration(self, adm: Admission, prompt_tokens: int) -> Callable[[Any], None]:
         """The command the admission pipeline adds: this request's entry, written as if admitted (tracked)."""
-        entry = InFlight(replace(adm, tracked=True), max(prompt_tokens, 0))
-        raw = entry.encode(entry.state(), adm.admitted_at)
+        entry = InFlight(adm, max(prompt_tokens, 0))
+        raw = entry.encode(entry.state(), adm.admitted_at, tracked=True)
 
         def add(pipe: Any) -> None:
             pipe.hset(self.key, adm.gen_id, raw)

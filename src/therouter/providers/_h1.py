@@ -280,6 +280,11 @@ class _Pool:
     async def acquire(self, key: PoolKey) -> _Conn | None:
         """A live idle connection for ``key``, or None: the caller owns a slot and opens a connection in it
         (and gives the slot back with :meth:`free_slot` if that fails)."""
+        ready, conn = self.acquire_now(key)
+        return conn if ready else await self.wait(key)
+
+    def acquire_now(self, key: PoolKey) -> tuple[bool, _Conn | None]:
+        """:meth:`acquire` when it needs no wait: (True, a connection or None), else (False, None)."""
         idle = self.idle.get(key)
         if idle:
             now = time.monotonic()
@@ -287,11 +292,15 @@ class _Pool:
                 conn = idle.pop()
                 if conn.usable(now):
                     conn.reused = True
-                    return conn
+                    return True, conn
                 conn.close()
         if self.open < self.limit and not self.waiters:
             self.open += 1
-            return None
+            return True, None
+        return False, None
+
+    async def wait(self, key: PoolKey) -> _Conn | None:
+        """Queue (FIFO) for the next connection of ``key`` released, or the next slot freed."""
         fut: asyncio.Future[_Conn | None] = self.loop.create_future()
         self.waiters.append((key, fut))
         self._close_other_idle(key)  # an idle connection to another host makes room for the first waiter
@@ -424,12 +433,14 @@ class H1Transport(Transport):
 
     async def _connect(self, pool: _Pool, key: PoolKey, connect: float, deadline: float) -> _Conn:
         loop = pool.loop
-        try:
-            async with asyncio.timeout_at(deadline):
-                got = await pool.acquire(key)
-        except TimeoutError:
-            raise UpstreamConnectError(_CONNECT_TIMEOUT, detail=f"no free connection in time (limit {pool.limit})",
-                                       ) from None
+        ready, got = pool.acquire_now(key)  # (no timer when nothing has to wait: the common case)
+        if not ready:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    got = await pool.wait(key)
+            except TimeoutError:
+                raise UpstreamConnectError(_CONNECT_TIMEOUT,
+                                           detail=f"no free connection in time (limit {pool.limit})") from None
         if got is not None:
             return got
         conn = pool.new(key)
