@@ -82,7 +82,7 @@ def per_deployment(card: ModelConfig) -> list[dict[str, Any]]:
 
 def hints_in(body: Mapping[str, Any]) -> list[str]:
     """Hint parameters present in the body (any value but null): dropped where a deployment lacks them."""
-    found = [k for k in HINTS if body.get(k) is not None]
+    found = [k for k in HINTS if k in body and body[k] is not None]
     if "top_logprobs" in found and body.get("logprobs") is True:
         found.remove("top_logprobs")  # with logprobs it is part of what the answer is
     return found
@@ -93,9 +93,12 @@ def asked_hints(body: Mapping[str, Any]) -> frozenset[str]:
     return frozenset(k for k in hints_in(body) if _asks(k, body[k], HINTS))
 
 
+_SHAPING_CHECKED = frozenset(SHAPING) - _BY_CAPABILITY
+
+
 def asked_shaping(body: Mapping[str, Any]) -> frozenset[str]:
     """Shaping parameters with a non-default value that the capability check does not already cover."""
-    out = {k for k in SHAPING if k not in _BY_CAPABILITY and _asks(k, body.get(k), SHAPING)}
+    out = {k for k in body if k in _SHAPING_CHECKED and _asks(k, body[k], SHAPING)}  # (a body has few keys)
     if body.get("logprobs") is True and body.get("top_logprobs") is not None:
         out.add("logprobs")
     return frozenset(out)
