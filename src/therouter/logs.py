@@ -103,6 +103,14 @@ def _text(v: Any) -> str:
     return s if s and " " not in s else orjson.dumps(s).decode()
 
 
+def lean_records() -> None:
+    """What the formats never show is not collected per record (the logging cookbook's "Optimization"): the caller's
+    file and line (a stack walk per line), thread and multiprocessing names. The pid stays."""
+    logging._srcfile = None  # documented: None skips sys._getframe per record
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+
+
 def formatter(fmt: LogFormat) -> logging.Formatter:
     return JsonFormatter() if fmt == "json" else TextFormatter()
 
@@ -110,6 +118,7 @@ def formatter(fmt: LogFormat) -> logging.Formatter:
 def dict_config(fmt: LogFormat, level: str = "INFO") -> dict[str, Any]:
     """A ``logging.config.dictConfig`` (also uvicorn's ``log_config``, so each worker applies it): every logger,
     uvicorn's included, writes through one stderr handler in the chosen format."""
+    lean_records()  # (`serve` builds it; each worker runs setup_logging in its lifespan too)
     lvl = level.upper()
     return {
         "version": 1,
@@ -125,6 +134,7 @@ def dict_config(fmt: LogFormat, level: str = "INFO") -> dict[str, Any]:
 
 def setup_logging(fmt: LogFormat = "text", level: str = "INFO") -> None:
     """For an app started without ``serve`` (the demo, tests): a stderr handler, unless one is already set up."""
+    lean_records()
     root = logging.getLogger()
     if any(h.get_name() == HANDLER_NAME for h in root.handlers):
         return
