@@ -64,6 +64,17 @@ class UsageTap:
         """The gateway's own count: the prompt estimate and the relayed text / 4."""
         return Usage(prompt_tokens=prompt_estimate, completion_tokens=(self.chars + 3) // 4, estimated=True)
 
+    def relay(self, payload: bytes) -> bytes | None:
+        raise NotImplementedError
+
+    def relay_many(self, payloads: list[bytes], out: list[bytes]) -> None:
+        """:meth:`relay` of each payload in order, the bytes appended to ``out`` (on an error, what came before it
+        is there)."""
+        for payload in payloads:
+            b = self.relay(payload)
+            if b:
+                out.append(b)
+
 
 # ---- plain chunks, relayed as bytes --------------------------------------------------------------------------------
 # Most events of a stream differ from the one before only in their text: a delta of content (or reasoning) and
@@ -95,6 +106,37 @@ class _Template:
         if not isinstance(text, str):
             return None
         return self.out_head + mid + self.out_tail, len(text)
+
+    def run(self, payloads: list[bytes], i: int, out: list[bytes]) -> tuple[int, int]:
+        """From ``payloads[i]`` on, the events that are this template with another text, rewritten as one piece
+        appended to ``out`` with one JSON parse for all their texts: (the index after them, characters of text).
+        The run stops before a text holding a quote or ending in a backslash (it could not be told apart from our
+        separator: that event goes through :meth:`relay`); (i, 0) when no event qualifies or a text is not a JSON
+        string's content (an invalid escape, a control character): then they go one by one."""
+        head, tail = self.head, self.tail
+        lo, cut = len(head), len(tail)
+        least = lo + cut
+        mids: list[bytes] = []
+        j, n = i, len(payloads)
+        while j < n:
+            p = payloads[j]
+            if len(p) < least or not p.startswith(head) or not p.endswith(tail):
+                break
+            mid = p[lo:len(p) - cut]
+            if b'"' in mid or mid.endswith(b"\\"):
+                break
+            mids.append(mid)
+            j += 1
+        if not mids:
+            return i, 0
+        try:
+            texts = orjson.loads(b'["' + b'","'.join(mids) + b'"]')  # each text one JSON string, nothing around it
+        except orjson.JSONDecodeError:
+            return i, 0
+        if type(texts) is not list or len(texts) != len(mids):  # (no quote in a text: cannot happen; a guard)
+            return i, 0
+        out.append(self.out_head + (self.out_tail + self.out_head).join(mids) + self.out_tail)
+        return j, sum(map(len, texts))
 
 
 def _plain_text(obj: dict[str, Any], exclude_reasoning: bool) -> tuple[str, str] | None:
@@ -150,6 +192,11 @@ class Relay(Protocol):
         error event."""
         ...
 
+    def relay_many(self, payloads: list[bytes], out: list[bytes]) -> None:
+        """:meth:`relay` of each payload in order, the bytes appended to ``out`` (on an error, what came before it
+        is there)."""
+        ...
+
     def complete(self, saw_done: bool) -> bool:
         """Whether the upstream's stream, now over, finished its answer (else it was cut)."""
         ...
@@ -203,6 +250,24 @@ class ChunkRewriter(UsageTap):
             if learnt is not None:
                 self._templates[plain[0]] = learnt
         return out
+
+    def relay_many(self, payloads: list[bytes], out: list[bytes]) -> None:
+        """:meth:`relay` of each payload in order, the bytes appended to ``out``; a run of events that only change
+        the text of a template seen before (the common case: one upstream read of plain text chunks) goes at once
+        (:meth:`_Template.run`), the same bytes as one by one."""
+        i, n = 0, len(payloads)
+        while i < n:
+            for t in self._templates.values():
+                j, chars = t.run(payloads, i, out)
+                if j > i:
+                    self.chars += chars
+                    i = j
+                    break
+            else:
+                b = self.relay(payloads[i])
+                if b:
+                    out.append(b)
+                i += 1
 
     def rewrite(self, obj: dict[str, Any]) -> bytes | None:
         """One upstream chunk -> the bytes of one client event (or None when nothing is left to send)."""
@@ -326,14 +391,12 @@ class ClientStream:
             self._done = asyncio.ensure_future(self._finish(outcome, error))
         return await asyncio.shield(self._done)
 
-    def _take(self, payload: bytes, batch: list[bytes]) -> None:
+    def _take(self, payloads: list[bytes], batch: list[bytes]) -> None:
         try:
-            out = self.rw.relay(payload)
+            self.rw.relay_many(payloads, batch)
         except InBandError as e:  # the upstream's words go to the log and the record, never to the client
             raise UpstreamError("The provider reported an error in its stream.", sent=True,
                                 code="upstream_in_band_error", detail=e.error.detail) from None
-        if out:
-            batch.append(out)
 
     async def _relay(self) -> AsyncGenerator[bytes, None]:
         outcome: Outcome = "client_cancelled"
@@ -342,10 +405,10 @@ class ClientStream:
             # the events one upstream read brought go to the client in one write, as a plain proxy relays a read (the
             # first write: the gate's event and what came with it)
             batch: list[bytes] = list(self._first)
+            read = self.events.take_ready()  # already read: no wait
             while True:
                 try:
-                    for payload in self.events.take_ready():  # already read: no wait
-                        self._take(payload, batch)
+                    self._take(read, batch)
                 except GatewayError:
                     if batch:  # what came before the failure is the client's, then the error event
                         yield b"".join(batch)
@@ -357,7 +420,7 @@ class ClientStream:
                     payload = await self.events.next_payload()
                 except StopAsyncIteration:
                     break
-                self._take(payload, batch)
+                read = [payload, *self.events.take_ready()]
             if not self.rw.complete(self.events.saw_done):
                 raise UpstreamStreamError("upstream closed the stream before it finished", sent=True,
                                           code="upstream_cut")

@@ -253,3 +253,31 @@ def test_a_long_line_in_small_reads_is_not_rejoined_on_every_read() -> None:
     for i in range(0, len(line), 3):
         out.extend(d.feed(line[i:i + 3]))
     assert out == [b"w" * 200_000]
+
+
+def decode_list(pieces: list[bytes], limit: int | None = None) -> list[bytes]:
+    d = SSEDecoder(limit)
+    out: list[bytes] = []
+    for p in pieces:
+        out.extend(d.feed_list(p))
+    out.extend(d.flush())
+    return out
+
+
+@given(events=st.lists(_event, max_size=6), eol=st.sampled_from(ENDINGS), terminate_last=st.booleans(),
+       data=st.data())
+def test_feed_list_gives_what_feed_gives(events, eol, terminate_last, data) -> None:
+    raw = serialize(events, eol, terminate_last)
+    points = data.draw(st.lists(st.integers(0, len(raw)), max_size=12), label="cuts")
+    want = expected(events)
+    assert decode_list([raw]) == want
+    assert decode_list(split_at(raw, points)) == want
+    assert decode_list(split_at(raw, points), limit=max(len(raw), 1)) == want
+
+
+def test_feed_list_of_whole_data_events_and_a_partial_one() -> None:
+    d = SSEDecoder(64)
+    assert d.feed_list(b"data: a\n\ndata: b\n\ndata: c") == [b"a", b"b"]
+    assert d.feed_list(b"d\n\n") == [b"cd"]
+    with pytest.raises(EventTooLarge):
+        SSEDecoder(8).feed_list(b"data: 0123456789\n\n")

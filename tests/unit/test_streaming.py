@@ -480,3 +480,64 @@ def test_relay_of_an_in_band_error() -> None:
     with pytest.raises(InBandError) as ei:
         rw.relay(orjson.dumps({"error": {"message": "overloaded", "code": 503}}))
     assert ei.value.error.status == 502 and "overloaded" in (ei.value.error.detail or "")
+
+
+def many_equals_one_by_one(events: list[bytes], reads: int = 1, **kw: Any) -> ChunkRewriter:
+    """relay_many over the events cut into ``reads`` upstream reads sends the same bytes, and keeps the same metering
+    state, as relay() one event at a time."""
+    fast, slow = both(**kw)
+    out: list[bytes] = []
+    size = max(len(events) // reads, 1)
+    for k in range(0, len(events), size):
+        fast.relay_many(events[k:k + size], out)
+    one = [b for b in (slow.relay(e) for e in events) if b]
+    assert b"".join(out) == b"".join(one)
+    assert (fast.chars, fast.usage_raw, fast.finish_reason) == (slow.chars, slow.usage_raw, slow.finish_reason)
+    return fast
+
+
+@pytest.mark.parametrize("reads", [1, 3, 7])
+@pytest.mark.parametrize("kind", ["deepseek", "vllm", "sglang"])
+def test_relay_many_sends_what_relay_sends(kind: str, reads: int) -> None:
+    events = [orjson.dumps(chunk({"role": "assistant", "content": ""}))]
+    events += [orjson.dumps(chunk({"reasoning_content": t})) for t in TEXTS[:3]]
+    events += [orjson.dumps(chunk({"content": t})) for t in TEXTS * 3]
+    events += [orjson.dumps(chunk({"content": t})) for t in ('say "hi"', "back\\", "tab\there", "é\u2028", "\\\\")]
+    events += [orjson.dumps(chunk({"content": t})) for t in TEXTS]
+    events += [orjson.dumps(chunk({"content": ""}, "stop", usage=dict(DS_USAGE)))]
+    many_equals_one_by_one(events, reads, kind=kind, include_usage=True)
+
+
+def test_relay_many_never_lets_a_text_splice_json_in() -> None:
+    base = orjson.dumps(chunk({"content": "seed"}))
+    head, tail = base.split(b'"seed"')
+    plain = [orjson.dumps(chunk({"content": t})) for t in TEXTS]
+    spliced = [head + b'"a","refusal":null' + tail, head + b'"x\\\\","refusal":"y"' + tail,
+               head + b'"a\\""' + tail]
+    for bad in spliced:
+        many_equals_one_by_one([base, *plain, bad, *plain])
+        many_equals_one_by_one([base, bad, *plain])
+
+
+@pytest.mark.parametrize("middle", [b'bad\\', b"\x01", b'\\x41'])
+def test_relay_many_stops_at_an_event_that_is_not_json_with_the_ones_before_it_kept(middle: bytes) -> None:
+    rw = rewriter()
+    base = orjson.dumps(chunk({"content": "seed"}))
+    rw.relay(base)
+    head, tail = base.split(b"seed")
+    plain = [orjson.dumps(chunk({"content": t})) for t in ("a", "b")]
+    out: list[bytes] = []
+    with pytest.raises(UpstreamBadResponse):
+        rw.relay_many([*plain, head + middle + tail, *plain], out)
+    sent = b"".join(out).split(b"\n\n")[:-1]
+    assert [orjson.loads(e[6:])["choices"][0]["delta"]["content"] for e in sent] == ["a", "b"]
+
+
+def test_relay_many_stops_at_an_in_band_error_with_the_ones_before_it_kept() -> None:
+    rw = rewriter()
+    rw.relay(orjson.dumps(chunk({"content": "seed"})))
+    out: list[bytes] = []
+    with pytest.raises(InBandError):
+        rw.relay_many([orjson.dumps(chunk({"content": "a"})),
+                       orjson.dumps({"error": {"message": "boom", "type": "server_error", "code": None}})], out)
+    assert b"".join(out).count(b"data: ") == 1 and b'"a"' in out[0]

@@ -69,15 +69,14 @@ class UpstreamEvents:
     def take_ready(self) -> list[bytes]:
         """Every payload already read, without waiting (what :meth:`next_payload` would return next, up to
         ``[DONE]``, which ends the events as it does there)."""
-        out: list[bytes] = []
         pending = self._pending
-        while pending:
-            payload = pending.popleft()
-            if payload.strip() == b"[DONE]":
-                self.saw_done = True
-                pending.clear()
+        out = list(pending)
+        pending.clear()
+        for k, payload in enumerate(out):
+            if payload[:1] != b"{" and payload.strip() == b"[DONE]":  # (a JSON object is not [DONE]: no strip)
+                self.saw_done = True  # nothing after [DONE] is an event
+                del out[k:]
                 break
-            out.append(payload)
         if out:
             self.events += len(out)
             self._deadline = min(self._clock() + self._idle, self._cap)
@@ -113,7 +112,7 @@ class UpstreamEvents:
         except TimeoutError:
             raise self._timeout() from None
         try:
-            self._pending.extend(self._decoder.flush() if chunk is None else self._decoder.feed(chunk))
+            self._pending.extend(self._decoder.flush() if chunk is None else self._decoder.feed_list(chunk))
         except EventTooLarge as e:
             raise UpstreamBadResponse("The provider sent a stream event larger than the gateway accepts.",
                                       sent=True, code="upstream_event_too_large", detail=str(e)) from None
