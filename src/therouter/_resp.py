@@ -24,6 +24,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 Command = tuple[Any, ...]
 IDLE_SECONDS = 30.0  # an idle connection older than this is closed instead of reused (a server may drop it)
+PER_COMMAND_S = 0.001  # added to the socket timeout per command of a batch
 
 
 class Commands:
@@ -125,8 +126,9 @@ class Wire:
         try:
             conn = await self._checkout()
             conn.writer.write(b"".join([hiredis.pack_command(c) for c in commands]))
-            async with asyncio.timeout(self.socket_timeout):
-                replies = await self._read(conn, len(commands))
+            # a batch may hold hundreds of scripts (a burst of admissions): Redis gets a little more time per command
+            # before its first reply counts as late, as those commands one by one would each have had a timeout
+            replies = await self._read(conn, len(commands), self.socket_timeout + len(commands) * PER_COMMAND_S)
             conn.used = time.monotonic()
             self._idle.append(conn)
             conn = None
@@ -149,33 +151,37 @@ class Wire:
         if self._hello:
             try:
                 writer.write(b"".join([hiredis.pack_command(c) for c in self._hello]))
-                async with asyncio.timeout(self.socket_timeout):
-                    for r in await self._read(conn, len(self._hello)):
-                        if isinstance(r, hiredis.ReplyError):
-                            raise ConnectionError(f"the store refused the connection: {str(r).split(' ', 1)[0]}")
+                for r in await self._read(conn, len(self._hello), self.socket_timeout):
+                    if isinstance(r, hiredis.ReplyError):
+                        raise ConnectionError(f"the store refused the connection: {str(r).split(' ', 1)[0]}")
             except BaseException:
                 conn.close()
                 raise
         return conn
 
     @staticmethod
-    async def _read(conn: _Conn, n: int) -> list[Any]:
+    async def _read(conn: _Conn, n: int, timeout: float) -> list[Any]:
+        """``n`` replies. ``timeout`` bounds each wait for more bytes, as redis-py's socket timeout does, not the
+        whole batch: a big batch (a burst of admissions) may take Redis longer than that to answer in full."""
         parser = hiredis.Reader(encoding="utf-8")
         replies: list[Any] = []
-        while True:
-            try:
-                r = parser.gets()
-                while r is not False:
-                    replies.append(r)
-                    if len(replies) == n:
-                        return replies
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout) as deadline:
+            while True:
+                try:
                     r = parser.gets()
-            except hiredis.ProtocolError as e:
-                raise ConnectionError(f"the store sent a malformed reply ({e})") from None
-            data = await conn.reader.read(65536)
-            if not data:
-                raise ConnectionError("the store closed the connection")
-            parser.feed(data)
+                    while r is not False:
+                        replies.append(r)
+                        if len(replies) == n:
+                            return replies
+                        r = parser.gets()
+                except hiredis.ProtocolError as e:
+                    raise ConnectionError(f"the store sent a malformed reply ({e})") from None
+                data = await conn.reader.read(65536)
+                if not data:
+                    raise ConnectionError("the store closed the connection")
+                parser.feed(data)
+                deadline.reschedule(loop.time() + timeout)  # progress: the next wait gets the full timeout
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []

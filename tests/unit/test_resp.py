@@ -128,3 +128,26 @@ async def test_a_silent_server_times_out_and_its_connection_is_dropped() -> None
         for c in accepted:
             c.close()
         server.close()
+
+
+async def test_the_socket_timeout_bounds_each_wait_not_the_whole_batch() -> None:
+    """A big batch may take Redis longer than the socket timeout to answer in full: as long as replies keep coming,
+    it is not an outage (here three replies 0.15 s apart against a 0.2 s timeout)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        for _ in range(3):
+            await asyncio.sleep(0.15)
+            writer.write(b"+PONG\r\n")
+            await writer.drain()
+        await reader.read(1)  # until the client closes
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    w = wire(f"redis://127.0.0.1:{port}/0", socket_timeout=0.2)
+    try:
+        assert await w.execute([("PING",), ("PING",), ("PING",)]) == ["PONG", "PONG", "PONG"]
+    finally:
+        await w.aclose()
+        server.close()
+        await server.wait_closed()
