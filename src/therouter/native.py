@@ -93,6 +93,14 @@ class MessagesRelay(UsageTap):
         self.in_band_type: str | None = None  # the Anthropic type of an upstream's error event after the gate
         self._held: list[bytes] = []
 
+    def relay_many(self, payloads: list[bytes], out: list[bytes]) -> None:
+        """:meth:`relay` of each payload in order, the bytes appended to ``out`` (on an error, what came before it
+        is there)."""
+        for payload in payloads:
+            b = self.relay(payload)
+            if b:
+                out.append(b)
+
     def relay(self, payload: bytes) -> bytes | None:
         """One upstream data event as it came -> the client's bytes (see :meth:`rewrite`); an ``error`` event raises
         :class:`InBandError`, its Anthropic type kept for the error event that ends the stream."""

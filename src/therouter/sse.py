@@ -73,16 +73,20 @@ class SSEDecoder:
     def feed(self, chunk: bytes) -> Iterator[bytes]:
         if not chunk:
             return  # an empty read must not drop a pending CR (the LF of a split CRLF may come next)
-        if not (self._buf or self._open or self._has_data or self._pending_cr) and b"\r" not in chunk:
+        if self._at_boundary(chunk):
             yield from self._blocks(chunk)
             return
         yield from self._lines(chunk)
+
+    def _at_boundary(self, chunk: bytes) -> bool:
+        """Nothing pending and LF line endings: the read can be cut at blank lines."""
+        return not (self._buf or self._open or self._has_data or self._pending_cr) and b"\r" not in chunk
 
     def feed_list(self, chunk: bytes) -> list[bytes]:
         """:meth:`feed` as a list. The common case -- at an event boundary, LF line endings, every complete event one
         ``data: `` line within the limit -- is cut without a Python step per event; anything else goes the general
         way."""
-        if chunk and not (self._buf or self._open or self._has_data or self._pending_cr) and b"\r" not in chunk:
+        if chunk and self._at_boundary(chunk):
             blocks = chunk.split(b"\n\n")
             rest = blocks.pop()  # after the last blank line: an event still incomplete (or nothing)
             if blocks and (self._max is None or max(map(len, blocks)) <= self._max):

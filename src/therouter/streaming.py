@@ -64,17 +64,6 @@ class UsageTap:
         """The gateway's own count: the prompt estimate and the relayed text / 4."""
         return Usage(prompt_tokens=prompt_estimate, completion_tokens=(self.chars + 3) // 4, estimated=True)
 
-    def relay(self, payload: bytes) -> bytes | None:
-        raise NotImplementedError
-
-    def relay_many(self, payloads: list[bytes], out: list[bytes]) -> None:
-        """:meth:`relay` of each payload in order, the bytes appended to ``out`` (on an error, what came before it
-        is there)."""
-        for payload in payloads:
-            b = self.relay(payload)
-            if b:
-                out.append(b)
-
 
 # ---- plain chunks, relayed as bytes --------------------------------------------------------------------------------
 # Most events of a stream differ from the one before only in their text: a delta of content (or reasoning) and

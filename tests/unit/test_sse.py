@@ -12,11 +12,12 @@ from therouter.sse import DONE, KEEPALIVE, EventTooLarge, SSEDecoder, encode, en
 ENDINGS = (b"\n", b"\r\n", b"\r")
 
 
-def decode(pieces: list[bytes]) -> list[bytes]:
-    d = SSEDecoder()
+def decode(pieces: list[bytes], limit: int | None = None, as_list: bool = False) -> list[bytes]:
+    """Every payload of ``pieces`` fed in order then flushed (``as_list``: through ``feed_list``)."""
+    d = SSEDecoder(limit)
     out: list[bytes] = []
     for p in pieces:
-        out.extend(d.feed(p))
+        out.extend(d.feed_list(p) if as_list else d.feed(p))
     out.extend(d.flush())
     return out
 
@@ -178,12 +179,7 @@ LIMIT = 1000
 
 
 def decode_limited(pieces: list[bytes], limit: int = LIMIT) -> list[bytes]:
-    d = SSEDecoder(limit)
-    out: list[bytes] = []
-    for p in pieces:
-        out.extend(d.feed(p))
-    out.extend(d.flush())
-    return out
+    return decode(pieces, limit)
 
 
 def fed_until_refused(raw: bytes, piece: int, limit: int = LIMIT) -> int:
@@ -256,12 +252,7 @@ def test_a_long_line_in_small_reads_is_not_rejoined_on_every_read() -> None:
 
 
 def decode_list(pieces: list[bytes], limit: int | None = None) -> list[bytes]:
-    d = SSEDecoder(limit)
-    out: list[bytes] = []
-    for p in pieces:
-        out.extend(d.feed_list(p))
-    out.extend(d.flush())
-    return out
+    return decode(pieces, limit, as_list=True)
 
 
 @given(events=st.lists(_event, max_size=6), eol=st.sampled_from(ENDINGS), terminate_last=st.booleans(),
