@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 
 from therouter.config import parse_settings
 from therouter.errors import BudgetExceeded, RateLimited
-from therouter.logs import REQUEST_ID, JsonFormatter, TextFormatter, safe_url
+from therouter.logs import HANDLER_NAME, REQUEST_ID, JsonFormatter, TextFormatter, log_request, safe_url
 from therouter.observability import Finished, Metrics, forget_dead_workers
 from therouter.protocol.usage import Usage
 
@@ -113,6 +117,101 @@ def test_the_request_line_carries_its_fields() -> None:
         "ts": "", "pid": 0, "level": "info", "logger": "therouter.test", "msg": "hello world",
         "request_id": "req_x", "event": "request", "status": 499, "model": None}
     assert TextFormatter().format(rec).endswith("hello world request_id=req_x status=499 model=-")
+
+
+FIELDS = {"event": "request", "request_id": "req_x", "status": 200, "model": "m one", "cost_usd": "0.0001",
+          "ttft_ms": None}
+
+
+@pytest.mark.parametrize("created", [1732900000.001, 1732900000.999, 1764460800.0])
+def test_the_request_line_past_logging_is_the_formatters_own_line(created: float) -> None:
+    """``info_line`` (the request line without a LogRecord) writes what ``format`` writes for the same record."""
+    rec = logging.LogRecord("therouter.request", logging.INFO, __file__, 1, "request", None, None)
+    rec.created, rec.msecs = created, (created - int(created)) * 1000
+    rec.__dict__["_fields"] = FIELDS
+    text, js = TextFormatter(), JsonFormatter()
+    assert text.info_line("therouter.request", "request", FIELDS, created) == text.format(rec)
+    assert js.info_line("therouter.request", "request", FIELDS, created) == js.format(rec)
+    text.datefmt = "%H"  # set up another way: no line of its own, logging writes it
+    assert text.info_line("therouter.request", "request", FIELDS, created) is None
+
+
+@pytest.fixture
+def our_handler() -> Iterator[tuple[logging.StreamHandler[io.StringIO], io.StringIO]]:
+    """Our handler, writing to a buffer; the test calls ``_only`` to make it the root's only one (pytest adds its
+    own capturing handlers when the test starts); restored after."""
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    out = io.StringIO()
+    h = logging.StreamHandler(out)
+    h.set_name(HANDLER_NAME)
+    h.setFormatter(JsonFormatter())
+    root.handlers[:] = [h]
+    root.setLevel(logging.INFO)
+    try:
+        yield h, out
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)
+
+
+def _only(h: logging.Handler) -> None:
+    logging.getLogger().handlers[:] = [h]  # as `serve` sets it up
+
+
+def _finished(rid: str, fallback_from: str = "") -> Finished:
+    return Finished(rid, 200, "completed", "m/one", "ds", seconds=0.1, usage=Usage(prompt_tokens=1,
+                    completion_tokens=2), cost_nano=1500, endpoint="chat", fallback_from=fallback_from)
+
+
+def test_request_lines_are_written_once_per_loop_turn_in_order(
+        our_handler: tuple[logging.StreamHandler[io.StringIO], io.StringIO]) -> None:
+    h, out = our_handler
+    _only(h)
+
+    async def main() -> str:
+        log_request(_finished("req_1"))
+        log_request(_finished("req_2"))
+        before = out.getvalue()  # gathered, not yet written
+        await asyncio.sleep(0)
+        log_request(_finished("req_3", fallback_from="other"))  # the fallback line goes through logging, after
+        await asyncio.sleep(0)
+        return before
+
+    assert asyncio.run(main()) == ""
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert [(x["request_id"], x["event"]) for x in lines] == [
+        ("req_1", "request"), ("req_2", "request"), ("req_3", "request"), ("req_3", "fallback")]
+    assert lines[0]["logger"] == "therouter.request" and lines[0]["cost_usd"] == "0.0000015"
+    assert lines[0]["prompt_tokens"] == 1 and lines[0]["completion_tokens"] == 2
+
+
+def test_request_lines_go_through_logging_when_it_is_set_up_otherwise(
+        our_handler: tuple[logging.StreamHandler[io.StringIO], io.StringIO]) -> None:
+    """Another handler, or a filter on the way, sees every request line as a record, as soon as it is logged."""
+    h, out = our_handler
+    _only(h)
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    async def one(rid: str) -> None:
+        log_request(_finished(rid))
+
+    logging.getLogger("therouter").addHandler(keep := Keep())
+    try:
+        asyncio.run(one("req_a"))
+    finally:
+        logging.getLogger("therouter").removeHandler(keep)
+    h.addFilter(lambda r: True)
+    try:
+        asyncio.run(one("req_b"))
+    finally:
+        h.filters.clear()
+    assert [r.__dict__["_fields"]["request_id"] for r in seen] == ["req_a"]
+    assert [json.loads(x)["request_id"] for x in out.getvalue().splitlines()] == ["req_a", "req_b"]
 
 
 def test_safe_url_hides_the_password() -> None:
