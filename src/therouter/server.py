@@ -8,6 +8,11 @@ arms a timer when a connection opens and when a request's first byte arrives, an
 complete; when it fires the client gets 408 and the connection is closed. The body is bounded in time by
 ``api.middleware.BodyDeadlineMiddleware`` (408 as well), requests in flight by ``ConcurrencyLimitMiddleware`` (503).
 An idle keep-alive connection between requests is closed by uvicorn itself after ``timeout_keep_alive`` (5 s).
+
+The answer to a completion request leaves in as few writes as it can: uvicorn writes a response's head when the app
+sends ``http.response.start`` and its body at each ``http.response.body``, two writes (two TCP segments) for every
+JSON answer. For the completion routes, whose handlers send the head and the first body back to back,
+:class:`HeadWithBody` holds the head and sends it with the first body (ASGI lets a server do so).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from therouter.api.openai import PATHS
 from therouter.config import Settings
 from therouter.errors import RequestTimeout
 
@@ -47,6 +53,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
+        cycle = self.cycle  # (its task has not run yet)
+        if cycle is not None and cycle.scope.get("method") == "POST" and cycle.scope.get("path") in PATHS:
+            cycle.transport = HeadWithBody(cycle.transport)  # type: ignore[assignment]
 
     def _arm(self) -> None:
         self._disarm()
@@ -71,6 +80,39 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
                              b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         self.transport.close()
+
+
+class HeadWithBody:
+    """A request's view of its connection that holds the response head (the first write that is not an interim
+    ``100 Continue``) and writes it with the next write (the first body) -- or before a close."""
+
+    __slots__ = ("_head", "_started", "_transport")
+    CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head: bytes | None = None
+        self._started = False
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        elif not self._started and data != self.CONTINUE:
+            self._started, self._head = True, data
+            return
+        self._transport.write(data)
+
+    def close(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.write(head)
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
