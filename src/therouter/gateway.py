@@ -25,7 +25,7 @@ from therouter import native as native_relay
 from therouter import params, validate
 from therouter.assembly import Assembler
 from therouter.config import Deployment, ModelConfig, Settings
-from therouter.disconnect import unless_gone
+from therouter.disconnect import Gone, unless_gone
 from therouter.errors import (
     GatewayError,
     InvalidRequest,
@@ -151,7 +151,7 @@ class Gateway:
     # ---- entry ----------------------------------------------------------------------------------------------
 
     async def handle(self, key: KeyRecord, endpoint: str, raw: bytes, request_id: str,
-                     wait_disconnect: Callable[[], Awaitable[None]] | None = None,
+                     wait_disconnect: Gone | None = None,
                      native: NativeRequest | None = None) -> JSONAnswer | StreamAnswer:
         """``native``: the request as the client sent it in another wire format (an Anthropic Messages body), of
         which ``raw`` is the OpenAI translation: a provider that speaks it gets it as it is (see
@@ -249,7 +249,7 @@ class Gateway:
         return all_failed(errors, skipped, call.checked.model)
 
     async def _route(self, call: Call, routes: dict[str, list[Candidate]], attempt: Callable[[Candidate], Any],
-                     cancel_on: Callable[[], Awaitable[None]] | None = None) -> tuple[Candidate, Any]:
+                     cancel_on: Gone | None = None) -> tuple[Candidate, Any]:
         errors: list[tuple[Candidate, GatewayError]] = []
         deadline = self._deadline(call)
         for model_id in call.plan:
@@ -335,7 +335,7 @@ class Gateway:
     # ---- non-stream -------------------------------------------------------------------------------------------
 
     async def _json(self, call: Call, routes: dict[str, list[Candidate]],
-                    wait_disconnect: Callable[[], Awaitable[None]] | None) -> JSONAnswer:
+                    wait_disconnect: Gone | None) -> JSONAnswer:
         async def attempt(c: Candidate) -> tuple[dict[str, Any], Usage] | _Assembly:
             if c.provider.config.assembles:  # sent as a stream: the first-chunk gate and stream timeouts apply
                 return await self._open_assembly(call, c)
@@ -401,7 +401,7 @@ class Gateway:
         return _Assembly(events, asm)
 
     async def _assemble(self, call: Call, cand: Candidate, events: UpstreamEvents, asm: Assembler,
-                        wait_disconnect: Callable[[], Awaitable[None]] | None) -> JSONAnswer:
+                        wait_disconnect: Gone | None) -> JSONAnswer:
         """Past the gate: read the rest into one answer. A client that leaves closes the upstream and is billed what
         was produced; a break is an error answer (502) billed like a broken stream. Settled once, shielded."""
         call.ttft = self.clock() - call.started
@@ -440,7 +440,7 @@ class Gateway:
     # ---- stream -----------------------------------------------------------------------------------------------
 
     async def _stream(self, call: Call, routes: dict[str, list[Candidate]],
-                      wait_disconnect: Callable[[], Awaitable[None]] | None = None) -> StreamAnswer:
+                      wait_disconnect: Gone | None = None) -> StreamAnswer:
         async def attempt(c: Candidate) -> tuple[UpstreamEvents, Relay, list[bytes]]:
             return await self._open_stream(call, c)
 

@@ -12,20 +12,23 @@ An idle keep-alive connection between requests is closed by uvicorn itself after
 The answer to a completion request leaves in as few writes as it can: uvicorn writes a response's head when the app
 sends ``http.response.start`` and its body at each ``http.response.body``, two writes (two TCP segments) for every
 JSON answer. For the completion routes, whose handlers send the head and the first body back to back,
-:class:`HeadWithBody` holds the head and sends it with the first body (ASGI lets a server do so).
+:class:`HeadWithBody` holds the head and sends it with the first body (ASGI lets a server do so). Those requests
+also get a disconnect :class:`~therouter.disconnect.Signal` in their scope, fired when the connection is lost, so
+the work they guard needs no watcher task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from therouter.api.openai import PATHS
 from therouter.config import Settings
+from therouter.disconnect import SCOPE_KEY, Signal, signal_of
 from therouter.errors import RequestTimeout
 
 
@@ -43,7 +46,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        cycle = self.cycle
         super().connection_lost(exc)
+        if cycle is not None and cycle.disconnected:  # (not after its answer was complete)
+            signal = signal_of(cast(dict[str, Any], cycle.scope))
+            if signal is not None:
+                signal.fire()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -56,6 +64,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle  # (its task has not run yet)
         if cycle is not None and cycle.scope.get("method") == "POST" and cycle.scope.get("path") in PATHS:
             cycle.transport = HeadWithBody(cycle.transport)  # type: ignore[assignment]
+            scope = cast(dict[str, Any], cycle.scope)
+            scope.setdefault("extensions", {})[SCOPE_KEY] = Signal()  # fired by connection_lost: no watcher task
 
     def _arm(self) -> None:
         self._disarm()

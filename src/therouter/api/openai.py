@@ -22,7 +22,7 @@ from therouter.api.deps import KeyDep, ServicesDep
 from therouter.api.errors import error_response
 from therouter.api.middleware import SANE_REQUEST_ID
 from therouter.api.streaming import SSEResponse
-from therouter.disconnect import client_left, waiter
+from therouter.disconnect import client_left, gone_of, waiter
 from therouter.errors import (
     GatewayError,
     InternalError,
@@ -95,7 +95,8 @@ class CompletionsRoute:
             if raw is None:
                 return  # the client left while sending its body: nobody to answer
             observed = True  # from here on the gateway counts and logs the request, whatever happens
-            answer = await services.gateway.handle(key, endpoint, raw, rid, waiter(receive))
+            gone = gone_of(scope, receive)
+            answer = await services.gateway.handle(key, endpoint, raw, rid, gone)
         except asyncio.CancelledError:
             if not client_left():
                 raise  # a real cancellation (e.g. shutdown) goes on
@@ -111,8 +112,8 @@ class CompletionsRoute:
                                  rid)(scope, receive, send)
             return
         if isinstance(answer, StreamAnswer):
-            await SSEResponse(answer.events, {**answer.headers, "x-request-id": rid}, server.stream_write_timeout)(
-                scope, receive, send)
+            await SSEResponse(answer.events, {**answer.headers, "x-request-id": rid}, server.stream_write_timeout,
+                              gone)(scope, receive, send)
             return
         out = [(b"content-type", b"application/json"), (b"content-length", str(len(answer.body)).encode()),
                (b"x-request-id", rid.encode())]

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from therouter import sse
-from therouter.disconnect import client_left, unless_gone, waiter
+from therouter.disconnect import Gone, client_left, unless_gone, waiter
 from therouter.errors import GatewayError, InternalError
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
@@ -24,8 +24,9 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-
 
 class SSEResponse(Response):
     def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str],
-                 write_timeout: float = 60.0) -> None:
+                 write_timeout: float = 60.0, gone: Gone | None = None) -> None:
         self.events = events
+        self.gone = gone  # the request's disconnect signal (default: the ASGI messages')
         self.write_timeout = write_timeout
         self.status_code = 200
         self.background = None
@@ -33,7 +34,8 @@ class SSEResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await unless_gone(self._pump(send), waiter(receive))  # pumped in this task; one disconnect watcher
+            # pumped in this task, cancelled if the client leaves
+            await unless_gone(self._pump(send), self.gone or waiter(receive))
         except asyncio.CancelledError:
             if not client_left():
                 raise  # a real cancellation (e.g. shutdown) goes on

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from therouter.disconnect import unless_gone
+from therouter.disconnect import Gone, unless_gone
 from therouter.errors import (
     GatewayError,
     NoDeploymentAvailable,
@@ -146,7 +146,7 @@ class AttemptPolicy:
         attempt: Callable[[Candidate], Awaitable[T]],
         deadline: float,
         clock: Callable[[], float],
-        cancel_on: Callable[[], Awaitable[None]] | None = None,
+        cancel_on: Gone | None = None,
         stream: bool = False,
     ) -> tuple[Candidate, T, Lease]:
         """Pick the next candidate, try it, record how it went; until one serves (returned with its result and its
@@ -226,7 +226,7 @@ class AttemptPolicy:
     # ---- try ----------------------------------------------------------------------------------------------------
 
     async def _try(self, call: HasAttempts, plan: _Plan, pick: _Pick, attempt: Callable[[Candidate], Awaitable[T]],
-                   clock: Callable[[], float], cancel_on: Callable[[], Awaitable[None]] | None,
+                   clock: Callable[[], float], cancel_on: Gone | None,
                    stream: bool) -> tuple[Candidate, T, Lease] | None:
         """One attempt: wait out a retry's backoff, pass the breaker, hold an in-flight slot and run it. Returns
         what served, or None when the next pick should follow (the failure recorded)."""
