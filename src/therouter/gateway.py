@@ -105,7 +105,8 @@ class Call:
     lease: Lease | None = None  # the serving attempt's in-flight slot, held until the answer is complete
     ttft: float | None = None  # streamed upstream: seconds from the request to the first content chunk (the gate)
     release: Callable[[], None] | None = None  # leaves the retry budget's count of requests in flight
-    built: dict[tuple[str, Deployment], UpstreamRequest] = field(default_factory=dict)  # per (provider, deployment)
+    # per (provider, id of the deployment): a deployment is a frozen pydantic model, whose hash is computed per call
+    built: dict[tuple[str, int], UpstreamRequest] = field(default_factory=dict)
     observed: bool = False  # its answer was counted and logged (once)
     native: NativeRequest | None = None  # the client's own wire request (/v1/messages), for a provider that speaks it
 
@@ -270,7 +271,7 @@ class Gateway:
 
     def _request(self, call: Call, p: Provider, dep: Deployment, model_id: str) -> UpstreamRequest:
         """The upstream request for one deployment, built once per call: what is reserved for is what is sent."""
-        req = call.built.get((p.name, dep))
+        req = call.built.get((p.name, id(dep)))
         if req is None:
             # hints this host does not honour are left out (and named in the answer); see params.py
             dropped = params.dropped_for(call.checked.body, self.settings.models[model_id], dep)
@@ -281,7 +282,7 @@ class Gateway:
             req = native or p.request(call.endpoint, body, dep, stream=stream, request_id=call.request_id,
                                       max_output=self.settings.models[model_id].max_output_tokens)
             req.meta["dropped"] = dropped
-            call.built[(p.name, dep)] = req
+            call.built[(p.name, id(dep))] = req
         return req
 
 
@@ -318,7 +319,7 @@ class Gateway:
 
     @staticmethod
     def _dropped(call: Call, cand: Candidate) -> list[str]:
-        req = call.built.get((cand.name, cand.dep))
+        req = call.built.get((cand.name, id(cand.dep)))
         return list(req.meta.get("dropped") or ()) if req is not None else []  # type: ignore[call-overload]
 
     @staticmethod
@@ -349,7 +350,7 @@ class Gateway:
             self.router.state.observe_throughput(cand.key, usage.completion_tokens,
                                                  self.clock() - call.lease.started)
         call.done()
-        relayed = native_relay.relays(call.built.get((cand.name, cand.dep)))
+        relayed = native_relay.relays(call.built.get((cand.name, id(cand.dep))))
         cost = await self._settle(call, cand, usage, "completed", stream=False, estimate=_json_estimate(call, obj),
                                   finish_reason=native_relay.message_finish(obj) if relayed else _finish_reason(obj))
         if relayed and call.native is not None:  # the upstream's own message: our id and the client's model
@@ -460,7 +461,7 @@ class Gateway:
         p = c.provider
         events = await self._connect(call, c)
         rw: Relay
-        if native_relay.relays(call.built.get((c.name, c.dep))) and call.native is not None:
+        if native_relay.relays(call.built.get((c.name, id(c.dep)))) and call.native is not None:
             # the upstream speaks the client's wire format: its events are relayed as they come (therouter.native)
             rw = native_relay.MessagesRelay(p, gen_id=call.gen_id, model=call.native.model)
         else:
