@@ -14,7 +14,8 @@ sends ``http.response.start`` and its body at each ``http.response.body``, two w
 JSON answer. For the completion routes, whose handlers send the head and the first body back to back,
 :class:`HeadWithBody` holds the head and sends it with the first body (ASGI lets a server do so). Those requests
 also get a disconnect :class:`~therouter.disconnect.Signal` in their scope, fired when the connection is lost, so
-the work they guard needs no watcher task.
+the work they guard needs no watcher task, and a test of whether their body is all in (``BODY_COMPLETE``), so
+reading a body that came with its headers needs no deadline timer.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, cast
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from therouter.api.openai import PATHS
+from therouter.api.openai import BODY_COMPLETE, PATHS
 from therouter.config import Settings
 from therouter.disconnect import SCOPE_KEY, Signal, signal_of
 from therouter.errors import RequestTimeout
@@ -65,7 +66,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.scope.get("method") == "POST" and cycle.scope.get("path") in PATHS:
             cycle.transport = HeadWithBody(cycle.transport)  # type: ignore[assignment]
             scope = cast(dict[str, Any], cycle.scope)
-            scope.setdefault("extensions", {})[SCOPE_KEY] = Signal()  # fired by connection_lost: no watcher task
+            ext = scope.setdefault("extensions", {})
+            ext[SCOPE_KEY] = Signal()  # fired by connection_lost: no watcher task
+            ext[BODY_COMPLETE] = lambda: not cycle.more_body  # (the body's deadline needs no timer then)
 
     def _arm(self) -> None:
         self._disarm()

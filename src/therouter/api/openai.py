@@ -64,6 +64,8 @@ async def _complete(endpoint: str, request: Request, key: Any, services: Any) ->
 
 PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
          "/api/v1/chat/completions": "chat", "/api/v1/completions": "completions"}
+# an ASGI scope extension our server (server.py) gives these routes: a callable, True once the whole body is in
+BODY_COMPLETE = "therouter.body_complete"
 
 
 class CompletionsRoute:
@@ -86,12 +88,17 @@ class CompletionsRoute:
         try:
             headers = _headers(scope)
             key = await services.auth.authenticate(headers.get(b"authorization", b"").decode("latin-1") or None)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    raw = await _receive_body(receive, headers.get(b"content-length"), server.max_body_bytes)
-            except TimeoutError:
-                raise RequestTimeout(f"The request body did not arrive within {server.body_timeout:g} s.",
-                                     headers={"Connection": "close"}) from None
+            declared = headers.get(b"content-length")
+            complete = scope.get("extensions", {}).get(BODY_COMPLETE)
+            if complete is not None and complete():  # all here: reading it cannot wait (no timer)
+                raw = await _receive_body(receive, declared, server.max_body_bytes)
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        raw = await _receive_body(receive, declared, server.max_body_bytes)
+                except TimeoutError:
+                    raise RequestTimeout(f"The request body did not arrive within {server.body_timeout:g} s.",
+                                         headers={"Connection": "close"}) from None
             if raw is None:
                 return  # the client left while sending its body: nobody to answer
             observed = True  # from here on the gateway counts and logs the request, whatever happens

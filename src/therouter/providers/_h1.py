@@ -256,6 +256,10 @@ class _H1Response(UpstreamResponse):
                 raise _broke(e)
             await conn.wait()
 
+    def buffered(self) -> bool:
+        conn = self._conn
+        return conn is None or conn.complete
+
     async def close(self) -> None:
         conn = self._conn
         if conn is not None:

@@ -70,6 +70,10 @@ class UpstreamResponse(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
+    def buffered(self) -> bool:
+        """Whether the whole body has arrived already, so reading it will not wait (the caller needs no timer)."""
+        return False
+
     async def chunks(self, raw_limit: int | None = None) -> AsyncGenerator[bytes, None]:
         """The decoded body, in pieces of bounded size however well it was compressed (and UpstreamBadResponse once
         more than ``raw_limit`` bytes came off the wire)."""

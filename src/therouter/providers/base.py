@@ -221,11 +221,14 @@ class Provider:
         answer is relayed in its own wire format); any other status is the mapped :class:`GatewayError`."""
         resp = await self.transport.send(req, connect=self.config.timeouts.connect, headers_timeout=budget)
         try:
-            try:
-                async with asyncio.timeout(budget):
-                    raw = await resp.read(max_body_bytes)
-            except TimeoutError:
-                raise UpstreamTimeout("upstream did not finish its answer in time", sent=True) from None
+            if resp.buffered():  # (the common case for a small answer: it came with its headers, no timer)
+                raw = await resp.read(max_body_bytes)
+            else:
+                try:
+                    async with asyncio.timeout(budget):
+                        raw = await resp.read(max_body_bytes)
+                except TimeoutError:
+                    raise UpstreamTimeout("upstream did not finish its answer in time", sent=True) from None
             if resp.status != 200:
                 raise self.map_error(resp.status, raw, resp.headers)
             return raw

@@ -295,6 +295,37 @@ async def test_chunked_body_is_decoded_and_streamed(h1: H1Transport) -> None:
     assert srv.connections == 1  # a complete chunked response leaves the connection reusable
 
 
+async def test_a_body_that_came_with_its_headers_is_buffered_and_one_still_coming_is_not(h1: H1Transport) -> None:
+    """``buffered()`` lets a caller skip its read timer: True only once the whole body is here."""
+    release = asyncio.Event()
+
+    async def whole_then_split(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, srv: Server) -> None:
+        await srv.read_request(reader)
+        writer.write(ok())  # headers and body in one write
+        await writer.drain()
+        await srv.read_request(reader)
+        writer.write(ok(b'{"ok":"late"}')[:-5])
+        await writer.drain()
+        await release.wait()
+        writer.write(b'ate"}')
+        await writer.drain()
+
+    async with Server(whole_then_split) as srv:
+        resp = await h1.send(req(srv.url()), connect=1, headers_timeout=2)
+        for _ in range(50):  # the body may come in a read of its own, just after the headers
+            if resp.buffered():
+                break
+            await asyncio.sleep(0.01)
+        assert resp.buffered() and await resp.read() == b'{"ok":true}'
+        await resp.close()
+        resp = await h1.send(req(srv.url()), connect=1, headers_timeout=2)
+        await asyncio.sleep(0.05)
+        assert not resp.buffered()
+        release.set()
+        assert await resp.read() == b'{"ok":"late"}' and resp.buffered()
+        await resp.close()
+
+
 async def test_close_delimited_body(h1: H1Transport) -> None:
     async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, srv: Server) -> None:
         await srv.read_request(reader)
