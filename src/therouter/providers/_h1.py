@@ -260,6 +260,10 @@ class _H1Response(UpstreamResponse):
         conn = self._conn
         return conn is None or conn.complete
 
+    def ready(self) -> bool:
+        conn = self._conn
+        return conn is None or bool(conn.body) or conn.complete or conn.error is not None
+
     async def close(self) -> None:
         conn = self._conn
         if conn is not None:

@@ -74,6 +74,11 @@ class UpstreamResponse(ABC):
         """Whether the whole body has arrived already, so reading it will not wait (the caller needs no timer)."""
         return False
 
+    def ready(self) -> bool:
+        """Whether the next piece of the body is here already (or its end, or an error): the next read will not
+        wait, so the caller needs no timer for it. False when unsure."""
+        return False
+
     async def chunks(self, raw_limit: int | None = None) -> AsyncGenerator[bytes, None]:
         """The decoded body, in pieces of bounded size however well it was compressed (and UpstreamBadResponse once
         more than ``raw_limit`` bytes came off the wire)."""

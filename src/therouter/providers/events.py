@@ -104,8 +104,11 @@ class UpstreamEvents:
         if remaining <= 0:
             raise self._timeout()
         try:
-            async with asyncio.timeout(remaining):
+            if self.resp.ready():  # (bytes already here: the read cannot wait, no timer)
                 chunk = await self._chunks.__anext__()
+            else:
+                async with asyncio.timeout(remaining):
+                    chunk = await self._chunks.__anext__()
         except StopAsyncIteration:
             self._eof = True
             chunk = None

@@ -288,7 +288,13 @@ async def test_chunked_body_is_decoded_and_streamed(h1: H1Transport) -> None:
         resp = await h1.send(req(srv.url()), connect=1, headers_timeout=2)
         it = resp.raw_chunks().__aiter__()
         assert await asyncio.wait_for(it.__anext__(), 2) == b"data: 1\n\n"
+        assert not resp.ready()  # nothing more yet: a reader needs its timer
         release.set()
+        for _ in range(100):
+            if resp.ready():
+                break
+            await asyncio.sleep(0.01)
+        assert resp.ready()  # the next read will not wait
         assert b"".join([c async for c in it]) == b"data: 2\n\n"
         await resp.close()
         assert await roundtrip(h1, srv.url()) == (200, b"data: 1\n\ndata: 2\n\n")
