@@ -15,7 +15,8 @@ JSON answer. For the completion routes, whose handlers send the head and the fir
 :class:`HeadWithBody` holds the head and sends it with the first body (ASGI lets a server do so). Those requests
 also get a disconnect :class:`~therouter.disconnect.Signal` in their scope, fired when the connection is lost, so
 the work they guard needs no watcher task, and a test of whether their body is all in (``BODY_COMPLETE``), so
-reading a body that came with its headers needs no deadline timer.
+reading a body that came with its headers needs no deadline timer, and of whether a write can wait
+(``WRITE_READY``), so a stream's write needs no write-timeout timer while the client keeps up.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from therouter.api.openai import BODY_COMPLETE, PATHS
+from therouter.api.streaming import WRITE_READY
 from therouter.config import Settings
 from therouter.disconnect import SCOPE_KEY, Signal, signal_of
 from therouter.errors import RequestTimeout
@@ -69,6 +71,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             ext = scope.setdefault("extensions", {})
             ext[SCOPE_KEY] = Signal()  # fired by connection_lost: no watcher task
             ext[BODY_COMPLETE] = lambda: not cycle.more_body  # (the body's deadline needs no timer then)
+            ext[WRITE_READY] = lambda: not cycle.flow.write_paused  # (nor a send's write timeout)
 
     def _arm(self) -> None:
         self._disarm()

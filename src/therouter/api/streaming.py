@@ -9,7 +9,7 @@ The body is pumped in the request's task while one watcher waits for ``http.disc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -18,6 +18,9 @@ from therouter import sse
 from therouter.disconnect import Gone, client_left, unless_gone, waiter
 from therouter.errors import GatewayError, InternalError
 
+# an ASGI scope extension our server (server.py) gives the completion routes: a callable, True while a send cannot
+# wait (the connection's writes are not paused), so that send needs no write-timeout timer
+WRITE_READY = "therouter.write_ready"
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
 
@@ -31,8 +34,11 @@ class SSEResponse(Response):
         self.status_code = 200
         self.background = None
         self.sse_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.write_ready: Callable[[], bool] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ext = scope.get("extensions")
+        self.write_ready = ext.get(WRITE_READY) if ext else None
         try:
             # pumped in this task, cancelled if the client leaves
             await unless_gone(self._pump(send), self.gone or waiter(receive))
@@ -51,13 +57,17 @@ class SSEResponse(Response):
         try:
             async for chunk in self.events:
                 last = getattr(self.events, "ended", False)  # the stream's last chunk ends the response with it
-                try:
-                    # a client that stopped reading: the transport's buffer stays full and send() waits; past the
-                    # write timeout the client is treated as gone (upstream closed, tokens so far metered)
-                    async with asyncio.timeout(self.write_timeout):
-                        await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-                except TimeoutError:
-                    return
+                message = {"type": "http.response.body", "body": chunk, "more_body": not last}
+                if self.write_ready is not None and self.write_ready():
+                    await send(message)  # (it cannot wait: no timer)
+                else:
+                    try:
+                        # a client that stopped reading: the transport's buffer stays full and send() waits; past
+                        # the write timeout the client is treated as gone (upstream closed, tokens so far metered)
+                        async with asyncio.timeout(self.write_timeout):
+                            await send(message)
+                    except TimeoutError:
+                        return
                 if last:
                     return
         except GatewayError as e:
