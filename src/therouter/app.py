@@ -18,6 +18,7 @@ from therouter.config import Settings
 from therouter.errors import GatewayError
 from therouter.logs import setup_logging
 from therouter.observability import worker_exit
+from therouter.server import tune_gc
 from therouter.services import build_services
 
 log = logging.getLogger("therouter")
@@ -49,6 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
                       e.message)
         await services.health.start()
         _announce(services.health.report())
+        tune_gc()
         try:
             yield
         finally:

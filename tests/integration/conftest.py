@@ -162,14 +162,15 @@ class Gateway:
 
 
 def start_gateway(config: dict[str, Any], tmp: Path, extra_env: dict[str, str] | None = None,
-                  workers: int = 1) -> Gateway:
+                  workers: int = 1, launcher: Path | None = None) -> Gateway:
+    """``launcher``: a script run instead of ``-m therouter`` (it gets the same arguments, ``serve ...``)."""
     port = free_port()
     cfg_path = tmp / f"gateway-{port}.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     log_path = tmp / f"gateway-{port}.log"
     env = {**os.environ, "TEST_DEEPSEEK_KEY": CANARY, "THEROUTER_ADMIN_KEY": ADMIN_KEY, **(extra_env or {})}
-    args = [sys.executable, "-m", "therouter", "serve", "--config", str(cfg_path), "--port", str(port),
-            "--log-level", "info", "--workers", str(workers)]
+    args = [sys.executable, *([str(launcher)] if launcher else ["-m", "therouter"]), "serve", "--config",
+            str(cfg_path), "--port", str(port), "--log-level", "info", "--workers", str(workers)]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
