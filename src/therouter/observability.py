@@ -64,12 +64,27 @@ class Finished:
     endpoint: str = ""  # chat | completions | messages (/v1/messages, served through chat)
 
 
+class _Series:
+    """The label children one request's observation updates, for one (model, provider, status, endpoint)."""
+
+    __slots__ = ("duration", "requests", "spend", "tokens", "ttft")
+
+    def __init__(self, m: Metrics, model: str, provider: str, code: str, endpoint: str) -> None:
+        self.requests = m._child(m.requests, model, provider, code, endpoint)
+        self.duration = m._child(m.duration, model, provider)
+        self.ttft: Any = None  # made at the first time to first token (refusals have none)
+        # (a child is a series in the exposition: tokens and spend only where a provider served)
+        self.tokens = tuple(m._child(m.tokens, model, provider, kind) for kind in TOKEN_TYPES) if provider else ()
+        self.spend = m._child(m.spend, model, provider) if provider else None
+
+
 class Metrics:
     def __init__(self, settings: Settings | None = None) -> None:
         self.registry = CollectorRegistry()
         self.models = frozenset(settings.models) if settings else frozenset()
         self.providers = frozenset(settings.providers) if settings else frozenset()
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._series: dict[tuple[str, str, int, str], _Series] = {}  # bounded: labels from the config, statuses
         r = self.registry
         self.requests = Counter("therouter_requests_total", "Client requests by model, provider (empty when none "
                                 "served), the HTTP status answered and the endpoint (chat, completions, messages)",
@@ -98,19 +113,30 @@ class Metrics:
         model = f.model if f.model in self.models else ""
         provider = f.provider if f.provider in self.providers else ""
         endpoint = f.endpoint if f.endpoint in ENDPOINTS else ""
-        self._child(self.requests, model, provider, str(f.status), endpoint).inc()
+        key = (model, provider, f.status, endpoint)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series(self, model, provider, str(f.status), endpoint)
+        series.requests.inc()
         if f.seconds is not None:
-            self._child(self.duration, model, provider).observe(f.seconds)
+            series.duration.observe(f.seconds)
         if f.ttft is not None:
-            self._child(self.ttft, model, provider).observe(f.ttft)
+            if series.ttft is None:
+                series.ttft = self._child(self.ttft, model, provider)
+            series.ttft.observe(f.ttft)
         u = f.usage
         if u is not None and provider:
-            for kind, n in zip(TOKEN_TYPES, (u.prompt_tokens, u.cached_tokens, u.completion_tokens,
-                                             u.reasoning_tokens), strict=True):
-                if n > 0:
-                    self._child(self.tokens, model, provider, kind).inc(n)
-        if f.cost_nano > 0 and provider:
-            self._child(self.spend, model, provider).inc(f.cost_nano / NANO)
+            prompt, cached, completion, reasoning = series.tokens
+            if u.prompt_tokens > 0:
+                prompt.inc(u.prompt_tokens)
+            if u.cached_tokens > 0:
+                cached.inc(u.cached_tokens)
+            if u.completion_tokens > 0:
+                completion.inc(u.completion_tokens)
+            if u.reasoning_tokens > 0:
+                reasoning.inc(u.reasoning_tokens)
+        if f.cost_nano > 0 and series.spend is not None:
+            series.spend.inc(f.cost_nano / NANO)
         if f.fallback_from:
             self._child(self.fallbacks, f.requested if f.requested in self.models else model).inc()
         if isinstance(f.error, BudgetExceeded):
