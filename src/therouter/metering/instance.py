@@ -7,7 +7,7 @@ record and its reservation does not block the key's budget until it expires:
   its score (last-seen, ms, the meter's clock) in the ``{meter}:instances`` zset.
 * **Registered before the upstream call, at no extra round trip.** An admission that makes a reservation sends the
   admission script and ``HSET {meter}:inflight:ID GEN entry`` in one pipeline (:meth:`Meter.admit`); settlement
-  removes it in the same round trip as its cross-slot post. A refused admission's entry is removed by the next
+  removes it with its cross-slot extras (on a single node inside the settle script itself). A refused admission's entry is removed by the next
   checkpoint. A request without a reservation (a key with no budget or limits) is registered by its first
   checkpoint: no Redis call is added to that fast path.
 * **Checkpoints.** Every ``checkpoint_interval`` one pipelined batch (with the heartbeat when it is due) writes the

@@ -19,13 +19,15 @@ Policies (what tests/metering pins, against a real redis-server):
 * **Settlement** (``settle.lua``) is idempotent by generation id (a settled marker ``SET NX``, 48 h, plus the record
   itself, 30 d): totals, period and per-model counters, the reservation released (TPM reconciled to actual), the
   record, and the key's own usage stream -- all in the key's hash slot, atomically, so counters equal the sum of
-  the stream's records. Then a second, plain call adds the cross-slot extras (global ``usage`` feed, key index,
-  ``gen:ID`` lookup); it runs only after a first settlement, so the feed is at-least-once, never the counters.
+  the stream's records. The cross-slot extras (global ``usage`` feed, key index, ``gen:ID`` lookup, the in-flight
+  entry's removal) follow a first settlement only, so the feed is at-least-once, never the counters: on a single
+  node the same script posts them (declared as its KEYS 14-17, atomically with the settlement: one round trip); on
+  a Redis Cluster, where they live in other slots, a second, plain call does.
   No additive command is ever re-sent after a timeout: an unknown outcome goes to the journal, whose replay runs
   the same idempotent script. ``settle`` never raises and runs shielded from the caller's cancellation.
   On a single node settlements are **group-committed**: those queued while a batch is in Redis go together in the
-  next one (one pipeline of settle scripts, one of the extras), so a loaded worker pays two round trips per batch,
-  not two per request; each caller still returns only once its record is stored (or journalled).
+  next one (one pipeline of settle scripts), so a loaded worker pays one round trip per batch, not one per
+  request; each caller still returns only once its record is stored (or journalled).
 * **Crash recovery** (:mod:`instance`): every request in flight is registered under this process's instance id
   (for a reservation, in the admission's round trip) and checkpointed; requests of an instance that stopped
   heartbeating are settled by the survivors as ``gateway_lost``.
@@ -50,7 +52,6 @@ from typing import Any
 
 import orjson
 
-from therouter._resp import Commands
 from therouter.config import Settings
 from therouter.errors import BudgetExceeded, GatewayError, RateLimited, StoreUnavailable
 from therouter.keys import KeyRecord
@@ -70,6 +71,8 @@ from therouter.store import Store
 
 log = logging.getLogger("therouter.metering")
 _MAX_ORPHANS = 10_000
+# settle.lua's ARGV[22] (a single node): when a repeated settlement posts the cross-slot extras too
+_POST_FIRST, _POST_ALWAYS, _POST_IF_MISSING = "0", "1", "2"  # never (only a first one) / always / if gen:ID is missing
 
 
 class Meter:
@@ -319,7 +322,7 @@ class Meter:
             await self._journal(adm, record, post=False, only_if_reserved=only_if_reserved)
 
     def _queue(self, adm: Admission, record: GenerationRecord, only_if_reserved: bool) -> asyncio.Future[None]:
-        """Group commit (a single node): settled with the others waiting, in two round trips in all; the future is
+        """Group commit (a single node): settled with the others waiting, in one round trip in all; the future is
         done when this one is settled or journalled. ``aclose`` waits for the flusher."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._batch.append(_Pending(adm, record, only_if_reserved, fut))
@@ -331,8 +334,8 @@ class Meter:
 
     async def _flush_settlements(self) -> None:
         """Settle everything queued, batch after batch, until the queue is empty. A batch is what was queued while
-        the previous one was in Redis (group commit): one pipeline of settle scripts, then one pipeline of the
-        extras of those settled for the first time. Every waiting ``_settle`` is released when its batch is done,
+        the previous one was in Redis (group commit): one pipeline of settle scripts, each posting its own cross-slot
+        extras. Every waiting ``_settle`` is released when its batch is done,
         whatever happened (a failed one is journalled first)."""
         try:
             while self._batch:
@@ -352,86 +355,73 @@ class Meter:
             self._flusher = None
 
     async def _settle_batch(self, batch: list[_Pending]) -> None:
-        ready: list[tuple[_Pending, str]] = []
+        """One pipeline of settle scripts, each with its cross-slot extras (a single node: one round trip)."""
+        calls: list[tuple[list[str], list[str | int]]] = []
+        ready: list[_Pending] = []
         for p in batch:
             try:
-                ready.append((p, _json(p.record.to_dict())))
+                calls.append(self._settle_call(p.adm, p.record, _json(p.record.to_dict()), p.only_if_reserved,
+                                               _POST_FIRST))
+                ready.append(p)
             except Exception:
                 log.exception("metering: settle failed unexpectedly; journalling %s", p.adm.gen_id)
                 await self._journal(p.adm, p.record, post=False, only_if_reserved=p.only_if_reserved)
         if not ready:
             return
-        calls = [(self._settle_keys(p.adm, p.record),
-                  [*self._settle_args(p.adm, p.record, rec_json), 1 if p.only_if_reserved else 0, p.record.provider])
-                 for p, rec_json in ready]
         try:
             replies = await self.scripts.run_many("settle", calls)
         except Exception as e:  # the outcome of each is unknown: the journal's replay settles them exactly once
             if not isinstance(e, GatewayError):
                 log.exception("metering: settle failed unexpectedly; journalling %d records", len(ready))
-            for p, _ in ready:
+            for p in ready:
                 await self._journal(p.adm, p.record, post=False, only_if_reserved=p.only_if_reserved)
             return
-        first: list[tuple[_Pending, str]] = []
-        for (p, rec_json), reply in zip(ready, replies):
+        for p, reply in zip(ready, replies):
             if isinstance(reply, Exception):  # this one's script failed (the others ran): journalled
                 log.error("metering: settle script failed for %s (%s); journalled", p.adm.gen_id, reply)
                 await self._journal(p.adm, p.record, post=False, only_if_reserved=p.only_if_reserved)
-            elif int(reply[0]) == 1:
-                first.append((p, rec_json))
-        if not first:
-            return
-        try:
-            await self.store.call(lambda: self._post_many(first))
-        except Exception:  # noqa: BLE001 - whatever stopped the extras, the journal keeps the records
-            for p, _ in first:
-                await self._journal(p.adm, p.record, post=True)
 
     async def _apply(self, adm: Admission, record: GenerationRecord, post_owed: bool, replay: bool = False,
                      only_if_reserved: bool = False) -> None:
-        """The settle script, then the cross-slot extras: after a first settlement, when owed, or -- on replay, when
-        the script had already run (its reply was lost in a stall) -- when the generation index shows they are
-        missing."""
+        """The settle script and the cross-slot extras: after a first settlement, when owed (a journal entry with
+        ``post``), or -- on replay, when the script had already run (its reply was lost in a stall) -- when the
+        generation index shows they are missing. A single node: all of it in the script, one round trip. A cluster:
+        the script, then the extras in a call of their own (they are in other slots)."""
         rec_json = _json(record.to_dict())
-        args = [*self._settle_args(adm, record, rec_json), 1 if only_if_reserved else 0, record.provider]
-        res = await self.scripts.run("settle", self._settle_keys(adm, record), args)
+        post = _POST_ALWAYS if post_owed else _POST_IF_MISSING if replay and not only_if_reserved else _POST_FIRST
+        if not self.store.cluster:
+            await self.scripts.run("settle", *self._settle_call(adm, record, rec_json, only_if_reserved, post))
+            return
+        res = await self.scripts.run("settle", *self._settle_call(adm, record, rec_json, only_if_reserved, None))
         first = int(res[0]) == 1
-        if first or post_owed or (replay and not only_if_reserved):
+        if first or post != _POST_FIRST:
             try:
                 await self.store.call(lambda: self._post(adm, rec_json, only_if_missing=not (first or post_owed)))
             except Exception:  # noqa: BLE001 - whatever stopped the post, the journal keeps the record
                 await self._journal(adm, record, post=True)
 
-    def _settle_keys(self, adm: Admission, record: GenerationRecord) -> list[str]:
-        lay, kid, gen, day = self.layout, adm.key_id, adm.gen_id, day_id(adm.admitted_at)
-        return [lay.settled(kid, gen), lay.gen(kid, gen), lay.per(kid, "total"), lay.per(kid, "d:" + day),
-                lay.per(kid, "m:" + month_id(adm.admitted_at)), lay.bymodel(kid, day), lay.resv(kid),
+    def _settle_call(self, adm: Admission, record: GenerationRecord, rec_json: str, only_if_reserved: bool,
+                     post: str | None) -> tuple[list[str], list[str | int]]:
+        """settle.lua's KEYS and ARGV; ``post`` (a single node only: None leaves the extras out) says when a repeat
+        posts the cross-slot extras too (``_POST_*``; a first settlement always posts them)."""
+        lay, kid, gen, day, month = self.layout, adm.key_id, adm.gen_id, day_id(adm.admitted_at), \
+            month_id(adm.admitted_at)
+        keys = [lay.settled(kid, gen), lay.gen(kid, gen), lay.per(kid, "total"), lay.per(kid, "d:" + day),
+                lay.per(kid, "m:" + month), lay.bymodel(kid, day), lay.resv(kid),
                 lay.resvexp(kid), lay.stream(kid), lay.rl(kid, "t", adm.window),
                 lay.rl(kid, "t|" + adm.model, adm.window), lay.rid(kid, record.request_id), lay.byprov(kid, day)]
-
-    def _settle_args(self, adm: Admission, record: GenerationRecord, rec_json: str) -> list[str | int]:
         c, o = record.counters(), self.options
-        return [adm.gen_id, c["cost"], record.model, *(c[f] for f in COUNTER_FIELDS[2:]), rec_json, o.settled_ttl,
-                o.record_ttl, o.day_ttl, o.month_ttl, o.stream_maxlen,
-                c["prompt_tokens"] + c["completion_tokens"], day_id(adm.admitted_at), month_id(adm.admitted_at),
-                record.request_id]
-
-    async def _post_many(self, settled: Sequence[tuple[_Pending, str]]) -> None:
-        """The cross-slot extras of several first settlements, in one pipeline (see :meth:`_post`)."""
-        lay = self.layout
-        pipe = Commands()
-        for p, rec_json in settled:
-            gen_id, key_id = p.adm.gen_id, p.adm.key_id
-            pipe.xadd(lay.feed(), {"gen": gen_id, "key": key_id, "rec": rec_json},
-                      maxlen=self.options.feed_maxlen, approximate=True)
-            pipe.sadd(lay.keyset(), key_id)
-            pipe.set(lay.gen_index(gen_id), key_id, ex=self.options.record_ttl)
-            pipe.hdel(self.instance.key, gen_id)  # no longer in flight
-        for reply in await self.store.send(pipe.items):
-            if isinstance(reply, Exception):
-                raise self.store.reply_error(reply)
+        args: list[str | int] = [
+            gen, c["cost"], record.model, *(c[f] for f in COUNTER_FIELDS[2:]), rec_json, o.settled_ttl, o.record_ttl,
+            o.day_ttl, o.month_ttl, o.stream_maxlen, c["prompt_tokens"] + c["completion_tokens"], day, month,
+            record.request_id, 1 if only_if_reserved else 0, record.provider]
+        if post is not None:
+            keys += [lay.feed(), lay.keyset(), lay.gen_index(gen), self.instance.key]
+            args += [kid, o.feed_maxlen, post]
+        return keys, args
 
     async def _post(self, adm: Admission, rec_json: str, only_if_missing: bool = False) -> None:
+        """The cross-slot extras of one settlement on a cluster (a single node posts them in the settle script)."""
         lay = self.layout
         if only_if_missing and not await self.store.redis.set(lay.gen_index(adm.gen_id), adm.key_id,
                                                               ex=self.options.record_ttl, nx=True):
