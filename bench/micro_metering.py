@@ -4,14 +4,15 @@
 
 Rounds of ``concurrency`` metered requests (a key with a budget and a TPM limit): all admitted together, then all
 settled together, as a loaded worker group-commits them. Reports, per request: this process's CPU (admission and
-settlement separately, event loop included), redis-server's CPU (INFO cpu) and the commands Redis ran (INFO
-commandstats), and the round trips (Store.send calls).
+settlement separately, event loop included), redis-server's CPU (INFO cpu), the commands Redis ran (INFO
+commandstats: those the scripts run included) and those sent to it, and the round trips per round (Store.send calls).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import tempfile
 import time
 import uuid
@@ -38,9 +39,11 @@ SETTINGS: dict[str, Any] = {
 
 class CountingStore(Store):
     sends = 0
+    commands = 0
 
     async def send(self, commands: Any) -> list[Any]:
         self.sends += 1
+        self.commands += len(commands)
         return await super().send(commands)
 
 
@@ -61,7 +64,7 @@ async def redis_stats(r: Any) -> tuple[float, int]:
     return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), int(calls)
 
 
-async def run(url: str, rounds: int, concurrency: int) -> None:
+async def run(url: str, rounds: int, concurrency: int) -> dict[str, float]:
     settings = parse_settings(SETTINGS, "bench", env={})
     store = CountingStore(StoreConfig(redis_url=url, key_prefix=f"b{uuid.uuid4().hex[:6]}:", socket_timeout=5.0))
     meter = Meter(store, settings, Path(tempfile.mkdtemp()) / "journal",
@@ -81,36 +84,39 @@ async def run(url: str, rounds: int, concurrency: int) -> None:
 
     await one_round(concurrency)  # warm (scripts loaded, connections open)
     cpu0, calls0 = await redis_stats(admin)
-    sends0 = store.sends
+    sends0, commands0 = store.sends, store.commands
     adm_cpu = settle_cpu = 0.0
     for _ in range(rounds):
         a, s = await one_round(concurrency)
         adm_cpu, settle_cpu = adm_cpu + a, settle_cpu + s
     cpu1, calls1 = await redis_stats(admin)
     n = rounds * concurrency
-    print(f"{n} requests, {concurrency} at a time")
-    print(f"  gateway CPU per request: admission {adm_cpu / n * 1e6:6.1f} us, settlement {settle_cpu / n * 1e6:6.1f} us,"
-          f" both {(adm_cpu + settle_cpu) / n * 1e6:6.1f} us")
-    print(f"  redis-server CPU per request: {(cpu1 - cpu0) / n * 1e6:6.1f} us")
-    print(f"  redis commands per request: {(calls1 - calls0 - 2) / n:5.2f}")  # (the 2 INFO reads of this probe)
-    print(f"  round trips per round: {(store.sends - sends0) / rounds:5.2f}")
+    out = {"admission us": adm_cpu / n * 1e6, "settlement us": settle_cpu / n * 1e6,
+           "both us": (adm_cpu + settle_cpu) / n * 1e6, "redis us": (cpu1 - cpu0) / n * 1e6,
+           "redis commands": (calls1 - calls0) / n,
+           "commands sent": (store.commands - commands0) / n, "round trips per round": (store.sends - sends0) / rounds}
+    print("  ".join(f"{k} {v:6.1f}" for k, v in out.items()))
     assert meter.journal_writes_total == 0
     await admin.aclose()
     await meter.aclose()
     await store.aclose()
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--concurrency", type=int, default=50)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=7)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         proc = RedisProcess(d, appendonly=False).start()
         try:
-            for _ in range(a.repeat):
-                asyncio.run(run(proc.url, a.rounds, a.concurrency))
+            runs = [asyncio.run(run(proc.url, a.rounds, a.concurrency)) for _ in range(a.repeat)]
+            print(f"per request, {a.rounds} rounds of {a.concurrency}, the best / the median of {a.repeat} runs:")
+            for k in runs[0]:
+                values = sorted(r[k] for r in runs)
+                print(f"  {k:22s} {values[0]:7.1f} / {statistics.median(values):7.1f}")
         finally:
             proc.stop()
 

@@ -63,7 +63,7 @@ from therouter.metering.layout import Layout, day_id, month_id, period_id, perio
 from therouter.metering.pricebook import PriceBook
 from therouter.metering.prices import PriceVersion, billable, cost_nano, dearest, nano_to_usd, reservation_nano
 from therouter.metering.ratelimit import Decision, LocalLimiter, headers, retry_after_seconds, tighter
-from therouter.metering.records import COUNTER_FIELDS, GenerationRecord
+from therouter.metering.records import GenerationRecord
 from therouter.metering.reports import Reports
 from therouter.metering.scripts import Scripts
 from therouter.protocol.usage import Usage
@@ -71,6 +71,7 @@ from therouter.store import Store
 
 log = logging.getLogger("therouter.metering")
 _MAX_ORPHANS = 10_000
+_MAX_NAMES = 10_000  # cached key-name tuples (_admit_keys, _settle_call), dropped all at once when full
 # settle.lua's ARGV[22] (a single node): when a repeated settlement posts the cross-slot extras too
 _POST_FIRST, _POST_ALWAYS, _POST_IF_MISSING = "0", "1", "2"  # never (only a first one) / always / if gen:ID is missing
 
@@ -96,6 +97,7 @@ class Meter:
         self.journal_errors_total = 0
         self.usage_anomalies: Counter[tuple[str, str]] = Counter()  # (provider, reason): see bounds.py
         self._orphans: dict[str, tuple[str, int, str]] = {}  # gen id -> (key id, window, model): releases owed
+        self._names: dict[tuple[Any, ...], tuple[str, ...]] = {}  # key names shared by requests (_admit_keys, ...)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._batch: list[_Pending] = []  # settlements waiting for the next round trip (a single node)
         self._flusher: asyncio.Task[None] | None = None
@@ -160,10 +162,15 @@ class Meter:
             self.instance.admitted(adm, prompt_tokens_est, registered=False)
             return adm
         pid = period_id(key.budget_period, now)
+        keys = self._admit_keys(key.id, pid, adm.window, model)
+        args = self._admit_args(key, adm, pid, now_ms, mrpm, mtpm)
+        raw = self.instance.entry(adm, prompt_tokens_est)
         try:  # the admission and this request's in-flight entry: one round trip
-            res = await self.scripts.run_with("admit", self._admit_keys(key.id, pid, adm.window, model),
-                                              self._admit_args(key, adm, pid, now_ms),
-                                              self.instance.registration(adm, prompt_tokens_est))
+            if self.store.cluster:  # (the in-flight hash is in another slot: its HSET goes beside the script)
+                res = await self.scripts.run_with("admit", keys, args, self.instance.registration(gen_id, raw))
+            else:  # the script registers the request itself once it is admitted
+                args += (raw, self.instance.ttl_ms)
+                res = await self.scripts.run_with("admit", keys, args)
         except StoreUnavailable:
             return self._admit_degraded(key, adm, now_ms, prompt_tokens_est)
         except Exception:
@@ -178,25 +185,38 @@ class Meter:
             if status == "budget":
                 raise self._budget_error(key, pid, spent, reserved, reserve)
             raise self._rate_error(rdec, tdec, tokens)
-        adm = replace(adm, tracked=True, headers=headers(rdec, tdec))
+        adm.tracked, adm.headers = True, headers(rdec, tdec)
         self.instance.admitted(adm, prompt_tokens_est, registered=True)
         return adm
 
-    def _admit_keys(self, key_id: str, pid: str, window: int, model: str) -> list[str]:
+    def _admit_keys(self, key_id: str, pid: str, window: int, model: str) -> tuple[str, ...]:
+        """admit.lua's KEYS (with this instance's in-flight hash on a single node): the same for every request of a
+        key, budget period, window and model, so built once for them."""
+        names = self._names.get(("admit", key_id, pid, window, model))
+        if names is not None:
+            return names
         lay, mr, mt = self.layout, "r|" + model, "t|" + model
-        return [lay.resv(key_id), lay.resvexp(key_id), lay.per(key_id, pid),
-                lay.rl(key_id, "r", window), lay.rl(key_id, "r", window - 1),
-                lay.rl(key_id, "t", window), lay.rl(key_id, "t", window - 1),
-                lay.rl(key_id, mr, window), lay.rl(key_id, mr, window - 1),
-                lay.rl(key_id, mt, window), lay.rl(key_id, mt, window - 1)]
+        names = (lay.resv(key_id), lay.resvexp(key_id), lay.per(key_id, pid),
+                 lay.rl(key_id, "r", window), lay.rl(key_id, "r", window - 1),
+                 lay.rl(key_id, "t", window), lay.rl(key_id, "t", window - 1),
+                 lay.rl(key_id, mr, window), lay.rl(key_id, mr, window - 1),
+                 lay.rl(key_id, mt, window), lay.rl(key_id, mt, window - 1),
+                 *(() if self.store.cluster else (self.instance.key,)))
+        return self._remember(("admit", key_id, pid, window, model), names)
 
-    def _admit_args(self, key: KeyRecord, adm: Admission, pid: str, now_ms: int) -> list[str | int]:
-        ttl_ms = self.reservation_ttl * 1000
+    def _remember(self, name: tuple[Any, ...], names: tuple[str, ...]) -> tuple[str, ...]:
+        if len(self._names) >= _MAX_NAMES:  # (a window or a day passed for every key: start again)
+            self._names.clear()
+        self._names[name] = names
+        return names
+
+    def _admit_args(self, key: KeyRecord, adm: Admission, pid: str, now_ms: int, mrpm: int | None,
+                    mtpm: int | None) -> list[str | int]:
+        ttl_ms, window_ms = self.reservation_ttl * 1000, self.options.window_ms
         return [adm.gen_id, now_ms, -1 if key.budget_nano is None else key.budget_nano, adm.reserved_nano, pid,
                 ttl_ms, -1 if key.rpm is None else key.rpm, -1 if key.tpm is None else key.tpm,
-                adm.reserved_tokens, self.options.window_ms, now_ms % self.options.window_ms,
-                f"{adm.model}|{adm.price.version}", ttl_ms + 60_000,
-                *(-1 if v is None else v for v in key.limits_for(adm.model))]
+                adm.reserved_tokens, window_ms, now_ms % window_ms, f"{adm.model}|{adm.price.version}",
+                ttl_ms + 60_000, -1 if mrpm is None else mrpm, -1 if mtpm is None else mtpm]
 
     def _admit_degraded(self, key: KeyRecord, adm: Admission, now_ms: int, prompt_tokens_est: int) -> Admission:
         """Redis unreachable: budgets fail closed, rate limits fail open to the local limiter."""
@@ -404,21 +424,32 @@ class Meter:
                      post: str | None) -> tuple[list[str], list[str | int]]:
         """settle.lua's KEYS and ARGV; ``post`` (a single node only: None leaves the extras out) says when a repeat
         posts the cross-slot extras too (``_POST_*``; a first settlement always posts them)."""
-        lay, kid, gen, day, month = self.layout, adm.key_id, adm.gen_id, day_id(adm.admitted_at), \
-            month_id(adm.admitted_at)
-        keys = [lay.settled(kid, gen), lay.gen(kid, gen), lay.per(kid, "total"), lay.per(kid, "d:" + day),
-                lay.per(kid, "m:" + month), lay.bymodel(kid, day), lay.resv(kid),
-                lay.resvexp(kid), lay.stream(kid), lay.rl(kid, "t", adm.window),
-                lay.rl(kid, "t|" + adm.model, adm.window), lay.rid(kid, record.request_id), lay.byprov(kid, day)]
-        c, o = record.counters(), self.options
+        kid, gen, at = adm.key_id, adm.gen_id, adm.admitted_at
+        day, month = day_id(at), month_id(at)
+        tag = self.layout.tag(kid)
+        st = self._names.get(("settle", kid, day, adm.window, adm.model))
+        if st is None:
+            st = self._remember(("settle", kid, day, adm.window, adm.model), self._settle_names(adm, day, month))
+        keys = [tag + "settled:" + gen, tag + "gen:" + gen, st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7],
+                st[8], tag + "rid:" + record.request_id, st[9]]
+        cost, _, prompt, completion, cached, reasoning = record.counter_values()  # (COUNTER_FIELDS' order)
+        o = self.options
         args: list[str | int] = [
-            gen, c["cost"], record.model, *(c[f] for f in COUNTER_FIELDS[2:]), rec_json, o.settled_ttl, o.record_ttl,
-            o.day_ttl, o.month_ttl, o.stream_maxlen, c["prompt_tokens"] + c["completion_tokens"], day, month,
-            record.request_id, 1 if only_if_reserved else 0, record.provider]
+            gen, cost, record.model, prompt, completion, cached, reasoning, rec_json, o.settled_ttl, o.record_ttl,
+            o.day_ttl, o.month_ttl, o.stream_maxlen, prompt + completion, day, month, record.request_id,
+            1 if only_if_reserved else 0, record.provider]
         if post is not None:
-            keys += [lay.feed(), lay.keyset(), lay.gen_index(gen), self.instance.key]
-            args += [kid, o.feed_maxlen, post]
+            keys += (st[10], st[11], self.layout.gen_index(gen), self.instance.key)
+            args += (kid, o.feed_maxlen, post)
         return keys, args
+
+    def _settle_names(self, adm: Admission, day: str, month: str) -> tuple[str, ...]:
+        """The KEYS of settle.lua that every settlement of a key, day, window and model shares (3-11 and 13; then
+        the feed and the key set)."""
+        lay, kid = self.layout, adm.key_id
+        return (lay.per(kid, "total"), lay.per(kid, "d:" + day), lay.per(kid, "m:" + month), lay.bymodel(kid, day),
+                lay.resv(kid), lay.resvexp(kid), lay.stream(kid), lay.rl(kid, "t", adm.window),
+                lay.rl(kid, "t|" + adm.model, adm.window), lay.byprov(kid, day), lay.feed(), lay.keyset())
 
     async def _post(self, adm: Admission, rec_json: str, only_if_missing: bool = False) -> None:
         """The cross-slot extras of one settlement on a cluster (a single node posts them in the settle script)."""
