@@ -308,11 +308,14 @@ class Meter:
     def _bound(self, adm: Admission, record: GenerationRecord, estimate: Usage | None, choices: int) -> None:
         """Within the served model's card, and within what the request could send and was reserved for."""
         card = self.settings.models.get(record.model)
-        limits = None if card is None else Bounds(card.context_length, card.max_output_tokens * max(choices, 1))
-        if limits is not None and adm.max_prompt_tokens > 0:
-            limits = Bounds(min(limits.context, adm.max_prompt_tokens), limits.max_output)
-        if limits is not None and adm.max_completion_tokens > 0:
-            limits = Bounds(limits.context, min(limits.max_output, adm.max_completion_tokens))
+        limits = None
+        if card is not None:
+            context, max_output = card.context_length, card.max_output_tokens * max(choices, 1)
+            if adm.max_prompt_tokens > 0:
+                context = min(context, adm.max_prompt_tokens)
+            if adm.max_completion_tokens > 0:
+                max_output = min(max_output, adm.max_completion_tokens)
+            limits = Bounds(context, max_output)
         usage, reasons = bound_usage(record.usage, limits, estimate)
         if reasons:
             for reason in reasons:
@@ -640,8 +643,8 @@ def _ignore(*_: Any) -> None:
 def _decision(limit: int | None, raw: list[Any]) -> Decision | None:
     if limit is None:
         return None
-    ok, remaining, reset, retry = (int(x) for x in raw)
-    return Decision(ok == 1, limit, remaining, reset, retry)
+    ok, remaining, reset, retry = raw
+    return Decision(int(ok) == 1, limit, int(remaining), int(reset), int(retry))
 
 
 def _json(d: dict[str, Any]) -> str:
