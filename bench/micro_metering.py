@@ -2,8 +2,8 @@
 
     nice -n 19 .venv/bin/python bench/micro_metering.py [--rounds 40] [--concurrency 50]
 
-Rounds of ``concurrency`` metered requests (a key with a budget and a TPM limit): all admitted together, then all
-settled together, as a loaded worker group-commits them. Reports, per request: this process's CPU (admission and
+Rounds of ``concurrency`` metered requests (a key with a budget and a TPM limit) admitted together, as a loaded
+worker group-commits them; then their settlements, in rounds of the same size (so each phase's Redis CPU is apart). Reports, per request: this process's CPU (admission and
 settlement separately, event loop included), redis-server's CPU (INFO cpu), the commands Redis ran (INFO
 commandstats: those the scripts run included) and those sent to it, and the round trips per round (Store.send calls).
 """
@@ -73,27 +73,31 @@ async def run(url: str, rounds: int, concurrency: int) -> dict[str, float]:
     admin = aioredis.Redis.from_url(url)
     keys = [KeyRecord(id=f"key_{i:04d}", name="b", hint="x", budget_nano=10**15, tpm=10**9) for i in range(20)]
 
-    async def one_round(n: int) -> tuple[float, float]:
-        gens = [uuid.uuid4().hex for _ in range(n)]
-        t0 = time.process_time()
-        adms = await asyncio.gather(*(meter.admit(keys[i % len(keys)], "deepseek-chat", 1200, 300, g,
-                                                  prompt_bound=1500) for i, g in enumerate(gens)))
-        t1 = time.process_time()
-        await asyncio.gather(*(meter.settle(a, record(a.gen_id)) for a in adms))
-        return t1 - t0, time.process_time() - t1
+    def admit_all(gens: list[str]) -> Any:
+        return asyncio.gather(*(meter.admit(keys[i % len(keys)], "deepseek-chat", 1200, 300, g, prompt_bound=1500)
+                                for i, g in enumerate(gens)))
 
-    await one_round(concurrency)  # warm (scripts loaded, connections open)
-    cpu0, calls0 = await redis_stats(admin)
+    await asyncio.gather(*(meter.settle(a, record(a.gen_id)) for a in await admit_all(
+        [uuid.uuid4().hex for _ in range(concurrency)])))  # warm (scripts loaded, connections open)
+    # the admissions, round after round, then their settlements: each phase's own Redis CPU
+    stats = [await redis_stats(admin)]
     sends0, commands0 = store.sends, store.commands
-    adm_cpu = settle_cpu = 0.0
+    t0 = time.process_time()
+    admitted = []
     for _ in range(rounds):
-        a, s = await one_round(concurrency)
-        adm_cpu, settle_cpu = adm_cpu + a, settle_cpu + s
-    cpu1, calls1 = await redis_stats(admin)
+        admitted.append(await admit_all([uuid.uuid4().hex for _ in range(concurrency)]))
+    t1 = time.process_time()
+    stats.append(await redis_stats(admin))
+    t2 = time.process_time()
+    for adms in admitted:
+        await asyncio.gather(*(meter.settle(a, record(a.gen_id)) for a in adms))
+    t3 = time.process_time()
+    stats.append(await redis_stats(admin))
     n = rounds * concurrency
-    out = {"admission us": adm_cpu / n * 1e6, "settlement us": settle_cpu / n * 1e6,
-           "both us": (adm_cpu + settle_cpu) / n * 1e6, "redis us": (cpu1 - cpu0) / n * 1e6,
-           "redis commands": (calls1 - calls0) / n,
+    out = {"admission us": (t1 - t0) / n * 1e6, "settlement us": (t3 - t2) / n * 1e6,
+           "both us": (t1 - t0 + t3 - t2) / n * 1e6, "redis admission us": (stats[1][0] - stats[0][0]) / n * 1e6,
+           "redis settlement us": (stats[2][0] - stats[1][0]) / n * 1e6, "redis us": (stats[2][0] - stats[0][0]) / n * 1e6,
+           "redis commands": (stats[2][1] - stats[0][1]) / n,
            "commands sent": (store.commands - commands0) / n, "round trips per round": (store.sends - sends0) / rounds}
     print("  ".join(f"{k} {v:6.1f}" for k, v in out.items()))
     assert meter.journal_writes_total == 0
