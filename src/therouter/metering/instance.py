@@ -9,8 +9,9 @@ record and its reservation does not block the key's budget until it expires:
   ``HSET {meter}:inflight:ID GEN entry`` in its own round trip (:meth:`Meter.admit`): on a single node the admission
   script writes it once it has admitted the request; on a cluster, where the hash is in another slot, it is
   pipelined beside the script, and a refused admission's entry is removed by the next checkpoint. Settlement
-  removes it with its cross-slot extras (on a single node, inside the settle script). A request without a reservation (a key with no budget or limits) is registered by its first
-  checkpoint: no Redis call is added to that fast path.
+  removes it with its cross-slot extras (on a single node, inside the settle script). A request without a
+  reservation (a key with no budget or limits) is registered by its first checkpoint: no Redis call is added to that
+  fast path.
 * **Checkpoints.** Every ``checkpoint_interval`` one pipelined batch (with the heartbeat when it is due) writes the
   entries that changed: the deployment serving the request, its prompt tokens (estimate or reported) and output
   tokens so far, read from the live counter the stream's rewriter keeps anyway (nothing is written per chunk).
