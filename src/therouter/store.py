@@ -242,9 +242,10 @@ class Store:
         raise NoScriptError("the script could not be loaded")
 
     async def script_with_many(self, script: Any,
-                               items: Sequence[tuple[Sequence[str], Sequence[str | int], Callable[[Any], None]]]
+                               items: Sequence[tuple[Sequence[str], Sequence[str | int], Callable[[Any], None] | None]]
                                ) -> list[Any]:
-        """:meth:`script_with` for several ``(keys, args, extra)`` at once, in one pipeline (a single node only).
+        """:meth:`script_with` for several ``(keys, args, extra)`` at once (``extra`` None: the script alone), in one
+        pipeline (a single node only).
         Returns one entry per item: the script's reply, or the first error among its commands (the other items ran).
         Items answered ``NOSCRIPT`` (they did not run) are sent again, with their idempotent extras, once the script
         is loaded. A connection failure raises (the outcome of every item is then unknown)."""
@@ -258,7 +259,8 @@ class Store:
                 keys, args, extra = items[i]
                 start = len(batch)
                 batch.evalsha(script.sha, len(keys), *keys, *args)
-                extra(batch)
+                if extra is not None:
+                    extra(batch)
                 spans.append((i, start, len(batch)))
             got = await self.send(batch.items)
             missing = []

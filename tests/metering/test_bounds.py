@@ -3,6 +3,8 @@ every count is clamped to the model card, and each anomaly is named."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from therouter.metering.bounds import REASONS, Bounds, bound_usage
@@ -88,3 +90,14 @@ def test_cache_writes_are_clamped_to_the_prompt_left_after_reads() -> None:
                              Bounds(context=1000, max_output=10))
     assert (u.cached_tokens, u.cache_write_tokens) == (60, 40)
     assert reasons == ["cache_write_over_prompt"]
+
+
+def test_a_usage_within_bounds_is_copied_whole_and_left_unchanged() -> None:
+    """bound_usage copies the usage field by field (faster than dataclasses.replace): every field but ``rejected``."""
+    reported = Usage(prompt_tokens=100, completion_tokens=20, cached_tokens=10, reasoning_tokens=5,
+                     cache_write_tokens=7, estimated=True)
+    u, reasons = bound_usage(reported, CARD)
+    assert reasons == [] and u == reported and u is not reported
+    assert {f.name for f in dataclasses.fields(Usage)} == {
+        "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "cache_write_tokens", "estimated",
+        "rejected"}, "a new Usage field: copy it in bound_usage too"

@@ -17,6 +17,7 @@ from therouter.config import Settings, StoreConfig
 from therouter.errors import BudgetExceeded, StoreUnavailable
 from therouter.keys import KeyRecord
 from therouter.metering import Meter, MeterOptions, cost_nano
+from therouter.metering.admission import Admission
 from therouter.metering.instance import lost_request
 from therouter.protocol.usage import Usage
 from therouter.store import Store
@@ -85,6 +86,19 @@ async def instances(m: Meter) -> list[str]:
     return list(await m.store.redis.zrange(m.layout.instances(), 0, -1))
 
 
+async def refused_entry(m: Meter, key: KeyRecord, gen_id: str) -> None:
+    """The in-flight entry of a refused admission. A cluster pipelines the registration beside the admission script,
+    before the refusal is known, so the entry is there; a single node's script registers only what it admits, so
+    the entry is written here as a cluster (or an older version) leaves it."""
+    if m.store.cluster:
+        assert await entry(m, gen_id) is not None
+        return
+    assert await entry(m, gen_id) is None
+    now = m.clock()
+    adm = Admission(gen_id, key.id, MODEL, m.prices.current(MODEL, now), 1, 1, now, int(now * 1000) // 60_000)
+    await m.store.redis.hset(m.instance.key, gen_id, m.instance.entry(adm, 100))
+
+
 async def heartbeat(*ms: Meter) -> None:
     for m in ms:
         await m.instance.checkpoint(beat=True)
@@ -109,8 +123,38 @@ async def test_admission_registers_the_request_in_its_own_round_trip(meters: Mak
     assert 0 < await a.store.redis.pttl(a.instance.key)
     before = store_of(a).calls
     await a.settle(adm, record(g))
-    assert store_of(a).calls == before + 2  # the settle script and the post, which also removes the entry
+    # a single node: the settle script removes the entry with its other cross-slot extras, in one round trip; a
+    # cluster: the settle script, then the extras (the entry's removal among them) in a call of their own
+    assert store_of(a).calls == before + (2 if a.store.cluster else 1)
     assert await entry(a, g) is None
+
+
+async def test_a_single_nodes_admission_script_registers_only_what_it_admits(
+        meters: MakeMeter, make_key: MakeKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single node: the admission script writes the in-flight entry itself (no HSET beside it) and only for a
+    request it admits. A cluster pipelines the HSET beside the script, so a refused request's entry is written too
+    (and dropped by the next checkpoint)."""
+    a = await meters()
+    sent: list[list[tuple[Any, ...]]] = []
+    real_send = a.store.send
+
+    async def counting_send(commands: list[tuple[Any, ...]]) -> list[Any]:
+        sent.append(list(commands))
+        return await real_send(commands)
+
+    monkeypatch.setattr(a.store, "send", counting_send)
+    ok, refused = gen(), gen()
+    await asyncio.gather(a.admit(make_key(budget_nano=10**9), MODEL, 1000, 500, ok),
+                         asyncio.gather(a.admit(make_key(budget_nano=1000), MODEL, 1000, 500, refused),
+                                        return_exceptions=True))
+    e = await entry(a, ok)
+    assert e is not None and e["adm"]["gen_id"] == ok and e["adm"]["tracked"]
+    assert 0 < await a.store.redis.pttl(a.instance.key) <= OPTIONS.reservation_ttl_for(a.settings) * 1000 + 60_000
+    if a.store.cluster:
+        assert await entry(a, refused) is not None
+    else:
+        assert len(sent) == 1 and [c[0] for c in sent[0]] == ["EVALSHA", "EVALSHA"]  # one round trip, two scripts
+        assert await entry(a, refused) is None
 
 
 async def test_registration_survives_a_script_cache_flush(meters: MakeMeter, make_key: MakeKey) -> None:
@@ -202,8 +246,8 @@ async def test_a_refused_request_is_never_settled_by_the_reaper(
     refused = gen()
     with pytest.raises(BudgetExceeded):
         await a.admit(poor, MODEL, 1000, 500, refused)
-    # written with the admission, before the refusal was known; the next checkpoint would remove it...
-    assert await entry(a, refused) is not None
+    # (a cluster: written with the admission, before the refusal was known); the next checkpoint would remove it...
+    await refused_entry(a, poor, refused)
     # ... but this instance dies first
     clock.advance(LOST_AFTER + 5)
     await heartbeat(b)
@@ -327,8 +371,10 @@ async def test_a_reapers_settlement_journalled_in_an_outage_keeps_its_condition(
     key = make_key(budget_nano=10**9)
     held, refused = gen(), gen()
     adm_held = await a.admit(key, MODEL, 100, 100, held)
-    with pytest.raises(BudgetExceeded):  # its entry is written with the admission, and no reservation made
-        await a.admit(make_key(budget_nano=1000), MODEL, 100, 100, refused)
+    poor = make_key(budget_nano=1000)
+    with pytest.raises(BudgetExceeded):  # no reservation made (a cluster: its entry written with the admission)
+        await a.admit(poor, MODEL, 100, 100, refused)
+    await refused_entry(a, poor, refused)
     raw = await a.store.redis.hget(a.instance.key, refused)
     assert raw is not None
     adm_refused, _ = lost_request(raw)  # what a reaper reads from the entry

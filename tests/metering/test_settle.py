@@ -220,3 +220,65 @@ async def test_parallel_settlements_share_round_trips_and_a_failing_one_is_journ
     assert all([await meter.generation(a.gen_id, good.id) for a in adms])
     if backend.kind == "single":  # 21 settlements in 2 round trips, not 42 (a big pipeline may take a few reads)
         assert after - before < 21
+
+
+async def test_a_single_node_settles_with_its_cross_slot_extras_in_one_round_trip(
+        meter: Meter, make_key: MakeKey, backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five settlements queued together: one pipeline of five settle scripts (a single node), each of which posts its
+    feed entry, key-set member and generation index and removes the request's in-flight entry. A cluster keeps the
+    second call for these extras (other slots); the state they leave is the same."""
+    key = make_key(budget_nano=10**12, tpm=100_000)
+    adms = [await meter.admit(key, "qwen", 10, 10, gen()) for _ in range(5)]
+    r, lay = meter.store.redis, meter.layout
+    assert all([await r.hexists(meter.instance.key, a.gen_id) for a in adms])  # registered at admission
+    sent: list[list[tuple[object, ...]]] = []
+    real_send = meter.store.send
+
+    async def counting_send(commands: list[tuple[object, ...]]) -> list[object]:
+        sent.append(list(commands))
+        return await real_send(commands)
+
+    monkeypatch.setattr(meter.store, "send", counting_send)
+    costs = await asyncio.gather(*(meter.settle(a, record(a.gen_id, prompt=100, completion=10)) for a in adms))
+    if backend.kind == "single":
+        assert len(sent) == 1 and [c[0] for c in sent[0]] == ["EVALSHA"] * 5
+    feed = [f for _, f in await r.xrange(lay.feed())]
+    for a in adms:
+        assert [f["key"] for f in feed if f["gen"] == a.gen_id] == [key.id]
+        assert await r.get(lay.gen_index(a.gen_id)) == key.id
+        assert 0 < await r.ttl(lay.gen_index(a.gen_id)) <= meter.options.record_ttl
+        assert not await r.hexists(meter.instance.key, a.gen_id)  # no longer in flight
+        assert (await meter.generation(a.gen_id)) is not None  # found through the index, without the key id
+    assert key.id in await r.smembers(lay.keyset())
+    s = await meter.key_summary(key)
+    assert (s["requests"], s["total_spend_nano"], s["reserved_nano"]) == (5, sum(costs), 0)
+    # settled again (a retry): nothing posted twice
+    sent.clear()
+    await asyncio.gather(*(meter.settle(a, record(a.gen_id, prompt=100, completion=10)) for a in adms))
+    assert len(await r.xrange(lay.feed())) == 5 and (await meter.key_summary(key))["requests"] == 5
+    if backend.kind == "single":
+        assert len(sent) == 1
+
+
+async def test_a_journal_entry_of_an_older_version_that_owes_the_extras_posts_them(
+        meter: Meter, make_key: MakeKey) -> None:
+    """An older version journalled ``post: true`` when the extras failed after its settle script had run: replay
+    runs the (repeated, so no-op) script and posts them, once per replay -- the feed is at-least-once, the counters
+    exactly once."""
+    key = make_key(budget_nano=10**12)
+    g = gen()
+    adm = await meter.admit(key, "qwen", 10, 10, g)
+    await meter.settle(adm, record(g))
+    r, lay = meter.store.redis, meter.layout
+    stored = await meter.generation(g, key.id)
+    # as that version left it: settled, but no feed entry, no index, the request still registered in flight
+    await r.delete(lay.gen_index(g))
+    await r.xdel(lay.feed(), *[i for i, f in await r.xrange(lay.feed()) if f["gen"] == g])
+    await r.hset(meter.instance.key, g, "{}")
+    await meter.journal.append({"v": 1, "adm": adm.to_dict(), "record": stored, "post": True})
+    assert await meter.replay_journal() == 1
+    assert [f["gen"] for _, f in await r.xrange(lay.feed())] == [g]
+    assert await r.get(lay.gen_index(g)) == key.id and key.id in await r.smembers(lay.keyset())
+    assert not await r.hexists(meter.instance.key, g)
+    s = await meter.key_summary(key)
+    assert (s["requests"], s["reserved_nano"]) == (1, 0)

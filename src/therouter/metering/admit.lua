@@ -1,10 +1,14 @@
 -- admit.lua: rate limits and budget reservation for one request, all or nothing, in one round trip.
 -- KEYS: 1 resv hash, 2 resvexp zset, 3 budget-period hash, 4 rl:r current window, 5 rl:r previous window,
 --       6 rl:t current window, 7 rl:t previous window, 8-11 the same four for the key's per-model override
---       (all in the key's slot {k:ID})
+--       (all in the key's slot {k:ID});
+--       on a single node only (cross-slot on a cluster, where meter.py pipelines the HSET beside the script):
+--       12 the admitting instance's in-flight hash
 -- ARGV: 1 gen, 2 now_ms, 3 budget nano (-1 none), 4 reserve nano, 5 period id, 6 reservation ttl ms,
 --       7 rpm (-1 none), 8 tpm (-1 none), 9 tokens, 10 window ms, 11 elapsed ms in window, 12 meta, 13 key ttl ms,
---       14 the model override's rpm (-1 none), 15 its tpm (-1 none)
+--       14 the model override's rpm (-1 none), 15 its tpm (-1 none);
+--       with KEYS[12]: 16 the request's in-flight entry (JSON), 17 the in-flight hash's ttl ms
+-- With KEYS[12] the request is registered in flight (HSET GEN entry, PEXPIRE) when it is admitted (ok or dup).
 -- Returns {status, spent, reserved, r_ok, r_remaining, r_reset_ms, r_retry_ms, t_ok, t_remaining, t_reset_ms,
 --          t_retry_ms, then the same eight for the model override}; status is ok | dup (gen already admitted:
 --          nothing consumed) | budget | rate.
@@ -67,7 +71,14 @@ local function answer(status, res)
   for _, v in ipairs(decisions) do table.insert(out, v) end
   return out
 end
+local function register()
+  if KEYS[12] then
+    redis.call('HSET', KEYS[12], gen, ARGV[16])
+    redis.call('PEXPIRE', KEYS[12], ARGV[17])
+  end
+end
 if dup then
+  register()
   return answer('dup', reserved)
 end
 if rok == 0 or tok == 0 or mrok == 0 or mtok == 0 then
@@ -91,4 +102,5 @@ redis.call('HINCRBY', resv, 's:' .. period, ARGV[4])
 redis.call('ZADD', resvexp, s(now + tonumber(ARGV[6])), gen)
 redis.call('PEXPIRE', resv, ARGV[13])
 redis.call('PEXPIRE', resvexp, ARGV[13])
+register()
 return answer('ok', reserved + reserve)

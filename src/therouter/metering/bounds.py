@@ -14,7 +14,7 @@ Each replacement and clamp is reported as a reason (a small fixed set, fit for a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from therouter.protocol.usage import Usage
 
@@ -31,7 +31,9 @@ class Bounds:
 def bound_usage(reported: Usage, bounds: Bounds | None, estimate: Usage | None = None) -> tuple[Usage, list[str]]:
     """(the usage to bill, the anomalies found, in a stable order). ``reported`` is left unchanged."""
     reasons: list[str] = []
-    u = replace(reported, rejected={})
+    u = Usage(prompt_tokens=reported.prompt_tokens, completion_tokens=reported.completion_tokens,  # (a copy:
+              cached_tokens=reported.cached_tokens, reasoning_tokens=reported.reasoning_tokens,  # replace() is
+              cache_write_tokens=reported.cache_write_tokens, estimated=reported.estimated)  # 4x slower)
     if reported.rejected:
         est = estimate or Usage()
         for name, why in reported.rejected.items():

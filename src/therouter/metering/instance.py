@@ -5,11 +5,13 @@ record and its reservation does not block the key's budget until it expires:
 
 * **Identity and heartbeat.** Each process (each uvicorn worker) is an instance with a random id. Its heartbeat is
   its score (last-seen, ms, the meter's clock) in the ``{meter}:instances`` zset.
-* **Registered before the upstream call, at no extra round trip.** An admission that makes a reservation sends the
-  admission script and ``HSET {meter}:inflight:ID GEN entry`` in one pipeline (:meth:`Meter.admit`); settlement
-  removes it in the same round trip as its cross-slot post. A refused admission's entry is removed by the next
-  checkpoint. A request without a reservation (a key with no budget or limits) is registered by its first
-  checkpoint: no Redis call is added to that fast path.
+* **Registered before the upstream call, at no extra round trip.** An admission that makes a reservation writes
+  ``HSET {meter}:inflight:ID GEN entry`` in its own round trip (:meth:`Meter.admit`): on a single node the admission
+  script writes it once it has admitted the request; on a cluster, where the hash is in another slot, it is
+  pipelined beside the script, and a refused admission's entry is removed by the next checkpoint. Settlement
+  removes it with its cross-slot extras (on a single node, inside the settle script). A request without a
+  reservation (a key with no budget or limits) is registered by its first checkpoint: no Redis call is added to that
+  fast path.
 * **Checkpoints.** Every ``checkpoint_interval`` one pipelined batch (with the heartbeat when it is due) writes the
   entries that changed: the deployment serving the request, its prompt tokens (estimate or reported) and output
   tokens so far, read from the live counter the stream's rewriter keeps anyway (nothing is written per chunk).
@@ -62,12 +64,13 @@ class InFlight:
     written: tuple[Any, ...] | None = None  # the state Redis holds (None: not written yet)
 
     def state(self) -> tuple[Any, ...]:
-        u = Usage(prompt_tokens=self.prompt_tokens)
-        if self.usage is not None:
-            try:
-                u = self.usage()
-            except Exception:  # a bad reading must not stop the checkpoint of every other request
-                log.exception("metering: usage of %s could not be read for its checkpoint", self.adm.gen_id)
+        if self.usage is None:  # (the common case, spelt out: no Usage built)
+            return (self.stream, self.model, self.provider, self.upstream_model, self.prompt_tokens, 0, 0, 0, 0)
+        try:
+            u = self.usage()
+        except Exception:  # a bad reading must not stop the checkpoint of every other request
+            log.exception("metering: usage of %s could not be read for its checkpoint", self.adm.gen_id)
+            u = Usage(prompt_tokens=self.prompt_tokens)
         return (self.stream, self.model, self.provider, self.upstream_model, u.prompt_tokens, u.completion_tokens,
                 u.cached_tokens, u.reasoning_tokens, u.cache_write_tokens)
 
@@ -107,8 +110,9 @@ class Instance:
     def __init__(self, store: Store, layout: Layout, scripts: Scripts, clock: Callable[[], float],
                  options: MeterOptions, ttl: int, settle: Settle) -> None:
         self.id = secrets.token_hex(8)
+        self.key = layout.inflight(self.id)  # this instance's in-flight hash
         self._store, self._layout, self._scripts, self._clock, self._options = store, layout, scripts, clock, options
-        self._ttl_ms = ttl * 1000  # the registry and in-flight hash outlive every reservation they could settle
+        self.ttl_ms = ttl * 1000  # the registry and in-flight hash outlive every reservation they could settle
         self._settle = settle
         # the client decodes replies to str (decode_responses=True); redis-py's stubs can't express that
         self._r: Any = store.redis
@@ -119,20 +123,21 @@ class Instance:
         self._healthy_since: float | None = None  # heartbeating without failure since (None: not in touch)
         self._reaped_at: float | None = None
 
-    @property
-    def key(self) -> str:
-        return self._layout.inflight(self.id)
-
     # ---- the request path (no I/O) --------------------------------------------------------------------------------
 
-    def registration(self, adm: Admission, prompt_tokens: int) -> Callable[[Any], None]:
-        """The command the admission pipeline adds: this request's entry, written as if admitted (tracked)."""
+    def entry(self, adm: Admission, prompt_tokens: int) -> str:
+        """This request's in-flight entry as the admission writes it: as if admitted (tracked). On a single node
+        the admission script writes it (``HSET key GEN entry``, ``PEXPIRE key ttl_ms``) once it has admitted the
+        request; on a cluster :meth:`registration` pipelines it beside the script."""
         entry = InFlight(adm, max(prompt_tokens, 0))
-        raw = entry.encode(entry.state(), adm.admitted_at, tracked=True)
+        return entry.encode(entry.state(), adm.admitted_at, tracked=True)
+
+    def registration(self, gen_id: str, raw: str) -> Callable[[Any], None]:
+        """The commands the admission pipeline adds on a cluster: the entry :meth:`entry` encoded."""
 
         def add(pipe: Any) -> None:
-            pipe.hset(self.key, adm.gen_id, raw)
-            pipe.pexpire(self.key, self._ttl_ms)  # the hash may be new (emptied hashes vanish)
+            pipe.hset(self.key, gen_id, raw)
+            pipe.pexpire(self.key, self.ttl_ms)  # the hash may be new (emptied hashes vanish)
 
         return add
 
@@ -186,12 +191,12 @@ class Instance:
             async with r.pipeline(transaction=False) as pipe:
                 if beat:
                     pipe.zadd(lay.instances(), {self.id: int(now * 1000)})
-                    pipe.pexpire(lay.instances(), self._ttl_ms)
+                    pipe.pexpire(lay.instances(), self.ttl_ms)
                 if writes:
                     pipe.hset(self.key, mapping=writes)
                 if drops:
                     pipe.hdel(self.key, *drops)
-                pipe.pexpire(self.key, self._ttl_ms)
+                pipe.pexpire(self.key, self.ttl_ms)
                 return list(await pipe.execute())
 
         self._sending = set(writes)

@@ -45,6 +45,8 @@ from datetime import UTC, datetime
 
 from therouter.keys import BudgetPeriod
 
+_MAX_TAGS = 10_000  # key ids whose tag is kept (cleared when full)
+
 
 def day_id(at: float) -> str:
     return _day(int(at // 86400))[0]
@@ -82,45 +84,55 @@ def period_label(pid: str) -> str:
 
 
 class Layout:
+    """Key names. A key's tag ``P{k:ID}:`` is formatted once per key id (a bounded cache: the request path names
+    two dozen keys per request, all under one tag)."""
+
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+        self._tags: dict[str, str] = {}
 
-    def _key(self, key_id: str, *parts: str) -> str:
-        return self.prefix + ":".join(("{k:" + key_id + "}", *parts))
+    def tag(self, key_id: str) -> str:
+        """``P{k:ID}:``, the start of every per-key key name."""
+        t = self._tags.get(key_id)
+        if t is None:
+            if len(self._tags) >= _MAX_TAGS:
+                self._tags.clear()
+            t = self._tags[key_id] = self.prefix + "{k:" + key_id + "}:"
+        return t
 
     def named(self, key_id: str, name: str) -> str:
         """A per-key key by its short name ("per:total", "bymodel:20250131", ...)."""
-        return self._key(key_id, name)
+        return self.tag(key_id) + name
 
     def per(self, key_id: str, pid: str) -> str:
-        return self._key(key_id, "per", pid)
+        return self.tag(key_id) + "per:" + pid
 
     def bymodel(self, key_id: str, day: str) -> str:
-        return self._key(key_id, "bymodel", day)
+        return self.tag(key_id) + "bymodel:" + day
 
     def byprov(self, key_id: str, day: str) -> str:
-        return self._key(key_id, "byprov", day)
+        return self.tag(key_id) + "byprov:" + day
 
     def resv(self, key_id: str) -> str:
-        return self._key(key_id, "resv")
+        return self.tag(key_id) + "resv"
 
     def resvexp(self, key_id: str) -> str:
-        return self._key(key_id, "resvexp")
+        return self.tag(key_id) + "resvexp"
 
     def rl(self, key_id: str, dim: str, window: int) -> str:
-        return self._key(key_id, "rl", dim, str(window))
+        return f"{self.tag(key_id)}rl:{dim}:{window}"
 
     def settled(self, key_id: str, gen_id: str) -> str:
-        return self._key(key_id, "settled", gen_id)
+        return self.tag(key_id) + "settled:" + gen_id
 
     def gen(self, key_id: str, gen_id: str) -> str:
-        return self._key(key_id, "gen", gen_id)
+        return self.tag(key_id) + "gen:" + gen_id
 
     def rid(self, key_id: str, request_id: str) -> str:
-        return self._key(key_id, "rid", request_id)
+        return self.tag(key_id) + "rid:" + request_id
 
     def stream(self, key_id: str) -> str:
-        return self._key(key_id, "usage")
+        return self.tag(key_id) + "usage"
 
     def price(self, model: str) -> str:
         return f"{self.prefix}price:{{{model}}}"

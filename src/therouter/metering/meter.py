@@ -19,13 +19,15 @@ Policies (what tests/metering pins, against a real redis-server):
 * **Settlement** (``settle.lua``) is idempotent by generation id (a settled marker ``SET NX``, 48 h, plus the record
   itself, 30 d): totals, period and per-model counters, the reservation released (TPM reconciled to actual), the
   record, and the key's own usage stream -- all in the key's hash slot, atomically, so counters equal the sum of
-  the stream's records. Then a second, plain call adds the cross-slot extras (global ``usage`` feed, key index,
-  ``gen:ID`` lookup); it runs only after a first settlement, so the feed is at-least-once, never the counters.
+  the stream's records. The cross-slot extras (global ``usage`` feed, key index, ``gen:ID`` lookup, the in-flight
+  entry's removal) follow a first settlement only, so the feed is at-least-once, never the counters: on a single
+  node the same script posts them (declared as its KEYS 14-17, atomically with the settlement: one round trip); on
+  a Redis Cluster, where they live in other slots, a second, plain call does.
   No additive command is ever re-sent after a timeout: an unknown outcome goes to the journal, whose replay runs
   the same idempotent script. ``settle`` never raises and runs shielded from the caller's cancellation.
   On a single node settlements are **group-committed**: those queued while a batch is in Redis go together in the
-  next one (one pipeline of settle scripts, one of the extras), so a loaded worker pays two round trips per batch,
-  not two per request; each caller still returns only once its record is stored (or journalled).
+  next one (one pipeline of settle scripts), so a loaded worker pays one round trip per batch, not one per
+  request; each caller still returns only once its record is stored (or journalled).
 * **Crash recovery** (:mod:`instance`): every request in flight is registered under this process's instance id
   (for a reservation, in the admission's round trip) and checkpointed; requests of an instance that stopped
   heartbeating are settled by the survivors as ``gateway_lost``.
@@ -50,7 +52,6 @@ from typing import Any
 
 import orjson
 
-from therouter._resp import Commands
 from therouter.config import Settings
 from therouter.errors import BudgetExceeded, GatewayError, RateLimited, StoreUnavailable
 from therouter.keys import KeyRecord
@@ -62,7 +63,7 @@ from therouter.metering.layout import Layout, day_id, month_id, period_id, perio
 from therouter.metering.pricebook import PriceBook
 from therouter.metering.prices import PriceVersion, billable, cost_nano, dearest, nano_to_usd, reservation_nano
 from therouter.metering.ratelimit import Decision, LocalLimiter, headers, retry_after_seconds, tighter
-from therouter.metering.records import COUNTER_FIELDS, GenerationRecord
+from therouter.metering.records import GenerationRecord
 from therouter.metering.reports import Reports
 from therouter.metering.scripts import Scripts
 from therouter.protocol.usage import Usage
@@ -70,6 +71,9 @@ from therouter.store import Store
 
 log = logging.getLogger("therouter.metering")
 _MAX_ORPHANS = 10_000
+_MAX_NAMES = 10_000  # cached key-name tuples (_admit_keys, _settle_call), dropped all at once when full
+# settle.lua's ARGV[22] (a single node): when a repeated settlement posts the cross-slot extras too
+_POST_FIRST, _POST_ALWAYS, _POST_IF_MISSING = "0", "1", "2"  # never (only a first one) / always / if gen:ID is missing
 
 
 class Meter:
@@ -93,6 +97,7 @@ class Meter:
         self.journal_errors_total = 0
         self.usage_anomalies: Counter[tuple[str, str]] = Counter()  # (provider, reason): see bounds.py
         self._orphans: dict[str, tuple[str, int, str]] = {}  # gen id -> (key id, window, model): releases owed
+        self._names: dict[tuple[Any, ...], tuple[str, ...]] = {}  # key names shared by requests (_admit_keys, ...)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._batch: list[_Pending] = []  # settlements waiting for the next round trip (a single node)
         self._flusher: asyncio.Task[None] | None = None
@@ -157,10 +162,15 @@ class Meter:
             self.instance.admitted(adm, prompt_tokens_est, registered=False)
             return adm
         pid = period_id(key.budget_period, now)
+        keys = self._admit_keys(key.id, pid, adm.window, model)
+        args = self._admit_args(key, adm, pid, now_ms, mrpm, mtpm)
+        raw = self.instance.entry(adm, prompt_tokens_est)
         try:  # the admission and this request's in-flight entry: one round trip
-            res = await self.scripts.run_with("admit", self._admit_keys(key.id, pid, adm.window, model),
-                                              self._admit_args(key, adm, pid, now_ms),
-                                              self.instance.registration(adm, prompt_tokens_est))
+            if self.store.cluster:  # (the in-flight hash is in another slot: its HSET goes beside the script)
+                res = await self.scripts.run_with("admit", keys, args, self.instance.registration(gen_id, raw))
+            else:  # the script registers the request itself once it is admitted
+                args += (raw, self.instance.ttl_ms)
+                res = await self.scripts.run_with("admit", keys, args)
         except StoreUnavailable:
             return self._admit_degraded(key, adm, now_ms, prompt_tokens_est)
         except Exception:
@@ -175,25 +185,38 @@ class Meter:
             if status == "budget":
                 raise self._budget_error(key, pid, spent, reserved, reserve)
             raise self._rate_error(rdec, tdec, tokens)
-        adm = replace(adm, tracked=True, headers=headers(rdec, tdec))
+        adm.tracked, adm.headers = True, headers(rdec, tdec)
         self.instance.admitted(adm, prompt_tokens_est, registered=True)
         return adm
 
-    def _admit_keys(self, key_id: str, pid: str, window: int, model: str) -> list[str]:
+    def _admit_keys(self, key_id: str, pid: str, window: int, model: str) -> tuple[str, ...]:
+        """admit.lua's KEYS (with this instance's in-flight hash on a single node): the same for every request of a
+        key, budget period, window and model, so built once for them."""
+        names = self._names.get(("admit", key_id, pid, window, model))
+        if names is not None:
+            return names
         lay, mr, mt = self.layout, "r|" + model, "t|" + model
-        return [lay.resv(key_id), lay.resvexp(key_id), lay.per(key_id, pid),
-                lay.rl(key_id, "r", window), lay.rl(key_id, "r", window - 1),
-                lay.rl(key_id, "t", window), lay.rl(key_id, "t", window - 1),
-                lay.rl(key_id, mr, window), lay.rl(key_id, mr, window - 1),
-                lay.rl(key_id, mt, window), lay.rl(key_id, mt, window - 1)]
+        names = (lay.resv(key_id), lay.resvexp(key_id), lay.per(key_id, pid),
+                 lay.rl(key_id, "r", window), lay.rl(key_id, "r", window - 1),
+                 lay.rl(key_id, "t", window), lay.rl(key_id, "t", window - 1),
+                 lay.rl(key_id, mr, window), lay.rl(key_id, mr, window - 1),
+                 lay.rl(key_id, mt, window), lay.rl(key_id, mt, window - 1),
+                 *(() if self.store.cluster else (self.instance.key,)))
+        return self._remember(("admit", key_id, pid, window, model), names)
 
-    def _admit_args(self, key: KeyRecord, adm: Admission, pid: str, now_ms: int) -> list[str | int]:
-        ttl_ms = self.reservation_ttl * 1000
+    def _remember(self, name: tuple[Any, ...], names: tuple[str, ...]) -> tuple[str, ...]:
+        if len(self._names) >= _MAX_NAMES:  # (a window or a day passed for every key: start again)
+            self._names.clear()
+        self._names[name] = names
+        return names
+
+    def _admit_args(self, key: KeyRecord, adm: Admission, pid: str, now_ms: int, mrpm: int | None,
+                    mtpm: int | None) -> list[str | int]:
+        ttl_ms, window_ms = self.reservation_ttl * 1000, self.options.window_ms
         return [adm.gen_id, now_ms, -1 if key.budget_nano is None else key.budget_nano, adm.reserved_nano, pid,
                 ttl_ms, -1 if key.rpm is None else key.rpm, -1 if key.tpm is None else key.tpm,
-                adm.reserved_tokens, self.options.window_ms, now_ms % self.options.window_ms,
-                f"{adm.model}|{adm.price.version}", ttl_ms + 60_000,
-                *(-1 if v is None else v for v in key.limits_for(adm.model))]
+                adm.reserved_tokens, window_ms, now_ms % window_ms, f"{adm.model}|{adm.price.version}",
+                ttl_ms + 60_000, -1 if mrpm is None else mrpm, -1 if mtpm is None else mtpm]
 
     def _admit_degraded(self, key: KeyRecord, adm: Admission, now_ms: int, prompt_tokens_est: int) -> Admission:
         """Redis unreachable: budgets fail closed, rate limits fail open to the local limiter."""
@@ -285,11 +308,14 @@ class Meter:
     def _bound(self, adm: Admission, record: GenerationRecord, estimate: Usage | None, choices: int) -> None:
         """Within the served model's card, and within what the request could send and was reserved for."""
         card = self.settings.models.get(record.model)
-        limits = None if card is None else Bounds(card.context_length, card.max_output_tokens * max(choices, 1))
-        if limits is not None and adm.max_prompt_tokens > 0:
-            limits = Bounds(min(limits.context, adm.max_prompt_tokens), limits.max_output)
-        if limits is not None and adm.max_completion_tokens > 0:
-            limits = Bounds(limits.context, min(limits.max_output, adm.max_completion_tokens))
+        limits = None
+        if card is not None:
+            context, max_output = card.context_length, card.max_output_tokens * max(choices, 1)
+            if adm.max_prompt_tokens > 0:
+                context = min(context, adm.max_prompt_tokens)
+            if adm.max_completion_tokens > 0:
+                max_output = min(max_output, adm.max_completion_tokens)
+            limits = Bounds(context, max_output)
         usage, reasons = bound_usage(record.usage, limits, estimate)
         if reasons:
             for reason in reasons:
@@ -319,7 +345,7 @@ class Meter:
             await self._journal(adm, record, post=False, only_if_reserved=only_if_reserved)
 
     def _queue(self, adm: Admission, record: GenerationRecord, only_if_reserved: bool) -> asyncio.Future[None]:
-        """Group commit (a single node): settled with the others waiting, in two round trips in all; the future is
+        """Group commit (a single node): settled with the others waiting, in one round trip in all; the future is
         done when this one is settled or journalled. ``aclose`` waits for the flusher."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._batch.append(_Pending(adm, record, only_if_reserved, fut))
@@ -331,8 +357,8 @@ class Meter:
 
     async def _flush_settlements(self) -> None:
         """Settle everything queued, batch after batch, until the queue is empty. A batch is what was queued while
-        the previous one was in Redis (group commit): one pipeline of settle scripts, then one pipeline of the
-        extras of those settled for the first time. Every waiting ``_settle`` is released when its batch is done,
+        the previous one was in Redis (group commit): one pipeline of settle scripts, each posting its own cross-slot
+        extras. Every waiting ``_settle`` is released when its batch is done,
         whatever happened (a failed one is journalled first)."""
         try:
             while self._batch:
@@ -352,86 +378,84 @@ class Meter:
             self._flusher = None
 
     async def _settle_batch(self, batch: list[_Pending]) -> None:
-        ready: list[tuple[_Pending, str]] = []
+        """One pipeline of settle scripts, each with its cross-slot extras (a single node: one round trip)."""
+        calls: list[tuple[list[str], list[str | int]]] = []
+        ready: list[_Pending] = []
         for p in batch:
             try:
-                ready.append((p, _json(p.record.to_dict())))
+                calls.append(self._settle_call(p.adm, p.record, _json(p.record.to_dict()), p.only_if_reserved,
+                                               _POST_FIRST))
+                ready.append(p)
             except Exception:
                 log.exception("metering: settle failed unexpectedly; journalling %s", p.adm.gen_id)
                 await self._journal(p.adm, p.record, post=False, only_if_reserved=p.only_if_reserved)
         if not ready:
             return
-        calls = [(self._settle_keys(p.adm, p.record),
-                  [*self._settle_args(p.adm, p.record, rec_json), 1 if p.only_if_reserved else 0, p.record.provider])
-                 for p, rec_json in ready]
         try:
             replies = await self.scripts.run_many("settle", calls)
         except Exception as e:  # the outcome of each is unknown: the journal's replay settles them exactly once
             if not isinstance(e, GatewayError):
                 log.exception("metering: settle failed unexpectedly; journalling %d records", len(ready))
-            for p, _ in ready:
+            for p in ready:
                 await self._journal(p.adm, p.record, post=False, only_if_reserved=p.only_if_reserved)
             return
-        first: list[tuple[_Pending, str]] = []
-        for (p, rec_json), reply in zip(ready, replies):
+        for p, reply in zip(ready, replies):
             if isinstance(reply, Exception):  # this one's script failed (the others ran): journalled
                 log.error("metering: settle script failed for %s (%s); journalled", p.adm.gen_id, reply)
                 await self._journal(p.adm, p.record, post=False, only_if_reserved=p.only_if_reserved)
-            elif int(reply[0]) == 1:
-                first.append((p, rec_json))
-        if not first:
-            return
-        try:
-            await self.store.call(lambda: self._post_many(first))
-        except Exception:  # noqa: BLE001 - whatever stopped the extras, the journal keeps the records
-            for p, _ in first:
-                await self._journal(p.adm, p.record, post=True)
 
     async def _apply(self, adm: Admission, record: GenerationRecord, post_owed: bool, replay: bool = False,
                      only_if_reserved: bool = False) -> None:
-        """The settle script, then the cross-slot extras: after a first settlement, when owed, or -- on replay, when
-        the script had already run (its reply was lost in a stall) -- when the generation index shows they are
-        missing."""
+        """The settle script and the cross-slot extras: after a first settlement, when owed (a journal entry with
+        ``post``), or -- on replay, when the script had already run (its reply was lost in a stall) -- when the
+        generation index shows they are missing. A single node: all of it in the script, one round trip. A cluster:
+        the script, then the extras in a call of their own (they are in other slots)."""
         rec_json = _json(record.to_dict())
-        args = [*self._settle_args(adm, record, rec_json), 1 if only_if_reserved else 0, record.provider]
-        res = await self.scripts.run("settle", self._settle_keys(adm, record), args)
+        post = _POST_ALWAYS if post_owed else _POST_IF_MISSING if replay and not only_if_reserved else _POST_FIRST
+        if not self.store.cluster:
+            await self.scripts.run("settle", *self._settle_call(adm, record, rec_json, only_if_reserved, post))
+            return
+        res = await self.scripts.run("settle", *self._settle_call(adm, record, rec_json, only_if_reserved, None))
         first = int(res[0]) == 1
-        if first or post_owed or (replay and not only_if_reserved):
+        if first or post != _POST_FIRST:
             try:
                 await self.store.call(lambda: self._post(adm, rec_json, only_if_missing=not (first or post_owed)))
             except Exception:  # noqa: BLE001 - whatever stopped the post, the journal keeps the record
                 await self._journal(adm, record, post=True)
 
-    def _settle_keys(self, adm: Admission, record: GenerationRecord) -> list[str]:
-        lay, kid, gen, day = self.layout, adm.key_id, adm.gen_id, day_id(adm.admitted_at)
-        return [lay.settled(kid, gen), lay.gen(kid, gen), lay.per(kid, "total"), lay.per(kid, "d:" + day),
-                lay.per(kid, "m:" + month_id(adm.admitted_at)), lay.bymodel(kid, day), lay.resv(kid),
-                lay.resvexp(kid), lay.stream(kid), lay.rl(kid, "t", adm.window),
-                lay.rl(kid, "t|" + adm.model, adm.window), lay.rid(kid, record.request_id), lay.byprov(kid, day)]
+    def _settle_call(self, adm: Admission, record: GenerationRecord, rec_json: str, only_if_reserved: bool,
+                     post: str | None) -> tuple[list[str], list[str | int]]:
+        """settle.lua's KEYS and ARGV; ``post`` (a single node only: None leaves the extras out) says when a repeat
+        posts the cross-slot extras too (``_POST_*``; a first settlement always posts them)."""
+        kid, gen, at = adm.key_id, adm.gen_id, adm.admitted_at
+        day, month = day_id(at), month_id(at)
+        tag = self.layout.tag(kid)
+        st = self._names.get(("settle", kid, day, adm.window, adm.model))
+        if st is None:
+            st = self._remember(("settle", kid, day, adm.window, adm.model), self._settle_names(adm, day, month))
+        keys = [tag + "settled:" + gen, tag + "gen:" + gen, st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7],
+                st[8], tag + "rid:" + record.request_id, st[9]]
+        cost, _, prompt, completion, cached, reasoning = record.counter_values()  # (COUNTER_FIELDS' order)
+        o = self.options
+        args: list[str | int] = [
+            gen, cost, record.model, prompt, completion, cached, reasoning, rec_json, o.settled_ttl, o.record_ttl,
+            o.day_ttl, o.month_ttl, o.stream_maxlen, prompt + completion, day, month, record.request_id,
+            1 if only_if_reserved else 0, record.provider]
+        if post is not None:
+            keys += (st[10], st[11], self.layout.gen_index(gen), self.instance.key)
+            args += (kid, o.feed_maxlen, post)
+        return keys, args
 
-    def _settle_args(self, adm: Admission, record: GenerationRecord, rec_json: str) -> list[str | int]:
-        c, o = record.counters(), self.options
-        return [adm.gen_id, c["cost"], record.model, *(c[f] for f in COUNTER_FIELDS[2:]), rec_json, o.settled_ttl,
-                o.record_ttl, o.day_ttl, o.month_ttl, o.stream_maxlen,
-                c["prompt_tokens"] + c["completion_tokens"], day_id(adm.admitted_at), month_id(adm.admitted_at),
-                record.request_id]
-
-    async def _post_many(self, settled: Sequence[tuple[_Pending, str]]) -> None:
-        """The cross-slot extras of several first settlements, in one pipeline (see :meth:`_post`)."""
-        lay = self.layout
-        pipe = Commands()
-        for p, rec_json in settled:
-            gen_id, key_id = p.adm.gen_id, p.adm.key_id
-            pipe.xadd(lay.feed(), {"gen": gen_id, "key": key_id, "rec": rec_json},
-                      maxlen=self.options.feed_maxlen, approximate=True)
-            pipe.sadd(lay.keyset(), key_id)
-            pipe.set(lay.gen_index(gen_id), key_id, ex=self.options.record_ttl)
-            pipe.hdel(self.instance.key, gen_id)  # no longer in flight
-        for reply in await self.store.send(pipe.items):
-            if isinstance(reply, Exception):
-                raise self.store.reply_error(reply)
+    def _settle_names(self, adm: Admission, day: str, month: str) -> tuple[str, ...]:
+        """The KEYS of settle.lua that every settlement of a key, day, window and model shares (3-11 and 13; then
+        the feed and the key set)."""
+        lay, kid = self.layout, adm.key_id
+        return (lay.per(kid, "total"), lay.per(kid, "d:" + day), lay.per(kid, "m:" + month), lay.bymodel(kid, day),
+                lay.resv(kid), lay.resvexp(kid), lay.stream(kid), lay.rl(kid, "t", adm.window),
+                lay.rl(kid, "t|" + adm.model, adm.window), lay.byprov(kid, day), lay.feed(), lay.keyset())
 
     async def _post(self, adm: Admission, rec_json: str, only_if_missing: bool = False) -> None:
+        """The cross-slot extras of one settlement on a cluster (a single node posts them in the settle script)."""
         lay = self.layout
         if only_if_missing and not await self.store.redis.set(lay.gen_index(adm.gen_id), adm.key_id,
                                                               ex=self.options.record_ttl, nx=True):
@@ -619,8 +643,8 @@ def _ignore(*_: Any) -> None:
 def _decision(limit: int | None, raw: list[Any]) -> Decision | None:
     if limit is None:
         return None
-    ok, remaining, reset, retry = (int(x) for x in raw)
-    return Decision(ok == 1, limit, remaining, reset, retry)
+    ok, remaining, reset, retry = raw
+    return Decision(int(ok) == 1, limit, int(remaining), int(reset), int(retry))
 
 
 def _json(d: dict[str, Any]) -> str:

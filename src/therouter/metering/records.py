@@ -48,13 +48,14 @@ class GenerationRecord:
 
     def counters(self) -> dict[str, int]:
         """What this record adds to each counter hash (settle and rebuild both use it)."""
+        return dict(zip(COUNTER_FIELDS, self.counter_values(), strict=True))
+
+    def counter_values(self) -> tuple[int, int, int, int, int, int]:
+        """:meth:`counters`' values, in ``COUNTER_FIELDS`` order (settle's arguments, without building a dict)."""
         u = self.usage
         prompt = max(u.prompt_tokens, 0)
-        return {
-            "cost": self.cost_nano, "requests": 1, "prompt_tokens": prompt,
-            "completion_tokens": max(u.completion_tokens, 0), "cached_tokens": min(max(u.cached_tokens, 0), prompt),
-            "reasoning_tokens": max(u.reasoning_tokens, 0),
-        }
+        return (self.cost_nano, 1, prompt, max(u.completion_tokens, 0), min(max(u.cached_tokens, 0), prompt),
+                max(u.reasoning_tokens, 0))
 
     def to_dict(self) -> dict[str, Any]:
         usage = self.usage.to_openai()

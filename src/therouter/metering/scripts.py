@@ -16,7 +16,7 @@ from therouter.errors import StoreUnavailable
 from therouter.store import Store
 
 # a queued run_with call: script name, keys, args, extra commands, the caller's future
-_Queued = tuple[str, Sequence[str], Sequence[str | int], Callable[[Any], None], "asyncio.Future[Any]"]
+_Queued = tuple[str, Sequence[str], Sequence[str | int], Callable[[Any], None] | None, "asyncio.Future[Any]"]
 
 _WITH_COMMON = ("admit", "settle", "release")
 _PLAIN = ("price_set", "rebuild", "reap")
@@ -44,12 +44,14 @@ class Scripts:
         return await self._store.call(lambda: script(keys=list(keys), args=list(args)))
 
     async def run_with(self, name: str, keys: Sequence[str], args: Sequence[str | int],
-                       extra: Callable[[Any], None]) -> Any:
-        """The script and a few more (idempotent) commands, added by ``extra(pipeline)``, in one round trip. On a
-        single node the calls made while a batch is in Redis go together in the next one (group commit: one
+                       extra: Callable[[Any], None] | None = None) -> Any:
+        """The script and a few more (idempotent) commands, added by ``extra(pipeline)`` (if any), in one round trip.
+        On a single node the calls made while a batch is in Redis go together in the next one (group commit: one
         pipeline for many admissions); each caller gets its own reply or error, as if it had gone alone."""
         script = self._scripts[name]
         if self._store.cluster:
+            if extra is None:
+                return await self._store.call(lambda: script(keys=list(keys), args=list(args)))
             return await self._store.call(lambda: self._store.script_with(script, keys, args, extra))
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((name, keys, args, extra, done))
