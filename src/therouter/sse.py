@@ -84,16 +84,20 @@ class SSEDecoder:
 
     def feed_list(self, chunk: bytes) -> list[bytes]:
         """:meth:`feed` as a list. The common case -- at an event boundary, LF line endings, every complete event one
-        ``data: `` line within the limit -- is cut without a Python step per event; anything else goes the general
-        way."""
+        ``data: `` line within the limit -- is cut by a constant number of C-level steps (no Python step per event):
+        the complete part is split at ``\\n\\ndata: `` and it is that case exactly when its line feeds are those
+        separators' and nothing else (then every blank line is one of them, every event one ``data: `` line);
+        anything else goes the general way."""
         if chunk and self._at_boundary(chunk):
-            blocks = chunk.split(b"\n\n")
-            rest = blocks.pop()  # after the last blank line: an event still incomplete (or nothing)
-            if blocks and (self._max is None or max(map(len, blocks)) <= self._max):
-                payloads = [b[6:] for b in blocks if b.startswith(b"data: ") and b"\n" not in b]
-                if len(payloads) == len(blocks):
-                    if rest:
-                        payloads.extend(self._lines(rest))
+            end = chunk.rfind(b"\n\n")  # the complete events end there (what follows: an event still incomplete)
+            done = chunk[:end] if end >= 0 else b""
+            if done.startswith(b"data: "):
+                payloads = done.split(b"\n\ndata: ")
+                payloads[0] = payloads[0][6:]
+                if done.count(b"\n") == 2 * len(payloads) - 2 and (
+                        self._max is None or len(done) <= self._max or max(map(len, payloads)) + 6 <= self._max):
+                    if end + 2 < len(chunk):
+                        payloads.extend(self._lines(chunk[end + 2:]))
                     return payloads
         return list(self.feed(chunk))
 
