@@ -127,12 +127,11 @@ class _Template:
         that ends it early, a lone surrogate: whatever one JSON parse of it alone refuses).
 
         ONE parse checks them all, of ``["t1",\\n"t2",\\n...]``: it is n strings exactly when each text alone is a
-        valid string's content -- a text cannot carry a string over into the next one (a raw line feed inside a
-        string is refused, and the count of line feeds proves the separators' are the only ones), and one that ends
-        its string early adds an element or a non-string (the count and the join of the texts catch both)."""
+        valid string's content. No string can run on from one text into the next (it would hold the separator's raw
+        line feed, which a string may not), so every separator stands between values and each text opens one
+        string; a text that ends its string early must add a value after it (another element, or one that is not a
+        string) or break the JSON -- the count and the join of the values catch the first two."""
         joined = b'",\n"'.join(mids)
-        if joined.count(b"\n") != len(mids) - 1:
-            return None
         try:
             texts = orjson.loads(b'["' + joined + b'"]')
             chars = len("".join(texts))  # (a TypeError when one is not a string)
