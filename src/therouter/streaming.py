@@ -262,10 +262,10 @@ class ChunkRewriter(UsageTap):
         of events that only change the text of a template seen before (the common case: one upstream read of plain
         text chunks) goes at once, in a constant number of C-level steps (:class:`_Template`).
 
-        Each step costs the run it finds, never the rest of the read: the rest is checked at once (:meth:`_Template.
-        whole`) only until such a check fails once (then runs are found event by event in C, stopping at the first
-        that is not one, :meth:`_Template.span`), and after a run whose texts are not all valid the rest of the read
-        goes one by one (:meth:`relay` finds the bad one)."""
+        Each step costs the run it finds, not the rest of the read (but for a copy of the list's pointers): the rest
+        is checked at once (:meth:`_Template.whole`) only until such a check fails once (then runs are found event by
+        event in C, stopping at the first that is not one, :meth:`_Template.span`), and after a run whose texts are
+        not all valid the rest of the read goes one by one (:meth:`relay` finds the bad one)."""
         i, n = 0, len(payloads)
         probe = True
         while i < n:
