@@ -11,6 +11,9 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
+from itertools import repeat, takewhile
+from operator import and_, itemgetter, le, truth
 from typing import Any, Protocol
 
 import orjson
@@ -80,6 +83,8 @@ class _Template:
     tail: bytes  # from its closing quote on
     out_head: bytes  # our event, likewise
     out_tail: bytes
+    mid: Callable[[bytes], bytes]  # an event of this template -> its text, between head and tail (an itemgetter)
+    least: int  # len(head) + len(tail)
 
     def relay(self, payload: bytes) -> tuple[bytes, int] | None:
         """(our event, characters of text) if ``payload`` is this template's event with another text."""
@@ -96,36 +101,46 @@ class _Template:
             return None
         return self.out_head + mid + self.out_tail, len(text)
 
-    def run(self, payloads: list[bytes], i: int, out: list[bytes]) -> tuple[int, int]:
-        """From ``payloads[i]`` on, the events that are this template with another text, rewritten as one piece
-        appended to ``out`` with one JSON parse for all their texts: (the index after them, characters of text).
-        The run stops before a text holding a quote or ending in a backslash (it could not be told apart from our
-        separator: that event goes through :meth:`relay`); (i, 0) when no event qualifies or a text is not a JSON
-        string's content (an invalid escape, a control character): then they go one by one."""
+    def fits(self, payload: bytes) -> bool:
+        """``payload`` is head + something + tail (whether the something is a text: :meth:`take`)."""
+        return len(payload) >= self.least and payload.startswith(self.head) and payload.endswith(self.tail)
+
+    def whole(self, run: list[bytes]) -> list[bytes] | None:
+        """The texts of ``run`` if every event of it is head + text + tail, else None: one join and one compare (each
+        event's rebuilt length is its own only when head and tail fit in it, so the joins line the events up)."""
+        mids = list(map(self.mid, run))
+        return mids if b"".join(run) == self.head + (self.tail + self.head).join(mids) + self.tail else None
+
+    def span(self, run: list[bytes]) -> list[bytes]:
+        """The texts of ``run``'s leading events that are head + text + tail, found without a Python step per event
+        and without looking past the first one that is not."""
         head, tail = self.head, self.tail
-        lo, cut = len(head), len(tail)
-        least = lo + cut
-        mids: list[bytes] = []
-        j, n = i, len(payloads)
-        while j < n:
-            p = payloads[j]
-            if len(p) < least or not p.startswith(head) or not p.endswith(tail):
-                break
-            mid = p[lo:len(p) - cut]
-            if b'"' in mid or mid.endswith(b"\\"):
-                break
-            mids.append(mid)
-            j += 1
-        if not mids:
-            return i, 0
+        k = len(list(takewhile(truth, map(and_, map(bytes.startswith, run, repeat(head)),
+                                                  map(bytes.endswith, run, repeat(tail))))))
+        run = run[:k]
+        k = len(list(takewhile(partial(le, self.least), map(len, run))))  # (head and tail may not overlap)
+        return list(map(self.mid, run[:k] if k < len(run) else run))
+
+    def take(self, mids: list[bytes], out: list[bytes]) -> int | None:
+        """Our events of these texts, appended to ``out`` as one piece: the characters of text; None (nothing
+        appended) when one of them is not a JSON string's content (an invalid escape, a control character, a quote
+        that ends it early, a lone surrogate: whatever one JSON parse of it alone refuses).
+
+        ONE parse checks them all, of ``["t1",\\n"t2",\\n...]``: it is n strings exactly when each text alone is a
+        valid string's content. No string can run on from one text into the next (it would hold the separator's raw
+        line feed, which a string may not), so every separator stands between values and each text opens one
+        string; a text that ends its string early must add a value after it (another element, or one that is not a
+        string) or break the JSON -- the count and the join of the values catch the first two."""
+        joined = b'",\n"'.join(mids)
         try:
-            texts = orjson.loads(b'["' + b'","'.join(mids) + b'"]')  # each text one JSON string, nothing around it
-        except orjson.JSONDecodeError:
-            return i, 0
-        if type(texts) is not list or len(texts) != len(mids):  # (no quote in a text: cannot happen; a guard)
-            return i, 0
+            texts = orjson.loads(b'["' + joined + b'"]')
+            chars = len("".join(texts))  # (a TypeError when one is not a string)
+        except (orjson.JSONDecodeError, TypeError):
+            return None
+        if len(texts) != len(mids):
+            return None
         out.append(self.out_head + (self.out_tail + self.out_head).join(mids) + self.out_tail)
-        return j, sum(map(len, texts))
+        return chars
 
 
 def _plain_text(obj: dict[str, Any], exclude_reasoning: bool) -> tuple[str, str] | None:
@@ -156,7 +171,9 @@ def _template(payload: bytes, out: bytes, field: str, text: str) -> _Template | 
         return None  # spelt another way (spaces, other escapes), or ambiguous: no template
     i, j = i + len(key) + 1, j + len(key) + 1  # after the opening quote
     n = len(enc) - 2
-    return _Template(payload[:i], payload[i + n:], out[:j], out[j + n:])
+    head, tail = payload[:i], payload[i + n:]
+    # (a tail holds at least the closing quote: -len(tail) is its start)
+    return _Template(head, tail, out[:j], out[j + n:], itemgetter(slice(len(head), -len(tail))), len(head) + len(tail))
 
 
 class InBandError(Exception):
@@ -241,22 +258,42 @@ class ChunkRewriter(UsageTap):
         return out
 
     def relay_many(self, payloads: list[bytes], out: list[bytes]) -> None:
-        """:meth:`relay` of each payload in order, the bytes appended to ``out``; a run of events that only change
-        the text of a template seen before (the common case: one upstream read of plain text chunks) goes at once
-        (:meth:`_Template.run`), the same bytes as one by one."""
+        """:meth:`relay` of each payload in order, the bytes appended to ``out``, the same bytes as one by one; a run
+        of events that only change the text of a template seen before (the common case: one upstream read of plain
+        text chunks) goes at once, in a constant number of C-level steps (:class:`_Template`).
+
+        Each step costs the run it finds, not the rest of the read (but for a copy of the list's pointers): the rest
+        is checked at once (:meth:`_Template.whole`) only until such a check fails once (then runs are found event by
+        event in C, stopping at the first that is not one, :meth:`_Template.span`), and after a run whose texts are
+        not all valid the rest of the read goes one by one (:meth:`relay` finds the bad one)."""
         i, n = 0, len(payloads)
+        probe = True
         while i < n:
+            p = payloads[i]
             for t in self._templates.values():
-                j, chars = t.run(payloads, i, out)
-                if j > i:
-                    self.chars += chars
-                    i = j
+                if i < n - 1 and t.fits(p):  # (one event alone is cheaper the one-by-one way)
                     break
             else:
-                b = self.relay(payloads[i])
+                b = self.relay(p)
                 if b:
                     out.append(b)
                 i += 1
+                continue
+            # the common reads: the rest is this template's events, or all of it but the last (the finish)
+            end = n if t.fits(payloads[-1]) else n - 1 if n - 2 > i and t.fits(payloads[-2]) else 0
+            mids = t.whole(payloads[i:end] if i or end < n else payloads) if probe and end else None
+            if mids is None:
+                probe = probe and not end  # a failed check of the rest is paid once per read
+                mids = t.span(payloads[i:])
+            chars = t.take(mids, out)
+            if chars is None:  # a text that is not one: one by one from here (relay finds it)
+                for p in payloads[i:]:
+                    b = self.relay(p)
+                    if b:
+                        out.append(b)
+                return
+            self.chars += chars
+            i += len(mids)
 
     def rewrite(self, obj: dict[str, Any]) -> bytes | None:
         """One upstream chunk -> the bytes of one client event (or None when nothing is left to send)."""

@@ -272,3 +272,63 @@ def test_feed_list_of_whole_data_events_and_a_partial_one() -> None:
     assert d.feed_list(b"d\n\n") == [b"cd"]
     with pytest.raises(EventTooLarge):
         SSEDecoder(8).feed_list(b"data: 0123456789\n\n")
+
+
+# ---- feed_list's one-cut path: LF streams that are mostly single data lines, with the odd one that is not ----------
+# (the strategies above seldom make a read of single data lines only, which is what the cut takes at once)
+
+_tricky = st.lists(st.sampled_from(["data: ", "data:", ":", " ", "x", "{}", "\\n", "[DONE]", "\u00e9", "\t"]),
+                   max_size=4).map("".join)
+_plain = st.tuples(st.lists(st.tuples(st.just("data"), _tricky, st.just(True)), min_size=1, max_size=1), st.just(0))
+_odd = st.one_of(
+    st.tuples(st.lists(st.tuples(st.just("data"), _tricky, st.booleans()), min_size=1, max_size=3), st.integers(0, 2)),
+    st.tuples(st.just([("comment", " keep-alive", True)]), st.just(0)),
+    st.tuples(st.just([("event", "delta", True), ("data", "x", True)]), st.integers(0, 1)),
+)
+
+def outcome(pieces: list[bytes], limit: int | None, as_list: bool) -> tuple[list[bytes], str | None]:
+    """The events of the reads before a refusal, and the refusal (a refused read gives none of its events)."""
+    d = SSEDecoder(limit)
+    out: list[bytes] = []
+    try:
+        for p in pieces:
+            out.extend(d.feed_list(p) if as_list else list(d.feed(p)))
+        out.extend(list(d.flush()))
+    except EventTooLarge as e:
+        return out, str(e)
+    return out, None
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(events=st.lists(st.one_of(_plain, _plain, _plain, _odd), max_size=10), terminate_last=st.booleans(),
+       data=st.data())
+def test_feed_list_of_mostly_single_data_lines(events, terminate_last, data) -> None:
+    raw = serialize(events, b"\n", terminate_last)
+    points = data.draw(st.lists(st.integers(0, len(raw)), max_size=4), label="cuts")
+    want = expected(events)
+    assert decode_list([raw]) == want
+    assert decode_list(split_at(raw, points)) == want
+    # with a limit near the events' sizes, the same events or the same refusal as the line-by-line decoder
+    limit = data.draw(st.integers(1, max(len(raw), 1)), label="limit")
+    for pieces in ([raw], split_at(raw, points)):
+        assert outcome(pieces, limit, as_list=True) == outcome(pieces, limit, as_list=False)
+
+
+def test_feed_list_at_every_split_of_an_lf_stream() -> None:
+    events = [b"data: " + orjson.dumps({"c": t}) + b"\n\n" for t in ("a", "data: b", "\n", "", ":c")]
+    raw = (b"".join(events[:2]) + b": keep-alive\n\n" + events[2] + b"data: x\ndata: y\n\n\n" + events[3]
+           + b"event: e\ndata: z\n\n" + events[4] + b"data:w\n\ndata: [DONE]\n\n")
+    want = [e[6:-2] for e in events[:3]] + [b"x\ny", events[3][6:-2], b"z", events[4][6:-2], b"w", b"[DONE]"]
+    for i in range(len(raw) + 1):
+        assert decode_list([raw[:i], raw[i:]]) == want, i
+        for j in range(i, len(raw) + 1, 11):
+            assert decode_list([raw[:i], raw[i:j], raw[j:]]) == want, (i, j)
+
+
+def test_feed_list_limits_each_event_not_the_read() -> None:
+    read = b"data: 0123456789\n\n" * 10 + b"data: 01"
+    d = SSEDecoder(16)  # each event is 16 bytes ("data: " + 10), the read far more
+    assert d.feed_list(read) == [b"0123456789"] * 10
+    assert d.feed_list(b"23456789\n\n") == [b"0123456789"]
+    with pytest.raises(EventTooLarge):
+        SSEDecoder(16).feed_list(b"data: 0123456789\n\n" * 3 + b"data: 0123456789A\n\n")

@@ -6,13 +6,16 @@ import asyncio
 import gzip
 import time
 from collections.abc import AsyncIterator, Mapping
+from itertools import pairwise
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from therouter.config import ProviderConfig
-from therouter.errors import UpstreamBadResponse, UpstreamTimeout
+from therouter.errors import GatewayError, UpstreamBadResponse, UpstreamTimeout
 from therouter.providers import (
     Provider,
     Transport,
@@ -20,7 +23,8 @@ from therouter.providers import (
     UpstreamResponse,
     build_provider,
 )
-from therouter.streaming import ChunkRewriter, InBandError, UpstreamEvents
+from therouter.sse import SSEDecoder
+from therouter.streaming import ChunkRewriter, InBandError, UpstreamEvents, _Template
 
 
 class FakeClock:
@@ -541,3 +545,218 @@ def test_relay_many_stops_at_an_in_band_error_with_the_ones_before_it_kept() -> 
         rw.relay_many([orjson.dumps(chunk({"content": "a"})),
                        orjson.dumps({"error": {"message": "boom", "type": "server_error", "code": None}})], out)
     assert b"".join(out).count(b"data: ") == 1 and b'"a"' in out[0]
+
+
+# ---- relay_many against relay, randomised: any text, any event among them, any cut into reads ----------------------
+# A text's raw bytes are drawn from pieces that can make or break a JSON string (quotes, backslashes at either end,
+# escapes valid and not, lone surrogates, control characters, invalid UTF-8, JSON punctuation that could splice
+# another value in); whatever the event-by-event path does with it -- relay it, parse it in full, refuse it -- the
+# read-at-once path must do too: the same bytes, the same error at the same event, the same metering.
+
+_VALID = [b"a", b" ", "\u00e9".encode(), "\u6771".encode(), "\U0001f389".encode(), b"\\\\", b'\\"', b"\\n",
+          b"\\t", b"\\/", b"\\b", b"\\u00e9", b"\\ud83c\\udf89", b"\x7f", b",", b"[", b"]", b"{", b"}", b":", b"null"]
+_BAD = [b'"', b"\\", b"\\ud800", b"\\udc00", b"\\uD83C", b"\\u12", b"\\x41", b"\n", b"\x01", b"\xff",
+        b"\xed\xa0\x80", b'","', b'"]', b'",\n"', b'","refusal":"y', b',"', b'"],"', b'",["']
+_PIECES = _VALID + _BAD
+_FIELDS = ["content", "reasoning_content"]
+
+
+def _split(field: str) -> tuple[bytes, bytes]:
+    head, tail = orjson.dumps(chunk({field: "SEED"})).split(b"SEED")
+    return head, tail
+
+
+_OTHERS = [orjson.dumps(chunk({"role": "assistant", "content": ""})),
+           orjson.dumps(chunk({"content": ""}, "stop")),
+           orjson.dumps(chunk({"content": ""}, "stop", usage=dict(DS_USAGE))),
+           orjson.dumps(chunk({"content": "x"}, id="other-id")),
+           orjson.dumps(chunk({"content": "x", "refusal": None})),
+           orjson.dumps({"error": {"message": "boom", "type": "server_error", "code": None}}),
+           b"[1]", b"{}", b"not json"]
+
+_event = st.one_of(
+    st.tuples(st.just("raw"), st.sampled_from(_FIELDS), st.lists(st.sampled_from(_PIECES), max_size=5)),
+    st.tuples(st.just("text"), st.sampled_from(_FIELDS), st.text(max_size=6)),
+    st.tuples(st.just("other"), st.sampled_from(range(len(_OTHERS))), st.just(None)),
+    st.tuples(st.just("overlap"), st.sampled_from(_FIELDS), st.just(None)),
+)
+
+
+def _payload(ev: tuple[str, Any, Any]) -> bytes:
+    kind, a, b = ev
+    if kind == "other":
+        return _OTHERS[a]
+    head, tail = _split(a)
+    if kind == "raw":
+        return head + b"".join(b) + tail
+    if kind == "text":
+        return orjson.dumps(chunk({a: b}))
+    return head + tail[1:]  # head and tail overlap: the closing quote is the opening one
+
+
+def _one_by_one(rw: ChunkRewriter, payloads: list[bytes]) -> tuple[bytes, str | None]:
+    out: list[bytes] = []
+    try:
+        for p in payloads:
+            b = rw.relay(p)
+            if b:
+                out.append(b)
+    except (GatewayError, InBandError) as e:  # the error, and everything before it
+        return b"".join(out), f"{type(e).__name__}: {e}"
+    return b"".join(out), None
+
+
+def _by_reads(rw: ChunkRewriter, reads: list[list[bytes]]) -> tuple[bytes, str | None]:
+    out: list[bytes] = []
+    try:
+        for read in reads:
+            rw.relay_many(read, out)
+    except (GatewayError, InBandError) as e:
+        return b"".join(out), f"{type(e).__name__}: {e}"
+    return b"".join(out), None
+
+
+def assert_reads_relay_as_one_by_one(payloads: list[bytes], cuts: list[int], **kw: Any) -> None:
+    fast, slow = both(**kw)
+    bounds = [0, *sorted(min(max(c, 0), len(payloads)) for c in cuts), len(payloads)]
+    reads = [payloads[a:b] for a, b in pairwise(bounds)]
+    assert _by_reads(fast, reads) == _one_by_one(slow, payloads)
+    assert (fast.chars, fast.usage_raw, fast.finish_reason) == (slow.chars, slow.usage_raw, slow.finish_reason)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(events=st.lists(_event, max_size=24), cuts=st.lists(st.integers(0, 26), max_size=4),
+       kind=st.sampled_from(["deepseek", "vllm"]), include_usage=st.booleans(), exclude=st.booleans(),
+       seeds=st.lists(st.sampled_from(_FIELDS), min_size=1, max_size=2))
+def test_relay_many_of_any_reads_sends_what_relay_sends(events, cuts, kind, include_usage, exclude, seeds) -> None:
+    learn = [orjson.dumps(chunk({f: "seed"})) for f in seeds]  # templates known before the reads (or taught in one)
+    assert_reads_relay_as_one_by_one(learn + [_payload(e) for e in events], cuts, kind=kind,
+                                     include_usage=include_usage, exclude=exclude)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(texts=st.lists(st.lists(st.sampled_from(_VALID), max_size=4), min_size=1, max_size=30),
+       bad=st.sampled_from(_BAD), at=st.integers(0, 29), cuts=st.lists(st.integers(0, 32), max_size=3))
+def test_relay_many_finds_one_bad_text_in_a_long_run(texts, bad, at, cuts) -> None:
+    """A run of valid texts with one that is not (a lone surrogate, a control character, a spliced value...)
+    anywhere in it: sent up to it, then its error (or its full rewrite), the same as one by one."""
+    head, tail = _split("content")
+    payloads = [orjson.dumps(chunk({"content": "seed"}))]
+    payloads += [head + b"".join(t) + tail for t in texts]
+    payloads.insert(1 + min(at, len(texts)), head + bad + tail)
+    assert_reads_relay_as_one_by_one(payloads, cuts)
+
+
+def test_relay_many_of_alternating_templates_and_others() -> None:
+    """Runs that end at every kind of boundary: another template, a finish, an overlap, an error -- at the start,
+    in the middle and at the end of a read."""
+    head, tail = _split("content")
+    rhead, rtail = _split("reasoning_content")
+    c = [head + t + tail for t in (b"a", b"\\\\", b'\\"x', b"\\u00e9", b"")]
+    r = [rhead + t + rtail for t in (b"r", b"\\n")]
+    finish, overlap = _OTHERS[1], head + tail[1:]
+    seqs = [c + r + c, r + c + r, c * 3 + [finish], [finish] + c * 2, c + [overlap] + c, (c[:1] + r[:1]) * 6,
+            (c[:2] + [finish]) * 4, c + [_OTHERS[5]] + c]
+    for seq in seqs:
+        for cut in range(len(seq) + 1):
+            assert_reads_relay_as_one_by_one([orjson.dumps(chunk({"content": "seed"})),
+                                              orjson.dumps(chunk({"reasoning_content": "seed"})), *seq], [cut + 2])
+
+
+@pytest.mark.parametrize("texts", [
+    [b"a\\", b',"b'],  # a string carried over into the next text: ["a\",","b"] would be two strings
+    [b"a\\", b'\n"b'],
+    [b'a",["', b"x", b'"],"b'],  # n values again, but one of them an array
+    [b'a",{"k":"', b'v"},"b'],
+    [b'a","b', b"c\\"],  # one more string in one, one fewer in the next
+    [b'a","', b'",\n"b'],
+])
+def test_relay_many_never_takes_texts_that_only_parse_together(texts: list[bytes]) -> None:
+    """Texts that are not valid alone but whose joined run is valid JSON: each goes the one-by-one way (refused or
+    parsed in full), whatever read they come in."""
+    head, tail = _split("content")
+    plain = [head + t + tail for t in (b"x", b"y")]
+    payloads = [orjson.dumps(chunk({"content": "seed"})), *plain, *(head + t + tail for t in texts), *plain]
+    for cut in range(len(payloads) + 1):
+        assert_reads_relay_as_one_by_one(payloads, [cut])
+
+
+def test_a_read_pays_for_at_most_one_failed_check_of_its_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs cut short again and again (a template event, then another, ... ending with one) cost what they find:
+    after one whole-rest check fails, the read's later runs are found event by event (in C), never the rest again."""
+    checks: list[int] = []
+    whole = _Template.whole
+
+    def counted(self: _Template, run: list[bytes]) -> list[bytes] | None:
+        checks.append(len(run))
+        return whole(self, run)
+
+    monkeypatch.setattr(_Template, "whole", counted)
+    head, tail = _split("content")
+    a, finish = head + b"a" + tail, _OTHERS[1]
+    rw = rewriter()
+    rw.relay(orjson.dumps(chunk({"content": "seed"})))
+    out: list[bytes] = []
+    rw.relay_many([a, finish] * 200 + [a], out)
+    assert len(checks) <= 1 and b"".join(out).count(b"data: ") == 401
+
+
+# ---- a whole stream, cut into reads anywhere: what the client gets is what one-by-one decoding and relaying gives ----
+
+def _stream_bytes(eol: bytes) -> bytes:
+    events = [chunk({"role": "assistant", "content": ""})]
+    events += [chunk({"reasoning_content": t}) for t in TEXTS[:3]]
+    events += [chunk({"content": t}) for t in [*TEXTS, 'say "hi"', "back\\", "\\\\", "é\u2028", "🎉"]]
+    events += [chunk({"content": ""}, "stop", usage=dict(DS_USAGE))]
+    wire = [b"data: " + orjson.dumps(e) + eol + eol for e in events]
+    wire.insert(6, b": keep-alive" + eol + eol)
+    return b"".join(wire) + b"data: [DONE]" + eol + eol + b"data: " + orjson.dumps(events[5]) + eol + eol
+
+
+async def _client_gets(reads: list[bytes]) -> tuple[bytes, int, dict | None]:
+    """ClientStream's way: the gate's first event, then each read's events at once (take_ready + relay_many)."""
+    events = UpstreamEvents(ScriptedResponse([(0, r) for r in reads]), first_token=30, idle=30, total=600)
+    rw = rewriter(include_usage=True)
+    out: list[bytes] = []
+    try:
+        read = [await events.next_payload()]
+        while True:
+            rw.relay_many([*read, *events.take_ready()], out)
+            read = [await events.next_payload()]
+    except StopAsyncIteration:
+        pass
+    assert events.saw_done
+    return b"".join(out), rw.chars, rw.usage_raw
+
+
+def _one_by_one_gets(raw: bytes) -> tuple[bytes, int, dict | None]:
+    d = SSEDecoder()
+    payloads = [*d.feed(raw), *d.flush()]
+    payloads = payloads[:[p.strip() for p in payloads].index(b"[DONE]")]
+    rw = rewriter(include_usage=True)
+    return b"".join(b for b in map(rw.relay, payloads) if b), rw.chars, rw.usage_raw
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"])
+async def test_a_stream_cut_into_reads_anywhere_gives_the_client_the_same_bytes(eol: bytes) -> None:
+    raw = _stream_bytes(eol)
+    want = _one_by_one_gets(raw)
+    assert await _client_gets([raw]) == want
+    step = 1 if eol == b"\n" else 5
+    for i in range(0, len(raw) + 1, step):
+        assert await _client_gets([raw[:i], raw[i:]]) == want, i
+    for i in range(0, len(raw) + 1, 97):
+        for j in range(i, len(raw) + 1, 89):
+            assert await _client_gets([raw[:i], raw[i:j], raw[j:]]) == want, (i, j)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.lists(st.sampled_from([b"{}", b'{"a":1}', b"[DONE]", b" [DONE]", b"[DONE] ", b"\t[DONE]", b"", b"[1]",
+                                 b"x", b"|", b"\xff", b"[DONE]x"]), max_size=8))
+def test_take_ready_ends_at_the_first_done(payloads: list[bytes]) -> None:
+    events = UpstreamEvents(ScriptedResponse([]), first_token=30, idle=30, total=600)
+    events._pending.extend(payloads)
+    stripped = [p.strip() for p in payloads]
+    k = stripped.index(b"[DONE]") if b"[DONE]" in stripped else len(payloads)
+    assert events.take_ready() == payloads[:k]
+    assert events.saw_done == (k < len(payloads)) and events.events == k

@@ -36,6 +36,19 @@ def parse_event(payload: bytes) -> dict[str, Any]:
     return obj
 
 
+def _done_at(payloads: list[bytes]) -> int | None:
+    """Where the first ``[DONE]`` of ``payloads`` is, if any: at the end, as a stream ends, it is found without a
+    look at the others one by one (none before it starts below ``{``: no other is [DONE], nor is any JSON object;
+    whitespace, which a strip would drop, sorts below ``{`` too)."""
+    last = len(payloads) - 1
+    if payloads[last].strip() == b"[DONE]" and (not last or min(payloads[:last])[:1] >= b"{"):
+        return last
+    for k, payload in enumerate(payloads):
+        if payload.strip() == b"[DONE]":
+            return k
+    return None
+
+
 class UpstreamEvents:
     """Async iterator of parsed JSON objects (dicts), or of raw payloads (:meth:`next_payload`); ends after
     ``[DONE]`` or EOF (``saw_done`` tells which).
@@ -72,11 +85,11 @@ class UpstreamEvents:
         pending = self._pending
         out = list(pending)
         pending.clear()
-        for k, payload in enumerate(out):
-            if payload[:1] != b"{" and payload.strip() == b"[DONE]":  # (a JSON object is not [DONE]: no strip)
+        if out and min(out)[:1] < b"{":  # not all JSON objects (compared in C): [DONE] may be one of them
+            k = _done_at(out)
+            if k is not None:
                 self.saw_done = True  # nothing after [DONE] is an event
                 del out[k:]
-                break
         if out:
             self.events += len(out)
             self._deadline = min(self._clock() + self._idle, self._cap)
