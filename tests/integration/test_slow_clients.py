@@ -116,6 +116,20 @@ def test_slowloris_headers_are_cut_off_while_normal_requests_succeed(slow_gw: Ga
             assert json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
 
 
+def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(slow_gw: Gateway) -> None:
+    """Between requests a kept-alive connection may idle for uvicorn's ``timeout_keep_alive`` (5 s), then it is
+    closed (the sweeper's job since it replaced the timer per answer); a request in time keeps it open."""
+    with socket.create_connection(("127.0.0.1", port(slow_gw)), timeout=30) as s:
+        for _ in range(2):  # the second request, 3 s after the first answer, still finds the connection open
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+            time.sleep(3)
+        started = time.monotonic()
+        readable, _, _ = select.select([s], [], [], 10)
+        assert readable and s.recv(65536) == b""  # closed by the server, with nothing said
+        assert time.monotonic() - started < 4  # 5 s after the last answer (3 of them already slept)
+
+
 def test_a_trickled_body_gets_408_and_the_connection_closed(slow_gw: Gateway, slow_key: str) -> None:
     body = json.dumps({"model": MODEL, "messages": HELLO, "user": "x" * 200}).encode()
     head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + slow_key.encode()
