@@ -29,9 +29,9 @@ import weakref
 from typing import Any, cast
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from therouter.api.openai import BODY_COMPLETE, PATHS
+from therouter.api.openai import BODY_COMPLETE, PATHS, RESPOND
 from therouter.api.streaming import WRITE_READY
 from therouter.config import Settings
 from therouter.disconnect import SCOPE_KEY, Signal, signal_of
@@ -122,6 +122,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             ref = weakref.ref(cycle)
             ext[BODY_COMPLETE] = lambda: (c := ref()) is not None and not c.more_body  # (no body deadline timer)
             ext[WRITE_READY] = lambda: (c := ref()) is not None and not c.flow.write_paused  # (nor write timeout)
+            ext[RESPOND] = functools.partial(_respond, ref)  # a JSON answer in one write, past ASGI's messages
 
     def on_response_complete(self) -> None:
         """uvicorn's, with the keep-alive timeout left to the sweeper (no timer armed per answer)."""
@@ -159,6 +160,39 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+def _respond(ref: weakref.ref[RequestResponseCycle], status: int, headers: list[tuple[bytes, bytes]],
+             body: bytes) -> bool:
+    """A whole answer (``headers``: lower-case names, no content-length) written in one write, with the bookkeeping
+    uvicorn's ``send`` does for ``http.response.start`` + ``http.response.body`` (its default headers, the
+    connection's keep-alive, the response's completion) but without building and checking two ASGI messages (~5 %
+    of a JSON request's CPU). False, having done nothing, when it cannot be done now -- the request's connection is
+    gone, its answer started, or writes are paused -- or a header value holds a line break: the caller then sends the
+    answer the ASGI way, and uvicorn waits, or refuses, as it does."""
+    c = ref()
+    if c is None or c.response_started or c.disconnected or c.flow.write_paused:
+        return False
+    parts = [STATUS_LINE[status]]
+    for name, value in c.default_headers:
+        parts += (name, b": ", value, b"\r\n")
+    for name, value in headers:
+        if b"\n" in value or b"\r" in value:
+            return False
+        parts += (name, b": ", value, b"\r\n")
+    if not c.keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts += (b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body)
+    c.response_started = True
+    c.waiting_for_100_continue = False
+    t = c.transport
+    (t.transport if isinstance(t, HeadWithBody) else t).write(b"".join(parts))
+    c.response_complete = True
+    c.message_event.set()
+    if not c.keep_alive:
+        t.close()
+    c.on_response()
+    return True
+
+
 class HeadWithBody:
     """A request's view of its connection that holds the response head (the first write that is not an interim
     ``100 Continue``) and writes it with the next write (the first body) -- or before a close."""
@@ -187,6 +221,11 @@ class HeadWithBody:
 
     def is_closing(self) -> bool:
         return self._transport.is_closing()
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        """The connection itself (a whole answer goes straight to it)."""
+        return self._transport
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)

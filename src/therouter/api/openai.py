@@ -64,8 +64,10 @@ async def _complete(endpoint: str, request: Request, key: Any, services: Any) ->
 
 PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
          "/api/v1/chat/completions": "chat", "/api/v1/completions": "completions"}
-# an ASGI scope extension our server (server.py) gives these routes: a callable, True once the whole body is in
+# ASGI scope extensions our server (server.py) gives these routes: a callable, True once the whole body is in; and
+# respond(status, headers, body) -> bool, a whole answer written at once (False: not now, send it the ASGI way)
 BODY_COMPLETE = "therouter.body_complete"
+RESPOND = "therouter.respond"
 
 
 class CompletionsRoute:
@@ -122,9 +124,12 @@ class CompletionsRoute:
             await SSEResponse(answer.events, {**answer.headers, "x-request-id": rid}, server.stream_write_timeout,
                               gone)(scope, receive, send)
             return
-        out = [(b"content-type", b"application/json"), (b"content-length", str(len(answer.body)).encode()),
-               (b"x-request-id", rid.encode())]
+        out = [(b"content-type", b"application/json"), (b"x-request-id", rid.encode())]
         out += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
+        respond = scope.get("extensions", {}).get(RESPOND)
+        if respond is not None and respond(answer.status, out, answer.body):
+            return
+        out.append((b"content-length", str(len(answer.body)).encode()))
         await send({"type": "http.response.start", "status": answer.status, "headers": out})
         await send({"type": "http.response.body", "body": answer.body})
 
