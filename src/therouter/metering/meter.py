@@ -295,8 +295,10 @@ class Meter:
             record.cost_nano = 0
             work = self._journal(adm, record, post=False, priced=False, only_if_reserved=only_if_reserved)
         else:
-            if not self.store.cluster:  # queued for the group commit, whose flusher task owns it from here
-                await asyncio.shield(self._queue(adm, record, only_if_reserved))
+            if not self.store.cluster:  # queued for the group commit, whose flusher task owns it from here:
+                # a cancelled caller stops waiting, nothing more (the flusher skips a future already done), so the
+                # wait needs no shield
+                await self._queue(adm, record, only_if_reserved)
                 return record.cost_nano
             work = self._settle(adm, record, only_if_reserved)
         task = asyncio.ensure_future(work)
