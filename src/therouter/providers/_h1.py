@@ -55,6 +55,7 @@ from therouter.providers._http import (
 _HIGH_WATER = 256 * 1024  # buffered, unconsumed body bytes above which the socket is no longer read
 _IDLE_TTL = 15.0  # seconds an idle keep-alive connection may wait for reuse
 _STALE_WINDOW = 0.5  # seconds after the write within which a silent close of a reused connection counts as stale
+SWEEP = 0.05  # seconds between two sweeps of the exchanges waiting for headers: a deadline fires at most this late
 _BAD = "The provider sent a malformed HTTP response."
 _SKIP = frozenset(("host", "content-length", "transfer-encoding", "connection"))  # ours to set
 
@@ -280,10 +281,29 @@ class _Pool:
     def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
         self.loop = loop
         self.limit = limit
+        self.watching: dict[_Conn, float] = {}  # connections waiting for response headers -> their deadline
+        self._sweep_handle: asyncio.TimerHandle | None = None
         self.open = 0
         self.idle: dict[PoolKey, list[_Conn]] = {}
         self.waiters: deque[tuple[PoolKey, asyncio.Future[_Conn | None]]] = deque()
         self.conns: set[_Conn] = set()
+
+    def watch(self, conn: _Conn, deadline: float) -> None:
+        """Time ``conn`` out (``_timeout``) if it is still watched at ``deadline`` (loop time), give or take
+        :data:`SWEEP` seconds: one sweep of every watched connection while any is, instead of a timer per exchange."""
+        self.watching[conn] = deadline
+        if self._sweep_handle is None:
+            self._sweep_handle = self.loop.call_later(SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_handle = None
+        now = self.loop.time()
+        for conn, deadline in list(self.watching.items()):
+            if now >= deadline:
+                del self.watching[conn]
+                conn._timeout()
+        if self.watching:
+            self._sweep_handle = self.loop.call_later(SWEEP, self._sweep)
 
     async def acquire(self, key: PoolKey) -> _Conn | None:
         """A live idle connection for ``key``, or None: the caller owns a slot and opens a connection in it
@@ -480,7 +500,7 @@ class H1Transport(Transport):
         assert transport is not None
         conn.sent_at = time.monotonic()
         conn.active = True
-        handle = None
+        watched = False
         try:
             transport.write(data)
             while not conn.headers_done:
@@ -491,8 +511,9 @@ class H1Transport(Transport):
                     if isinstance(e, _ConnClosed) or conn.lost:
                         raise _ConnClosed(f"{type(e).__name__}: {e}")
                     raise UpstreamConnectError(_CLOSED, sent=True, detail=f"{type(e).__name__}: {e}")
-                if handle is None:
-                    handle = conn.pool.loop.call_at(deadline, conn._timeout)
+                if not watched:  # the pool's sweep times it out (no timer armed and cancelled per request)
+                    conn.pool.watch(conn, deadline)
+                    watched = True
                 await conn.wait()
                 if conn.timed_out and not conn.headers_done:
                     raise UpstreamTimeout(_NO_ANSWER, sent=True, detail="no response headers in time")
@@ -500,8 +521,8 @@ class H1Transport(Transport):
             conn.close()
             raise
         finally:
-            if handle is not None:
-                handle.cancel()
+            if watched:
+                conn.pool.watching.pop(conn, None)
         return _H1Response(conn)
 
     async def aclose(self) -> None:
