@@ -29,9 +29,10 @@ def body(model: str, stream: bool) -> dict[str, Any]:
 
 
 def wrk(url: str, req: dict[str, Any], key: str | None, connections: int, duration: float,
-        cpus: str | None, threads: int = 1) -> dict[str, Any]:
-    """One wrk run; req/s, latency percentiles (ms) and errors (socket errors + non-2xx answers)."""
-    env = {**os.environ, "BENCH_BODY": json.dumps(req), "BENCH_KEY": key or ""}
+        cpus: str | None, threads: int = 1, delay_ms: float = 0) -> dict[str, Any]:
+    """One wrk run; req/s, latency percentiles (ms) and errors (socket errors + non-2xx answers). ``delay_ms``: each
+    connection waits that long after an answer before its next request (a paced load; 0: as fast as it can)."""
+    env = {**os.environ, "BENCH_BODY": json.dumps(req), "BENCH_KEY": key or "", "BENCH_DELAY_MS": f"{delay_ms:g}"}
     args = pinned(cpus, [tool("wrk"), "-t", str(threads), "-c", str(connections), "-d", f"{duration:g}s",
                          "--timeout", "10s", "-s", str(HERE / "wrk.lua"), url])
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=duration + 120,

@@ -8,6 +8,9 @@ Modes (default: latency; `all` = every one but profile):
            count, interleaved (each scenario runs its targets back to back, round after round; the median is kept),
            plus TheRouter's JSON assembled from an upstream stream (`non_stream: stream`); req/s, p50, p99, errors,
            CPU ms per request, the ratios TheRouter / bare and TheRouter / direct and the p50 added over direct.
+  paced    the latency each target adds below saturation: --paced-connections connections, each waiting
+           --paced-delay-ms on average between an answer and its next request; p50 / p99 and the p50 added over
+           direct, for nginx direct, the bare pass-through and TheRouter, JSON and streams, interleaved.
   rss      the gateway's RSS after the first --rss-first streams and after --rss-total.
   slow     --slow-streams concurrent streams from an upstream paced at --slow-interval-ms per event: peak RSS, errors.
   redis    Redis round trips (read events) and commands per request, JSON / assembled JSON / stream.
@@ -45,7 +48,7 @@ from stack import ASSEMBLED_MODEL, PUBLIC_MODEL, Gateway, Stack, answers_not_ok,
 
 HERE = Path(__file__).resolve().parent
 
-MODES = ("latency", "rss", "slow", "redis", "scale", "profile")
+MODES = ("latency", "paced", "rss", "slow", "redis", "scale", "profile")
 TARGET_NAMES = {"direct": "nginx direct", "bare": "bare pass-through", "therouter": "TheRouter",
                 "assembled": "TheRouter, assembled"}
 MB = 1024 * 1024
@@ -195,6 +198,60 @@ def print_metering(what: str, m: dict[str, Any]) -> None:
     print(f"{what}: {m['records']:,} generation records, sum {m['records_cost_nano']:,} nano-USD; key counters: "
           f"{m['counter_requests']:,} requests, {m['counter_cost_nano']:,} nano-USD; unsettled {m['in_flight']} "
           f"-> {verdict}")
+
+
+# ---- paced ----------------------------------------------------------------------------------------------------
+
+
+def mode_paced(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]:
+    """The latency each target adds when it is not saturated: --paced-connections connections, each waiting
+    --paced-delay-ms on average (uniformly 0 to twice that, so requests do not come in waves) after an answer before
+    its next request -- a load well below every target's capacity -- so the p50 is the time a request takes through
+    it, not queueing. nginx direct, the bare proxy and TheRouter back to
+    back, JSON and streams, round after round; the added p50 over direct is each round's difference, median."""
+    up = st.nginx(cpus.load)
+    st.redis(cpus.load)
+    cfg = st.gateway_config(up)
+    bare = st.bare(up, cpus.gateway)
+    gw = st.therouter(cfg, cpus.gateway, log_level=a.log_level)
+    key, key_id = st.create_key(cfg)
+    direct_url = f"http://127.0.0.1:{up}/v1/chat/completions"
+    targets = [("direct", direct_url, upstream.UPSTREAM_MODEL, None),
+               ("bare", bare.url, upstream.UPSTREAM_MODEL, None), ("therouter", gw.url, PUBLIC_MODEL, key)]
+    conns, pace = a.paced_connections, a.paced_delay_ms
+    if a.warmup > 0:
+        for _, url, model, k in targets:
+            for stream in (False, True):
+                load.wrk(url, load.body(model, stream), k, 16, a.warmup, cpus.load)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for rnd in range(a.rounds):
+        for kind in ("json", "stream"):
+            for name, url, model, k in targets:
+                r = load.wrk(url, load.body(model, kind == "stream"), k, conns, a.duration, cpus.load,
+                             delay_ms=pace)
+                runs.setdefault(kind, {}).setdefault(name, []).append(r)
+                print(f"  round {rnd + 1}/{a.rounds} paced {kind:<6} {TARGET_NAMES[name]:<21} {r['rps']:>7,.0f} "
+                      f"req/s  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  errors {r['errors']}", flush=True)
+    results: dict[str, Any] = {}
+    print(f"\npaced: {conns} connections, each waiting {pace:g} ms on average between an answer and its next request; "
+          f"{a.duration:g} s per run, {a.rounds} round(s), median shown")
+    print(f"{'scenario':<10}{'target':<22}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'added p50 ms':>14}")
+    for kind, per_target in runs.items():
+        d = per_target["direct"]
+        res: dict[str, Any] = {}
+        for i, (name, rs) in enumerate(per_target.items()):
+            m = median_of(rs)
+            m["errors"] = sum(r["errors"] for r in rs)
+            m["added_p50_ms"] = None if name == "direct" else per_round(
+                rs, d, lambda x, y: x["p50_ms"] - y["p50_ms"])
+            res[name] = m
+            added = "" if m["added_p50_ms"] is None else f"{m['added_p50_ms']:+.2f}"
+            print(f"{kind if i == 0 else '':<10}{TARGET_NAMES[name]:<22}{m['rps']:>8,.0f}{m['p50_ms']:>9.2f}"
+                  f"{m['p99_ms']:>9.2f}{m['errors']:>8}{added:>14}")
+        results[kind] = res
+    meter = metering_check(st.redis_url, key_id)
+    print_metering("metering", meter)
+    return {"connections": conns, "delay_ms": pace, "results": results, "metering": meter}
 
 
 # ---- rss / slow ----------------------------------------------------------------------------------------------
@@ -442,7 +499,8 @@ def print_top_frames(raw: Path, n: int = 15) -> None:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("modes", nargs="*", default=["latency"], metavar="MODE",
-                    help="latency (default), rss, slow, redis, scale, profile, or all (every one but profile)")
+                    help="latency (default), paced, rss, slow, redis, scale, profile, or all (every one but "
+                    "profile)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the median is kept (default 1)")
     ap.add_argument("--connections", default="32,128", help="comma-separated connection counts (default 32,128)")
@@ -452,6 +510,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                     help="put a setting over the gateway's config, e.g. --set store.max_connections=256 "
                     "(dotted path, YAML value; repeatable)")
+    ap.add_argument("--paced-connections", type=int, default=32)
+    ap.add_argument("--paced-delay-ms", type=float, default=100.0)
     ap.add_argument("--rss-first", type=int, default=1000)
     ap.add_argument("--rss-total", type=int, default=10000)
     ap.add_argument("--slow-streams", type=int, default=1000)
@@ -496,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError):
         saved = {}
     saved.setdefault("modes", {})
-    fns = {"latency": mode_latency, "rss": mode_rss, "slow": mode_slow, "redis": mode_redis, "scale": mode_scale,
+    fns = {"latency": mode_latency, "paced": mode_paced, "rss": mode_rss, "slow": mode_slow, "redis": mode_redis, "scale": mode_scale,
            "profile": mode_profile}
     for mode in a.modes:
         tmp = Path(tempfile.mkdtemp(prefix=f"therouter-bench-{mode}-"))

@@ -263,6 +263,8 @@ class _H1Response(UpstreamResponse):
 
     def ready(self) -> bool:
         conn = self._conn
+        if conn is not None and self.headers.get("content-encoding", "identity").strip().lower() != "identity":
+            return False  # compressed bytes may decode to nothing yet: a read could still wait
         return conn is None or bool(conn.body) or conn.complete or conn.error is not None
 
     async def close(self) -> None:
