@@ -73,7 +73,7 @@ Claude Code or the Anthropic SDK (pip install anthropic), on deepseek/deepseek-v
   ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_AUTH_TOKEN={key} claude
   import anthropic
   client = anthropic.Anthropic(base_url="http://127.0.0.1:{port}", api_key="{key}")
-  m = client.messages.create(model="claude-sonnet-4-5", max_tokens=256,
+  m = client.messages.create(model="claude-sonnet-4-6", max_tokens=256,
                              messages=[{{"role": "user", "content": "Hello!"}}])
 
 Spend of the demo key: curl -s {base}/key -H "Authorization: Bearer {key}"

@@ -29,7 +29,7 @@ from tests.integration.conftest import (
 )
 from therouter.redisproc import RedisProcess
 
-CLAUDE_MODEL = "claude-sonnet-4-5"
+CLAUDE_MODEL = "claude-sonnet-4-6"
 ANTHROPIC_KEY = "sk-ant-api03-CANARY-77e1a0"
 WEATHER = {"name": "get_weather", "description": "Weather in a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}

@@ -81,7 +81,7 @@ def test_demo_starts_everything_and_serves_the_sdk(tmp_path: Path, repo_root: Pa
         assert "ANTHROPIC_BASE_URL=" in out and "anthropic.Anthropic(" in out
         # (closed here, so its connection's TIME_WAIT is the client's and the gateway's port is free at the end)
         with anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", auth_token=m.group(1), max_retries=0) as claude:
-            msg = claude.messages.with_raw_response.create(model="claude-sonnet-4-5", max_tokens=64,
+            msg = claude.messages.with_raw_response.create(model="claude-sonnet-4-6", max_tokens=64,
                                                             messages=[{"role": "user", "content": "Hello!"}])
         assert msg.headers["x-therouter-provider"] == "deepseek" and msg.parse().content[0].type == "text"
         redis_files = list((tmp_path / "demo" / "redis").iterdir())
