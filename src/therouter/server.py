@@ -133,7 +133,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.flow.resume_reading()
         if self.pipeline:  # a pipelined request waiting: start it
             cycle, app = self.pipeline.pop()
-            self._start_asgi_task(cycle, app)
+            start = getattr(self, "_start_asgi_task", None)
+            if start is not None:
+                start(cycle, app)
+            else:  # uvicorn before _start_asgi_task (0.29-0.38 at least): what it did inline
+                task = self.loop.create_task(cycle.run_asgi(app))
+                task.add_done_callback(self.tasks.discard)
+                self.tasks.add(task)
         else:
             self._idle_since = self.loop.time()
 

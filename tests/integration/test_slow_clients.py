@@ -116,6 +116,25 @@ def test_slowloris_headers_are_cut_off_while_normal_requests_succeed(slow_gw: Ga
             assert json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
 
 
+def test_pipelined_requests_are_answered_in_order(slow_gw: Gateway, slow_key: str) -> None:
+    """Two requests sent back to back on one connection (HTTP/1.1 pipelining): the second waits for the first's
+    answer, then is served (the protocol's own on_response_complete starts it)."""
+    body = json.dumps({"model": MODEL, "messages": HELLO}).encode()
+    chat = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + slow_key.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+            + body)
+    with socket.create_connection(("127.0.0.1", port(slow_gw)), timeout=30) as s:
+        s.sendall(chat + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = b""
+        while got.count(b"HTTP/1.1 ") < 2 or not got.endswith(b"}"):
+            chunk = s.recv(65536)
+            assert chunk, got
+            got += chunk
+    first, second = got.split(b"HTTP/1.1 ")[1:3]
+    assert first.startswith(b"200 ") and b'"chat.completion"' in first
+    assert second.startswith(b"200 ") and second.endswith(b'{"status":"ok"}')
+
+
 def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(slow_gw: Gateway) -> None:
     """Between requests a kept-alive connection may idle for uvicorn's ``timeout_keep_alive`` (5 s), then it is
     closed (the sweeper's job since it replaced the timer per answer); a request in time keeps it open."""
