@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,23 @@ def per_round(xs: list[dict[str, Any]], ys: list[dict[str, Any]],
 # ---- latency -------------------------------------------------------------------------------------------------
 
 
-def mode_latency(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]:
+@dataclass
+class Targets:
+    """nginx, Redis, the bare proxy and TheRouter (with its key) started side by side."""
+
+    nginx_port: int
+    nginx_pid: int
+    bare: Gateway
+    gw: Gateway
+    key: str
+    key_id: str
+
+    @property
+    def direct_url(self) -> str:
+        return f"http://127.0.0.1:{self.nginx_port}/v1/chat/completions"
+
+
+def start_targets(a: argparse.Namespace, st: Stack, cpus: Cpus) -> Targets:
     up = st.nginx(cpus.load)
     nginx_pid = st.procs[-1].pid
     st.redis(cpus.load)
@@ -120,10 +137,15 @@ def mode_latency(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]
     bare = st.bare(up, cpus.gateway)
     gw = st.therouter(cfg, cpus.gateway, log_level=a.log_level)
     key, key_id = st.create_key(cfg)
-    direct_url = f"http://127.0.0.1:{up}/v1/chat/completions"
+    return Targets(up, nginx_pid, bare, gw, key, key_id)
+
+
+def mode_latency(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]:
+    t = start_targets(a, st, cpus)
+    gw, key, key_id = t.gw, t.key, t.key_id
     # (name, url, model, key, pid whose CPU is counted, json only)
-    targets = [("direct", direct_url, upstream.UPSTREAM_MODEL, None, nginx_pid, False),
-               ("bare", bare.url, upstream.UPSTREAM_MODEL, None, bare.proc.pid, False),
+    targets = [("direct", t.direct_url, upstream.UPSTREAM_MODEL, None, t.nginx_pid, False),
+               ("bare", t.bare.url, upstream.UPSTREAM_MODEL, None, t.bare.proc.pid, False),
                ("therouter", gw.url, PUBLIC_MODEL, key, gw.proc.pid, False),
                ("assembled", gw.url, ASSEMBLED_MODEL, key, gw.proc.pid, True)]
     if a.warmup > 0:
@@ -209,15 +231,9 @@ def mode_paced(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]:
     its next request -- a load well below every target's capacity -- so the p50 is the time a request takes through
     it, not queueing. nginx direct, the bare proxy and TheRouter back to
     back, JSON and streams, round after round; the added p50 over direct is each round's difference, median."""
-    up = st.nginx(cpus.load)
-    st.redis(cpus.load)
-    cfg = st.gateway_config(up)
-    bare = st.bare(up, cpus.gateway)
-    gw = st.therouter(cfg, cpus.gateway, log_level=a.log_level)
-    key, key_id = st.create_key(cfg)
-    direct_url = f"http://127.0.0.1:{up}/v1/chat/completions"
-    targets = [("direct", direct_url, upstream.UPSTREAM_MODEL, None),
-               ("bare", bare.url, upstream.UPSTREAM_MODEL, None), ("therouter", gw.url, PUBLIC_MODEL, key)]
+    t = start_targets(a, st, cpus)
+    targets = [("direct", t.direct_url, upstream.UPSTREAM_MODEL, None),
+               ("bare", t.bare.url, upstream.UPSTREAM_MODEL, None), ("therouter", t.gw.url, PUBLIC_MODEL, t.key)]
     conns, pace = a.paced_connections, a.paced_delay_ms
     if a.warmup > 0:
         for _, url, model, k in targets:
@@ -249,7 +265,7 @@ def mode_paced(a: argparse.Namespace, st: Stack, cpus: Cpus) -> dict[str, Any]:
             print(f"{kind if i == 0 else '':<10}{TARGET_NAMES[name]:<22}{m['rps']:>8,.0f}{m['p50_ms']:>9.2f}"
                   f"{m['p99_ms']:>9.2f}{m['errors']:>8}{added:>14}")
         results[kind] = res
-    meter = metering_check(st.redis_url, key_id)
+    meter = metering_check(st.redis_url, t.key_id)
     print_metering("metering", meter)
     return {"connections": conns, "delay_ms": pace, "results": results, "metering": meter}
 

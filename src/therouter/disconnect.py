@@ -2,8 +2,8 @@
 second task for the work), from one of two sources:
 
 - :func:`waiter` -- the ASGI ``http.disconnect`` message, awaited by one watcher task at a time (any ASGI server);
-- :class:`Signal` -- the server's own notice: our protocol (``server.py``) puts one in a completion request's scope
-  (:func:`signal_of`) and fires it when the connection is lost; the guarded work subscribes a callback, no watcher
+- :class:`Signal` -- the server's own notice: our protocol (``server.py``) gives one to a completion request
+  (``api.hints``) and fires it when the connection is lost; the guarded work subscribes a callback, no watcher
   task at all (two tasks less per stream, one per JSON answer).
 
 :func:`unless_gone` runs work unless the client leaves first (``CancelledError("client disconnected")``);
@@ -17,10 +17,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from starlette.types import Receive, Scope
+from starlette.types import Receive
 
 T = TypeVar("T")
-SCOPE_KEY = "therouter.disconnect"  # an ASGI scope extension (``scope["extensions"]``)
 
 
 class Signal:
@@ -52,18 +51,6 @@ class Signal:
 
 
 Gone = Callable[[], Awaitable[None]] | Signal
-
-
-def signal_of(scope: Scope) -> Signal | None:
-    """The server's disconnect signal for this request, when it gave one."""
-    ext = scope.get("extensions")
-    sig = ext.get(SCOPE_KEY) if ext else None
-    return sig if isinstance(sig, Signal) else None
-
-
-def gone_of(scope: Scope, receive: Receive) -> Gone:
-    """The request's disconnect signal: the server's own when there is one, else the ASGI messages'."""
-    return signal_of(scope) or waiter(receive)
 
 
 def waiter(receive: Receive) -> Callable[[], Awaitable[None]]:

@@ -110,6 +110,10 @@ class Call:
     observed: bool = False  # its answer was counted and logged (once)
     native: NativeRequest | None = None  # the client's own wire request (/v1/messages), for a provider that speaks it
 
+    def built_for(self, provider: str, dep: Deployment) -> UpstreamRequest | None:
+        """The upstream request built for this deployment, if it was."""
+        return self.built.get((provider, id(dep)))
+
     @property
     def plan(self) -> list[str]:
         """The models to try, in order: the request's model, then its `models` fallbacks."""
@@ -271,7 +275,7 @@ class Gateway:
 
     def _request(self, call: Call, p: Provider, dep: Deployment, model_id: str) -> UpstreamRequest:
         """The upstream request for one deployment, built once per call: what is reserved for is what is sent."""
-        req = call.built.get((p.name, id(dep)))
+        req = call.built_for(p.name, dep)
         if req is None:
             # hints this host does not honour are left out (and named in the answer); see params.py
             dropped = params.dropped_for(call.checked.body, self.settings.models[model_id], dep)
@@ -319,7 +323,7 @@ class Gateway:
 
     @staticmethod
     def _dropped(call: Call, cand: Candidate) -> list[str]:
-        req = call.built.get((cand.name, id(cand.dep)))
+        req = call.built_for(cand.name, cand.dep)
         return list(req.meta.get("dropped") or ()) if req is not None else []  # type: ignore[call-overload]
 
     @staticmethod
@@ -350,7 +354,7 @@ class Gateway:
             self.router.state.observe_throughput(cand.key, usage.completion_tokens,
                                                  self.clock() - call.lease.started)
         call.done()
-        relayed = native_relay.relays(call.built.get((cand.name, id(cand.dep))))
+        relayed = native_relay.relays(call.built_for(cand.name, cand.dep))
         cost = await self._settle(call, cand, usage, "completed", stream=False, estimate=_json_estimate(call, obj),
                                   finish_reason=native_relay.message_finish(obj) if relayed else _finish_reason(obj))
         if relayed and call.native is not None:  # the upstream's own message: our id and the client's model
@@ -461,7 +465,7 @@ class Gateway:
         p = c.provider
         events = await self._connect(call, c)
         rw: Relay
-        if native_relay.relays(call.built.get((c.name, id(c.dep)))) and call.native is not None:
+        if native_relay.relays(call.built_for(c.name, c.dep)) and call.native is not None:
             # the upstream speaks the client's wire format: its events are relayed as they come (therouter.native)
             rw = native_relay.MessagesRelay(p, gen_id=call.gen_id, model=call.native.model)
         else:

@@ -14,10 +14,9 @@ The answer to a completion request leaves in as few writes as it can: uvicorn wr
 sends ``http.response.start`` and its body at each ``http.response.body``, two writes (two TCP segments) for every
 JSON answer. For the completion routes, whose handlers send the head and the first body back to back,
 :class:`HeadWithBody` holds the head and sends it with the first body (ASGI lets a server do so). Those requests
-also get a disconnect :class:`~therouter.disconnect.Signal` in their scope, fired when the connection is lost, so
-the work they guard needs no watcher task, and a test of whether their body is all in (``BODY_COMPLETE``), so
-reading a body that came with its headers needs no deadline timer, and of whether a write can wait
-(``WRITE_READY``), so a stream's write needs no write-timeout timer while the client keeps up.
+also get :class:`_Hints` in their scope (``api.hints``): a disconnect signal fired when the connection is lost (no
+watcher task), whether the body is all in (no body deadline timer) and whether writes are paused (no write timeout
+timer while the client keeps up), and a whole JSON answer written at once (:func:`_respond`).
 """
 
 from __future__ import annotations
@@ -31,10 +30,10 @@ from typing import Any, cast
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from therouter.api.openai import BODY_COMPLETE, PATHS, RESPOND
-from therouter.api.streaming import WRITE_READY
+from therouter.api.hints import HINTS, hints_of
+from therouter.api.openai import PATHS
 from therouter.config import Settings
-from therouter.disconnect import SCOPE_KEY, Signal, signal_of
+from therouter.disconnect import Signal
 from therouter.errors import RequestTimeout
 
 TICK = 0.1  # seconds between two sweeps of a loop's connections: a deadline fires at most this late
@@ -96,9 +95,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         super().connection_lost(exc)
         if cycle is not None and cycle.disconnected:  # (not after its answer was complete)
-            signal = signal_of(cast(dict[str, Any], cycle.scope))
-            if signal is not None:
-                signal.fire()
+            hints = hints_of(cast(dict[str, Any], cycle.scope))
+            if hints is not None:
+                hints.gone.fire()
 
     def data_received(self, data: bytes) -> None:
         self._idle_since = None
@@ -115,14 +114,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle  # (its task has not run yet)
         if cycle is not None and cycle.scope.get("method") == "POST" and cycle.scope.get("path") in PATHS:
             cycle.transport = HeadWithBody(cycle.transport)  # type: ignore[assignment]
-            scope = cast(dict[str, Any], cycle.scope)
-            ext = scope.setdefault("extensions", {})
-            ext[SCOPE_KEY] = Signal()  # fired by connection_lost: no watcher task
-            # (a weak reference: the cycle holds the scope, and a reference cycle per request is work for the GC)
-            ref = weakref.ref(cycle)
-            ext[BODY_COMPLETE] = lambda: (c := ref()) is not None and not c.more_body  # (no body deadline timer)
-            ext[WRITE_READY] = lambda: (c := ref()) is not None and not c.flow.write_paused  # (nor write timeout)
-            ext[RESPOND] = functools.partial(_respond, ref)  # a JSON answer in one write, past ASGI's messages
+            cast(dict[str, Any], cycle.scope).setdefault("extensions", {})[HINTS] = _Hints(cycle)
 
     def on_response_complete(self) -> None:
         """uvicorn's, with the keep-alive timeout left to the sweeper (no timer armed per answer)."""
@@ -166,16 +158,37 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def _respond(ref: weakref.ref[RequestResponseCycle], status: int, headers: list[tuple[bytes, bytes]],
-             body: bytes) -> bool:
+class _Hints:
+    """:class:`therouter.api.hints.Hints` of one request, read off uvicorn's cycle. The cycle is held by a weak
+    reference: it holds the scope, which holds this, and a reference cycle per request is work for the collector."""
+
+    __slots__ = ("_cycle", "gone")
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle = weakref.ref(cycle)
+        self.gone = Signal()  # fired by the protocol's connection_lost
+
+    def body_complete(self) -> bool:
+        c = self._cycle()
+        return c is not None and not c.more_body
+
+    def write_ready(self) -> bool:
+        c = self._cycle()
+        return c is not None and not c.flow.write_paused
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        c = self._cycle()
+        return c is not None and _respond(c, status, headers, body)
+
+
+def _respond(c: RequestResponseCycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
     """A whole answer (``headers``: lower-case names, no content-length) written in one write, with the bookkeeping
     uvicorn's ``send`` does for ``http.response.start`` + ``http.response.body`` (its default headers, the
     connection's keep-alive, the response's completion) but without building and checking two ASGI messages (~5 %
     of a JSON request's CPU). False, having done nothing, when it cannot be done now -- the request's connection is
     gone, its answer started, or writes are paused -- or a header value holds a line break: the caller then sends the
     answer the ASGI way, and uvicorn waits, or refuses, as it does."""
-    c = ref()
-    if c is None or c.response_started or c.disconnected or c.flow.write_paused:
+    if c.response_started or c.disconnected or c.flow.write_paused:
         return False
     parts = [STATUS_LINE[status]]
     for name, value in c.default_headers:

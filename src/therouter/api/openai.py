@@ -20,9 +20,10 @@ from therouter import params
 from therouter.api import openrouter
 from therouter.api.deps import KeyDep, ServicesDep
 from therouter.api.errors import error_response
+from therouter.api.hints import hints_of
 from therouter.api.middleware import SANE_REQUEST_ID
 from therouter.api.streaming import SSEResponse
-from therouter.disconnect import client_left, gone_of, waiter
+from therouter.disconnect import client_left, waiter
 from therouter.errors import (
     GatewayError,
     InternalError,
@@ -64,10 +65,6 @@ async def _complete(endpoint: str, request: Request, key: Any, services: Any) ->
 
 PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
          "/api/v1/chat/completions": "chat", "/api/v1/completions": "completions"}
-# ASGI scope extensions our server (server.py) gives these routes: a callable, True once the whole body is in; and
-# respond(status, headers, body) -> bool, a whole answer written at once (False: not now, send it the ASGI way)
-BODY_COMPLETE = "therouter.body_complete"
-RESPOND = "therouter.respond"
 
 
 class CompletionsRoute:
@@ -86,13 +83,13 @@ class CompletionsRoute:
         services = self.app.state.services
         server = services.settings.server
         deadline = asyncio.get_running_loop().time() + server.body_timeout
+        hints = hints_of(scope)  # what our server says of the connection (None under another server)
         observed = False
         try:
             headers = _headers(scope)
             key = await services.auth.authenticate(headers.get(b"authorization", b"").decode("latin-1") or None)
             declared = headers.get(b"content-length")
-            complete = scope.get("extensions", {}).get(BODY_COMPLETE)
-            if complete is not None and complete():  # all here: reading it cannot wait (no timer)
+            if hints is not None and hints.body_complete():  # all here: reading it cannot wait (no timer)
                 raw = await _receive_body(receive, declared, server.max_body_bytes)
             else:
                 try:
@@ -104,8 +101,8 @@ class CompletionsRoute:
             if raw is None:
                 return  # the client left while sending its body: nobody to answer
             observed = True  # from here on the gateway counts and logs the request, whatever happens
-            gone = gone_of(scope, receive)
-            answer = await services.gateway.handle(key, endpoint, raw, rid, gone)
+            answer = await services.gateway.handle(key, endpoint, raw, rid,
+                                                   hints.gone if hints is not None else waiter(receive))
         except asyncio.CancelledError:
             if not client_left():
                 raise  # a real cancellation (e.g. shutdown) goes on
@@ -121,13 +118,12 @@ class CompletionsRoute:
                                  rid)(scope, receive, send)
             return
         if isinstance(answer, StreamAnswer):
-            await SSEResponse(answer.events, {**answer.headers, "x-request-id": rid}, server.stream_write_timeout,
-                              gone)(scope, receive, send)
+            await SSEResponse(answer.events, {**answer.headers, "x-request-id": rid},
+                              server.stream_write_timeout)(scope, receive, send)
             return
         out = [(b"content-type", b"application/json"), (b"x-request-id", rid.encode())]
         out += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
-        respond = scope.get("extensions", {}).get(RESPOND)
-        if respond is not None and respond(answer.status, out, answer.body):
+        if hints is not None and hints.respond(answer.status, out, answer.body):
             return
         out.append((b"content-length", str(len(answer.body)).encode()))
         await send({"type": "http.response.start", "status": answer.status, "headers": out})

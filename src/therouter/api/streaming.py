@@ -9,39 +9,35 @@ The body is pumped in the request's task while one watcher waits for ``http.disc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from therouter import sse
-from therouter.disconnect import Gone, client_left, unless_gone, waiter
+from therouter.api.hints import Hints, hints_of
+from therouter.disconnect import client_left, unless_gone, waiter
 from therouter.errors import GatewayError, InternalError
 
-# an ASGI scope extension our server (server.py) gives the completion routes: a callable, True while a send cannot
-# wait (the connection's writes are not paused), so that send needs no write-timeout timer
-WRITE_READY = "therouter.write_ready"
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
 
 
 class SSEResponse(Response):
     def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str],
-                 write_timeout: float = 60.0, gone: Gone | None = None) -> None:
+                 write_timeout: float = 60.0) -> None:
         self.events = events
-        self.gone = gone  # the request's disconnect signal (default: the ASGI messages')
         self.write_timeout = write_timeout
         self.status_code = 200
         self.background = None
         self.sse_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        self.write_ready: Callable[[], bool] | None = None
+        self.hints: Hints | None = None  # our server's, when it gave them (api.hints)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ext = scope.get("extensions")
-        self.write_ready = ext.get(WRITE_READY) if ext else None
+        self.hints = hints_of(scope)
         try:
             # pumped in this task, cancelled if the client leaves
-            await unless_gone(self._pump(send), self.gone or waiter(receive))
+            await unless_gone(self._pump(send), self.hints.gone if self.hints is not None else waiter(receive))
         except asyncio.CancelledError:
             if not client_left():
                 raise  # a real cancellation (e.g. shutdown) goes on
@@ -58,7 +54,7 @@ class SSEResponse(Response):
             async for chunk in self.events:
                 last = getattr(self.events, "ended", False)  # the stream's last chunk ends the response with it
                 message = {"type": "http.response.body", "body": chunk, "more_body": not last}
-                if self.write_ready is not None and self.write_ready():
+                if self.hints is not None and self.hints.write_ready():
                     await send(message)  # (it cannot wait: no timer)
                 else:
                     try:
