@@ -8,7 +8,8 @@ sets a deadline when a connection opens and when a request's first byte arrives,
 complete; past it the client gets 408 and the connection is closed. The body is bounded in time by the completion
 route and ``api.middleware.BodyDeadlineMiddleware`` (408 as well), requests in flight by the front door (503). An
 idle keep-alive connection between requests is closed after ``timeout_keep_alive`` (5 s). Both deadlines are
-checked by one sweep per event loop every :data:`TICK` seconds (:class:`_Sweeper`), not by timers per request.
+checked by one sweep per event loop every :data:`TICK` seconds (:class:`therouter.sweep.Sweep`), not by timers per
+request.
 
 The answer to a completion request leaves in as few writes as it can: uvicorn writes a response's head when the app
 sends ``http.response.start`` and its body at each ``http.response.body``, two writes (two TCP segments) for every
@@ -35,63 +36,38 @@ from therouter.api.openai import PATHS
 from therouter.config import Settings
 from therouter.disconnect import Signal
 from therouter.errors import RequestTimeout
+from therouter.sweep import Sweep
 
 TICK = 0.1  # seconds between two sweeps of a loop's connections: a deadline fires at most this late
+_sweeps: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Sweep[GuardedHttpToolsProtocol]] = \
+    weakref.WeakKeyDictionary()
 
 
-class _Sweeper:
-    """One timer per event loop for the deadlines of all its connections (the headers' deadline, the keep-alive
-    timeout) instead of a timer armed and cancelled per request: a sweep every :data:`TICK` while any connection is
-    open. (uvicorn arms its keep-alive timer after every answer and cancels it at the next request's first byte;
-    with the header deadline's, that was two timers per request, each measured 1-5 us.)"""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.conns: set[GuardedHttpToolsProtocol] = set()
-        self._handle: asyncio.TimerHandle | None = None
-
-    def add(self, conn: GuardedHttpToolsProtocol) -> None:
-        self.conns.add(conn)
-        if self._handle is None:
-            self._handle = self.loop.call_later(TICK, self._sweep)
-
-    def _sweep(self) -> None:
-        self._handle = None
-        now = self.loop.time()
-        for conn in list(self.conns):
-            conn.check_deadlines(now)
-        if self.conns:
-            self._handle = self.loop.call_later(TICK, self._sweep)
-
-
-_sweepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sweeper] = weakref.WeakKeyDictionary()
-
-
-def _sweeper(loop: asyncio.AbstractEventLoop) -> _Sweeper:
-    sw = _sweepers.get(loop)
+def _sweep(loop: asyncio.AbstractEventLoop) -> Sweep[GuardedHttpToolsProtocol]:
+    """The loop's one sweep of its connections' deadlines (uvicorn arms a keep-alive timer after every answer and
+    cancels it at the next request's first byte; with the header deadline's, that was two timers per request)."""
+    sw = _sweeps.get(loop)
     if sw is None:
-        sw = _sweepers[loop] = _Sweeper(loop)
+        sw = _sweeps[loop] = Sweep(loop, TICK, lambda conn, now: conn.deadline_passed())
     return sw
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol plus a deadline for a request's headers (see the module doc); its deadlines and
-    uvicorn's keep-alive timeout are checked by the loop's :class:`_Sweeper`."""
+    """uvicorn's httptools protocol plus a deadline for a request's headers (see the module doc); that deadline and
+    uvicorn's keep-alive timeout are checked by the loop's sweep."""
 
     def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout
-        self._header_deadline: float | None = None  # loop time by which the current request's headers must be in
-        self._idle_since: float | None = None  # loop time the connection went idle after an answer (keep-alive)
+        # the deadline watched: the headers' (True) or, between requests, the keep-alive timeout's (False)
+        self._awaiting_headers = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._header_deadline = self.loop.time() + self.header_timeout  # a connection that sends nothing: 408
-        _sweeper(self.loop).add(self)
+        self._await_headers()  # a connection that sends nothing: 408
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._header_deadline = self._idle_since = None
-        _sweeper(self.loop).conns.discard(self)
+        _sweep(self.loop).unwatch(self)
         cycle = self.cycle
         super().connection_lost(exc)
         if cycle is not None and cycle.disconnected:  # (not after its answer was complete)
@@ -100,16 +76,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 hints.gone.fire()
 
     def data_received(self, data: bytes) -> None:
-        self._idle_since = None
+        if not self._awaiting_headers:
+            _sweep(self.loop).unwatch(self)  # no longer idle
         super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._header_deadline is None:  # a connection's first request keeps the deadline set when it opened
-            self._header_deadline = self.loop.time() + self.header_timeout
+        if not self._awaiting_headers:  # a connection's first request keeps the deadline set when it opened
+            self._await_headers()
+
+    def _await_headers(self) -> None:
+        self._awaiting_headers = True
+        _sweep(self.loop).watch(self, self.loop.time() + self.header_timeout)
 
     def on_headers_complete(self) -> None:
-        self._header_deadline = None
+        self._awaiting_headers = False
+        _sweep(self.loop).unwatch(self)
         super().on_headers_complete()
         cycle = self.cycle  # (its task has not run yet)
         if cycle is not None and cycle.scope.get("method") == "POST" and cycle.scope.get("path") in PATHS:
@@ -133,14 +115,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 task.add_done_callback(self.tasks.discard)
                 self.tasks.add(task)
         else:
-            self._idle_since = self.loop.time()
+            _sweep(self.loop).watch(self, self.loop.time() + self.timeout_keep_alive)  # idle
 
-    def check_deadlines(self, now: float) -> None:
-        if self._header_deadline is not None and now >= self._header_deadline:
-            self._header_deadline = None
+    def deadline_passed(self) -> None:
+        """The sweep found the watched deadline passed (and unwatched the connection)."""
+        if self._awaiting_headers:
+            self._awaiting_headers = False
             self._headers_too_slow()
-        elif self._idle_since is not None and now - self._idle_since >= self.timeout_keep_alive:
-            self._idle_since = None
+        else:
             self.timeout_keep_alive_handler()
 
     def _headers_too_slow(self) -> None:

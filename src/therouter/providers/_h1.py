@@ -51,11 +51,12 @@ from therouter.providers._http import (
     _oserror,
     _wire_headers,
 )
+from therouter.sweep import Sweep
 
 _HIGH_WATER = 256 * 1024  # buffered, unconsumed body bytes above which the socket is no longer read
 _IDLE_TTL = 15.0  # seconds an idle keep-alive connection may wait for reuse
 _STALE_WINDOW = 0.5  # seconds after the write within which a silent close of a reused connection counts as stale
-SWEEP = 0.05  # seconds between two sweeps of the exchanges waiting for headers: a deadline fires at most this late
+SWEEP = 0.05  # seconds between two sweeps of the exchanges waiting for headers (a deadline fires up to this late)
 _BAD = "The provider sent a malformed HTTP response."
 _SKIP = frozenset(("host", "content-length", "transfer-encoding", "connection"))  # ours to set
 
@@ -283,29 +284,12 @@ class _Pool:
     def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
         self.loop = loop
         self.limit = limit
-        self.watching: dict[_Conn, float] = {}  # connections waiting for response headers -> their deadline
-        self._sweep_handle: asyncio.TimerHandle | None = None
+        # exchanges waiting for response headers, under their deadline (one sweep, not a timer per exchange)
+        self.waiting: Sweep[_Conn] = Sweep(loop, SWEEP, lambda conn, now: conn._timeout())
         self.open = 0
         self.idle: dict[PoolKey, list[_Conn]] = {}
         self.waiters: deque[tuple[PoolKey, asyncio.Future[_Conn | None]]] = deque()
         self.conns: set[_Conn] = set()
-
-    def watch(self, conn: _Conn, deadline: float) -> None:
-        """Time ``conn`` out (``_timeout``) if it is still watched at ``deadline`` (loop time), give or take
-        :data:`SWEEP` seconds: one sweep of every watched connection while any is, instead of a timer per exchange."""
-        self.watching[conn] = deadline
-        if self._sweep_handle is None:
-            self._sweep_handle = self.loop.call_later(SWEEP, self._sweep)
-
-    def _sweep(self) -> None:
-        self._sweep_handle = None
-        now = self.loop.time()
-        for conn, deadline in list(self.watching.items()):
-            if now >= deadline:
-                del self.watching[conn]
-                conn._timeout()
-        if self.watching:
-            self._sweep_handle = self.loop.call_later(SWEEP, self._sweep)
 
     async def acquire(self, key: PoolKey) -> _Conn | None:
         """A live idle connection for ``key``, or None: the caller owns a slot and opens a connection in it
@@ -514,7 +498,7 @@ class H1Transport(Transport):
                         raise _ConnClosed(f"{type(e).__name__}: {e}")
                     raise UpstreamConnectError(_CLOSED, sent=True, detail=f"{type(e).__name__}: {e}")
                 if not watched:  # the pool's sweep times it out (no timer armed and cancelled per request)
-                    conn.pool.watch(conn, deadline)
+                    conn.pool.waiting.watch(conn, deadline)
                     watched = True
                 await conn.wait()
                 if conn.timed_out and not conn.headers_done:
@@ -524,7 +508,7 @@ class H1Transport(Transport):
             raise
         finally:
             if watched:
-                conn.pool.watching.pop(conn, None)
+                conn.pool.waiting.unwatch(conn)
         return _H1Response(conn)
 
     async def aclose(self) -> None:
