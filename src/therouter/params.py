@@ -54,8 +54,26 @@ def _asks(name: str, value: Any, defaults: Mapping[str, Any]) -> bool:
     return default is _UNSET or bool(value != default)
 
 
+# derived once per (card, deployment): settings are frozen, so a card's answers never change; an entry holds its
+# objects, so an id is never reused while it is cached (a reload brings new objects: bounded, cleared when full)
+_HONOURED: dict[tuple[int, int], tuple[ModelConfig, Deployment, frozenset[str]]] = {}
+_OFFERED: dict[int, tuple[ModelConfig, frozenset[str]]] = {}
+_CACHE_MAX = 4096
+
+
 def honoured(card: ModelConfig, dep: Deployment) -> frozenset[str]:
     """The OpenAI parameters this deployment honours."""
+    hit = _HONOURED.get((id(card), id(dep)))
+    if hit is not None and hit[0] is card and hit[1] is dep:
+        return hit[2]
+    out = _honoured(card, dep)
+    if len(_HONOURED) >= _CACHE_MAX:
+        _HONOURED.clear()
+    _HONOURED[(id(card), id(dep))] = (card, dep, out)
+    return out
+
+
+def _honoured(card: ModelConfig, dep: Deployment) -> frozenset[str]:
     listed = dep.parameters if dep.parameters is not None else card.supported_parameters
     out = set(listed) | ALWAYS
     if "reasoning" in dep.capabilities:
@@ -67,10 +85,21 @@ def honoured(card: ModelConfig, dep: Deployment) -> frozenset[str]:
 
 def model_parameters(card: ModelConfig) -> list[str]:
     """What `/v1/models` lists: every parameter some deployment of the model honours."""
+    return sorted(offered(card))
+
+
+def offered(card: ModelConfig) -> frozenset[str]:
+    """:func:`model_parameters` as a set (asked per request: derived once per card)."""
+    hit = _OFFERED.get(id(card))
+    if hit is not None and hit[0] is card:
+        return hit[1]
     out: set[str] = set(card.supported_parameters)
     for dep in card.deployments:
         out |= honoured(card, dep) - {"stream", "stream_options", "max_completion_tokens"}
-    return sorted(out)
+    if len(_OFFERED) >= _CACHE_MAX:
+        _OFFERED.clear()
+    _OFFERED[id(card)] = (card, frozenset(out))
+    return _OFFERED[id(card)][1]
 
 
 def per_deployment(card: ModelConfig) -> list[dict[str, Any]]:

@@ -263,7 +263,7 @@ def _stream_options(body: dict[str, Any]) -> None:
 def _gated(body: dict[str, Any], card: ModelConfig) -> None:
     """Parameters that change what the answer is and that no deployment of the model honours: a 400 naming them.
     Hints and sampling controls never fail here: routing drops them where a deployment lacks them (params.py)."""
-    offered = set(params.model_parameters(card))
+    offered = params.offered(card)
     for name in ("tools", "tool_choice", "response_format", *sorted(params.asked_shaping(body))):
         if body.get(name) is not None and name not in offered:
             raise InvalidRequest(f"The parameter '{name}' is not supported by this model.", param=name,

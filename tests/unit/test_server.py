@@ -73,15 +73,15 @@ def _cycle(t: Transport, keep_alive: bool = True) -> tuple[Any, list[str]]:
 def test_a_whole_answer_leaves_in_one_write_with_uvicorns_bookkeeping() -> None:
     t = Transport()
     cycle, done = _cycle(t)
-    assert _respond(cycle, 200, [(b"content-type", b"application/json")], b"{}")
+    assert _respond(cycle, 200, {"Content-Type": "application/json"}, b"{}")  # (names go out in lower case)
     assert t.writes == [(b"HTTP/1.1 200 OK\r\ndate: today\r\ncontent-type: application/json\r\n"
                          b"content-length: 2\r\n\r\n{}")]
     assert cycle.response_started and cycle.response_complete and done == ["complete"] and not t.closed
-    assert not _respond(cycle, 200, [], b"again")  # started: nothing more
+    assert not _respond(cycle, 200, {}, b"again")  # started: nothing more
 
     t = Transport()
     cycle, done = _cycle(t, keep_alive=False)  # the client asked to close: said and done
-    assert _respond(cycle, 200, [], b"{}")
+    assert _respond(cycle, 200, {}, b"{}")
     assert b"connection: close\r\n" in t.writes[0] and t.closed and done == ["complete"]
 
 
@@ -89,9 +89,12 @@ def test_a_whole_answer_is_left_to_asgi_when_it_cannot_go_at_once() -> None:
     t = Transport()
     cycle, done = _cycle(t)
     cycle.flow.write_paused = True  # a client not reading: uvicorn's send waits for it
-    assert not _respond(cycle, 200, [], b"{}")
+    assert not _respond(cycle, 200, {}, b"{}")
     cycle.flow.write_paused = False
-    assert not _respond(cycle, 200, [(b"x-bad", b"a\r\nb")], b"{}")  # uvicorn's send refuses it
+    assert not _respond(cycle, 200, {"x-bad": "a\r\nb"}, b"{}")  # uvicorn's send refuses it
+    assert not _respond(cycle, 200, {"x-bad": "a\nb"}, b"{}")
+    assert not _respond(cycle, 200, {"x-bad\r\nx-evil": "b"}, b"{}")
+    assert not _respond(cycle, 200, {"x-provider": "caf\u00e9 \u2603"}, b"{}")  # not latin-1: left to ASGI
     cycle.disconnected = True
-    assert not _respond(cycle, 200, [], b"{}")
+    assert not _respond(cycle, 200, {}, b"{}")
     assert t.writes == [] and not cycle.response_started and done == []

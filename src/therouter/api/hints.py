@@ -6,6 +6,7 @@ process) there are no hints and the route does everything the ASGI way."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from starlette.types import Scope
@@ -26,9 +27,9 @@ class Hints(Protocol):
         """Writes are not paused (a send cannot wait)."""
         ...
 
-    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
-        """A whole answer (lower-case header names, no content-length) written at once; False, having done nothing,
-        when it cannot be now (the caller sends it the ASGI way)."""
+    def respond(self, status: int, headers: Mapping[str, str], body: bytes) -> bool:
+        """A whole answer (headers as text, no content-length) written at once; False, having done nothing, when it
+        cannot be now (the caller sends it the ASGI way)."""
         ...
 
 
