@@ -53,16 +53,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _complete(endpoint: str, request: Request, key: Any, services: Any) -> Response | SSEResponse:
-    raw = await read_body(request, services.settings.server.max_body_bytes)
-    rid = request.state.request_id
-    request.state.observed = True  # from here on the gateway counts and logs the request, whatever happens
-    answer = await services.gateway.handle(key, endpoint, raw, rid, waiter(request.receive))
-    if isinstance(answer, StreamAnswer):
-        return SSEResponse(answer.events, answer.headers, services.settings.server.stream_write_timeout)
-    return Response(answer.body, status_code=answer.status, headers=answer.headers, media_type="application/json")
-
-
 PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
          "/api/v1/chat/completions": "chat", "/api/v1/completions": "completions"}
 
@@ -70,8 +60,8 @@ PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
 class CompletionsRoute:
     """``POST /v1/chat/completions`` and ``/v1/completions`` (and their ``/api/v1`` mounts), served straight from
     :class:`~therouter.api.middleware.FrontDoor`, without FastAPI's layers: its middleware stack, routing and
-    dependency injection measured as a large share of a JSON request's CPU (bench/profile.sh). Same behaviour as the
-    FastAPI routes below, which stay for the OpenAPI schema: the key first (401 in OpenAI's shape), then the body
+    dependency injection measured as a large share of a JSON request's CPU (bench/profile.sh). (The FastAPI routes
+    below only list the paths in the OpenAPI schema.) The key first (401 in OpenAI's shape), then the body
     (413 past the limit, 408 when it has not all arrived ``server.body_timeout`` after the headers), then the
     gateway; a request refused before the gateway had it is counted and logged all the same
     (``Gateway.refused``); an unexpected exception is logged and answered with a generic 500, never a traceback."""
@@ -158,14 +148,19 @@ async def _receive_body(receive: Receive, declared: bytes | None, limit: int) ->
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+# The two completion routes are served by CompletionsRoute above: the front door takes every POST to their paths
+# before FastAPI routes anything. They are declared here only so /openapi.json lists them (with the bearer key they
+# take); their handlers are never called.
 @router.post("/chat/completions")
-async def chat_completions(request: Request, key: KeyDep, services: ServicesDep) -> Any:
-    return await _complete("chat", request, key, services)
+async def chat_completions(key: KeyDep) -> Any:
+    """OpenAI's Chat Completions (JSON or a `text/event-stream` with `"stream": true`)."""
+    raise InternalError("POST /v1/chat/completions is served by the front door")  # never reached
 
 
 @router.post("/completions")
-async def completions(request: Request, key: KeyDep, services: ServicesDep) -> Any:
-    return await _complete("completions", request, key, services)
+async def completions(key: KeyDep) -> Any:
+    """OpenAI's legacy Completions (JSON or a `text/event-stream` with `"stream": true`)."""
+    raise InternalError("POST /v1/completions is served by the front door")  # never reached
 
 
 def model_entry(model_id: str, card: Any, price: Any = None) -> dict[str, Any]:
