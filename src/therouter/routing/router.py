@@ -236,6 +236,8 @@ class Router:
         return float(p.input + p.output)
 
     def _default_order(self, model_id: str, cands: list[Candidate], prefix: str) -> list[Candidate]:
+        if len(cands) < 2:  # (most requests: one deployment can serve; nothing to order)
+            return list(cands)
         by_prio: dict[int, list[Candidate]] = {}
         for c in cands:
             by_prio.setdefault(c.dep.priority, []).append(c)
