@@ -60,7 +60,7 @@ class Checked:
 def parse_body(raw: bytes, max_bytes: int, max_depth: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise PayloadTooLarge(f"Request body is {len(raw)} bytes; the limit is {max_bytes} bytes.")
-    if not raw.strip():
+    if not raw or raw.isspace():  # (no copy of the body, as strip() made)
         raise InvalidRequest("The request body is empty; expected a JSON object.")
     try:
         body = orjson.loads(raw)
@@ -68,13 +68,22 @@ def parse_body(raw: bytes, max_bytes: int, max_depth: int) -> dict[str, Any]:
         raise InvalidRequest(f"We could not parse the JSON body of your request ({e.msg}).") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    _check_depth(body, max_depth)
+    if raw.count(b"{") + raw.count(b"[") > max_depth:  # (fewer brackets than that, in strings or not: not as deep)
+        _check_depth(body, max_depth)
     check_steering(body)
     return body
 
 
+_FOLDED: dict[str, str] = {}  # the few field names clients send, folded once (bounded: unusual names are not kept)
+
+
 def _fold(name: str) -> str:
-    return name.lower().replace("_", "").replace("-", "")
+    folded = _FOLDED.get(name)
+    if folded is None:
+        folded = name.lower().replace("_", "").replace("-", "")
+        if len(_FOLDED) < 1024:
+            _FOLDED[name] = folded
+    return folded
 
 
 def check_steering(body: dict[str, Any]) -> None:

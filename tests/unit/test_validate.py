@@ -62,3 +62,22 @@ def test_steering_fields_refused_in_any_spelling(body: dict[str, Any]) -> None:
                                   {"response_format": {"json_schema": {"schema": {"organization": {}}}}}])
 def test_steering_names_deeper_are_ordinary(body: dict[str, Any]) -> None:
     validate.check_steering(body)
+
+
+def _nested(depth: int) -> bytes:
+    """A body whose deepest value is ``depth`` levels down (the body itself is level 1)."""
+    return b'{"model": "m", "x": ' + b'{"a": ' * (depth - 2) + b'{}' + b'}' * (depth - 2) + b'}'
+
+
+def test_depth_limit_is_exact_and_brackets_in_strings_do_not_count() -> None:
+    validate.parse_body(_nested(8), 1 << 20, 8)
+    with pytest.raises(InvalidRequest, match="nested deeper than 8"):
+        validate.parse_body(_nested(9), 1 << 20, 8)
+    text = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"{[" * 500 + b'"}]}'
+    assert validate.parse_body(text, 1 << 20, 8)["messages"][0]["content"] == "{[" * 500
+
+
+@pytest.mark.parametrize("raw", [b"", b"   ", b"\r\n\t "])
+def test_an_empty_body_is_refused_as_empty(raw: bytes) -> None:
+    with pytest.raises(InvalidRequest, match="body is empty"):
+        validate.parse_body(raw, 1 << 20, 8)
