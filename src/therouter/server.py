@@ -60,6 +60,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout
+        self._sweeper = _sweep(self.loop)  # (looked up once: it is watched and unwatched ~4 times per request)
         # the deadline watched: the headers' (True) or, between requests, the keep-alive timeout's (False)
         self._awaiting_headers = False
 
@@ -68,7 +69,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._await_headers()  # a connection that sends nothing: 408
 
     def connection_lost(self, exc: Exception | None) -> None:
-        _sweep(self.loop).unwatch(self)
+        self._sweeper.unwatch(self)
         cycle = self.cycle
         super().connection_lost(exc)
         if cycle is not None and cycle.disconnected:  # (not after its answer was complete)
@@ -78,7 +79,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if not self._awaiting_headers:
-            _sweep(self.loop).unwatch(self)  # no longer idle
+            self._sweeper.unwatch(self)  # no longer idle
         super().data_received(data)
 
     def on_message_begin(self) -> None:
@@ -88,11 +89,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _await_headers(self) -> None:
         self._awaiting_headers = True
-        _sweep(self.loop).watch(self, self.loop.time() + self.header_timeout)
+        self._sweeper.watch(self, self.loop.time() + self.header_timeout)
 
     def on_headers_complete(self) -> None:
         self._awaiting_headers = False
-        _sweep(self.loop).unwatch(self)
+        self._sweeper.unwatch(self)
         super().on_headers_complete()
         cycle = self.cycle  # (its task has not run yet)
         if cycle is not None and cycle.scope.get("method") == "POST" and cycle.scope.get("path") in PATHS:
@@ -116,7 +117,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 task.add_done_callback(self.tasks.discard)
                 self.tasks.add(task)
         else:
-            _sweep(self.loop).watch(self, self.loop.time() + self.timeout_keep_alive)  # idle
+            self._sweeper.watch(self, self.loop.time() + self.timeout_keep_alive)  # idle
 
     def deadline_passed(self) -> None:
         """The sweep found the watched deadline passed (and unwatched the connection)."""
