@@ -2,8 +2,10 @@
 
 redis-py's pipeline costs, per command, a Python packer call, a response callback and a read under its own timeout
 context; on the metering's group commits (dozens of scripts and commands per round trip) that was most of the
-store's CPU per request. Here a batch is packed by hiredis (C), written at once, and its replies read by hiredis'
-reader under one deadline. It is used only through :meth:`therouter.store.Store.send` and friends, which keep the
+store's CPU per request. Here a batch is packed by hiredis (C), written at once, and its replies parsed by the
+connection's own hiredis reader as its bytes arrive (an ``asyncio.Protocol``: no stream reader, one future per batch);
+the socket timeout is a deadline watched by one sweep for every connection (``sweep.Sweep``), not a timer armed and
+cancelled per batch. It is used only through :meth:`therouter.store.Store.send` and friends, which keep the
 store's policy (breaker, errors as ``StoreUnavailable``); everything else still goes through redis-py.
 
 Policy, as the store's: a connection that timed out, broke, or whose caller was cancelled mid-batch is closed, never
@@ -14,17 +16,20 @@ Callers wait up to ``pool_timeout`` for one of ``max_connections`` connections.
 from __future__ import annotations
 
 import asyncio
-import time
+import contextlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import NoScriptError, ResponseError
 
+from therouter.sweep import Sweep
+
 Command = tuple[Any, ...]
 IDLE_SECONDS = 30.0  # an idle connection older than this is closed instead of reused (a server may drop it)
 PER_COMMAND_S = 0.001  # added to the socket timeout per command of a batch
+SWEEP = 0.05  # s between two sweeps of the batches waiting for replies (a timeout fires up to this late)
 
 
 class Commands:
@@ -83,15 +88,86 @@ def _reply_error(e: hiredis.ReplyError) -> ResponseError:
     return NoScriptError(text) if text.startswith("NOSCRIPT") else ResponseError(text)
 
 
-class _Conn:
-    __slots__ = ("reader", "used", "writer")
+class _Conn(asyncio.Protocol):
+    """One connection: its bytes go straight into one hiredis reader (kept for the connection's life), and the
+    batch out on it gets its replies through one future, set once they are all in."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.used = time.monotonic()
+    __slots__ = ("lost", "reader", "replies", "timeout", "transport", "used", "waiter", "want", "wire")
+
+    def __init__(self, wire: Wire) -> None:
+        self.wire = wire
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader(encoding="utf-8")
+        self.replies: list[Any] = []
+        self.want = 0  # replies the batch out on it waits for
+        self.timeout = 0.0  # of each wait for more bytes
+        self.waiter: asyncio.Future[list[Any]] | None = None
+        self.lost = False
+        self.used = 0.0  # loop time it was last given back
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's transports are not asyncio.Transport)
+
+    def data_received(self, data: bytes) -> None:
+        w = self.waiter
+        if w is None:  # bytes nobody asked for: whatever they are, the connection is in doubt
+            self._fail(ConnectionError("the store sent a reply nobody asked for"))
+            return
+        reader, replies = self.reader, self.replies
+        reader.feed(data)
+        try:
+            r = reader.gets()
+            while r is not False:
+                replies.append(r)
+                r = reader.gets()
+        except hiredis.ProtocolError as e:
+            self._fail(ConnectionError(f"the store sent a malformed reply ({e})"))
+            return
+        if len(replies) < self.want:  # progress: the next wait gets the full timeout
+            self.wire.waiting.watch(self, self.wire.loop.time() + self.timeout)
+            return
+        self.waiter = None
+        self.wire.waiting.unwatch(self)
+        if len(replies) > self.want:
+            self._fail(ConnectionError("the store sent more replies than commands"), w)
+        elif not w.done():
+            w.set_result(replies)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost fails the batch out on it, if any
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._fail(ConnectionError("the store closed the connection"))
+
+    def timed_out(self) -> None:
+        self._fail(TimeoutError("the store did not answer in time"))
+
+    def _fail(self, exc: Exception, w: asyncio.Future[list[Any]] | None = None) -> None:
+        """The connection is in doubt: closed, and the batch out on it (if any) fails with ``exc``."""
+        w, self.waiter = w or self.waiter, None
+        self.close()
+        if w is not None and not w.done():
+            w.set_exception(exc)
+
+    def usable(self, now: float) -> bool:
+        t = self.transport
+        return not self.lost and t is not None and not t.is_closing() and now - self.used < IDLE_SECONDS
 
     def close(self) -> None:
-        self.writer.close()
+        self.lost = True
+        self.wire.waiting.unwatch(self)
+        if self.transport is not None:
+            self.transport.close()
+
+    def send(self, data: bytes, n: int, timeout: float) -> asyncio.Future[list[Any]]:
+        """Write a batch of ``n`` commands; the future gets their ``n`` replies (or the connection's failure)."""
+        assert self.waiter is None and self.transport is not None
+        self.replies, self.want, self.timeout = [], n, timeout
+        w = self.waiter = self.wire.loop.create_future()
+        self.transport.write(data)
+        self.wire.waiting.watch(self, self.wire.loop.time() + timeout)
+        return w
 
 
 class Wire:
@@ -109,6 +185,19 @@ class Wire:
         self.socket_timeout, self.connect_timeout, self.pool_timeout = socket_timeout, connect_timeout, pool_timeout
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Conn] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: Sweep[_Conn] | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None
+        return self._loop
+
+    @property
+    def waiting(self) -> Sweep[_Conn]:
+        """The connections waiting for replies, under their deadlines (one sweep, not a timer per batch)."""
+        assert self._waiting is not None
+        return self._waiting
 
     async def execute(self, commands: Sequence[Command]) -> list[Any]:
         """The commands in one round trip: their replies in order, an error reply as its ``ResponseError`` (the
@@ -125,11 +214,12 @@ class Wire:
         conn: _Conn | None = None
         try:
             conn = await self._checkout()
-            conn.writer.write(b"".join([hiredis.pack_command(c) for c in commands]))
+            data = b"".join([hiredis.pack_command(c) for c in commands])
             # a batch may hold hundreds of scripts (a burst of admissions): Redis gets a little more time per command
-            # before its first reply counts as late, as those commands one by one would each have had a timeout
-            replies = await self._read(conn, len(commands), self.socket_timeout + len(commands) * PER_COMMAND_S)
-            conn.used = time.monotonic()
+            # before its first reply counts as late, as those commands one by one would each have had a timeout.
+            # The timeout bounds each wait for more bytes, as redis-py's socket timeout does, not the whole batch.
+            replies = await conn.send(data, len(commands), self.socket_timeout + len(commands) * PER_COMMAND_S)
+            conn.used = self.loop.time()
             self._idle.append(conn)
             conn = None
             return [_reply_error(r) if isinstance(r, hiredis.ReplyError) else r for r in replies]
@@ -139,49 +229,32 @@ class Wire:
             self._slots.release()
 
     async def _checkout(self) -> _Conn:
-        now = time.monotonic()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # the first call (or a new loop: the old one's connections are no use)
+            idle, self._idle = self._idle, []
+            for conn in idle:
+                with contextlib.suppress(Exception):  # (its loop may be closed)
+                    conn.close()
+            self._loop = loop
+            self._waiting = Sweep(loop, min(SWEEP, self.socket_timeout / 4), lambda conn, now: conn.timed_out())
+        now = loop.time()
         while self._idle:
             conn = self._idle.pop()
-            if now - conn.used < IDLE_SECONDS and not conn.writer.is_closing() and not conn.reader.at_eof():
+            if conn.usable(now):
                 return conn
             conn.close()
         async with asyncio.timeout(self.connect_timeout):
-            reader, writer = await asyncio.open_connection(self.host, self.port)
-        conn = _Conn(reader, writer)
+            _, conn = await loop.create_connection(lambda: _Conn(self), self.host, self.port)
         if self._hello:
             try:
-                writer.write(b"".join([hiredis.pack_command(c) for c in self._hello]))
-                for r in await self._read(conn, len(self._hello), self.socket_timeout):
+                for r in await conn.send(b"".join([hiredis.pack_command(c) for c in self._hello]), len(self._hello),
+                                         self.socket_timeout):
                     if isinstance(r, hiredis.ReplyError):
                         raise ConnectionError(f"the store refused the connection: {str(r).split(' ', 1)[0]}")
             except BaseException:
                 conn.close()
                 raise
         return conn
-
-    @staticmethod
-    async def _read(conn: _Conn, n: int, timeout: float) -> list[Any]:
-        """``n`` replies. ``timeout`` bounds each wait for more bytes, as redis-py's socket timeout does, not the
-        whole batch: a big batch (a burst of admissions) may take Redis longer than that to answer in full."""
-        parser = hiredis.Reader(encoding="utf-8")
-        replies: list[Any] = []
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout) as deadline:
-            while True:
-                try:
-                    r = parser.gets()
-                    while r is not False:
-                        replies.append(r)
-                        if len(replies) == n:
-                            return replies
-                        r = parser.gets()
-                except hiredis.ProtocolError as e:
-                    raise ConnectionError(f"the store sent a malformed reply ({e})") from None
-                data = await conn.reader.read(65536)
-                if not data:
-                    raise ConnectionError("the store closed the connection")
-                parser.feed(data)
-                deadline.reschedule(loop.time() + timeout)  # progress: the next wait gets the full timeout
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []

@@ -167,3 +167,22 @@ async def test_a_price_version_s_dict_is_every_field() -> None:
     p = PriceVersion("m", 3, 1732900000, 1, 2, 3, "operator", 4)
     assert p.to_dict() == dataclasses.asdict(p)
     assert PriceVersion.from_dict(p.to_dict()) == p
+
+
+async def test_the_price_in_force_is_found_again_at_each_version_s_effective_time(meter: Meter,
+                                                                                 clock: FakeClock) -> None:
+    """current() keeps what it found for the time until the next version takes effect: a scheduled version still
+    applies from its very second on, an earlier time still gets the older one, and a refresh's versions count."""
+    now = int(clock())
+    first = meter.prices.current("qwen")
+    await meter.set_price("qwen", "2", "1", "2", effective_at=now + 60)
+    await meter.set_price("qwen", "3", "1", "3", effective_at=now + 120)
+    assert meter.prices.current("qwen") == first
+    assert meter.prices.current("qwen", now + 59.999) == first
+    assert meter.prices.current("qwen", now + 60).input == 2_000_000_000
+    assert meter.prices.current("qwen", now + 119.5).input == 2_000_000_000
+    assert meter.prices.current("qwen", now + 120).input == 3_000_000_000
+    assert meter.prices.current("qwen", now + 30) == first  # (back in time: found again)
+    await meter.set_price("qwen", "4", "1", "4", effective_at=now + 90)  # refreshed: a version in between
+    assert meter.prices.current("qwen", now + 100).input == 4_000_000_000
+    assert meter.prices.current("qwen", now + 119).input == 4_000_000_000

@@ -151,3 +151,78 @@ async def test_the_socket_timeout_bounds_each_wait_not_the_whole_batch() -> None
         await w.aclose()
         server.close()
         await server.wait_closed()
+
+
+async def _scripted_server(answers: list[bytes]) -> tuple[asyncio.Server, int, list[int]]:
+    """A fake node: the n-th batch it reads is answered with ``answers[n]`` (split in two writes, so a reply may
+    arrive in pieces); after the last, one more read. Returns the server, its port and the connections it saw."""
+    seen: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(len(seen))
+        for answer in answers:
+            if not await reader.read(65536):
+                return
+            writer.write(answer[:3])
+            await writer.drain()
+            await asyncio.sleep(0.01)
+            writer.write(answer[3:])
+            await writer.drain()
+        await reader.read(65536)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], seen
+
+
+async def test_replies_in_pieces_and_batches_share_one_reader() -> None:
+    server, port, seen = await _scripted_server([b"+PONG\r\n:12\r\n", b"$5\r\nhello\r\n", b"*2\r\n$1\r\na\r\n:1\r\n"])
+    w = wire(f"redis://127.0.0.1:{port}/0")
+    try:
+        assert await w.execute([("PING",), ("INCR", "x")]) == ["PONG", 12]
+        assert await w.execute([("GET", "x")]) == ["hello"]
+        assert await w.execute([("X",)]) == [["a", 1]]
+        assert seen == [0]  # one connection for the three batches
+    finally:
+        await w.aclose()
+        server.close()
+
+
+async def test_bytes_nobody_asked_for_put_the_connection_out_of_use() -> None:
+    """A reply more than the batch asked for (or one arriving while the connection is idle) cannot be anyone's: the
+    batch fails as a broken connection, and the next one gets a new connection."""
+    server, port, seen = await _scripted_server([b"+OK\r\n+EXTRA\r\n"])
+    w = wire(f"redis://127.0.0.1:{port}/0")
+    try:
+        with pytest.raises(ConnectionError, match="more replies"):
+            await w.execute([("SET", "k", "v")])
+        assert w._idle == []
+        assert await w.execute([("GET", "k"), ("GET", "k")]) == ["OK", "EXTRA"]  # (the fake's only answer)
+        assert len(seen) == 2  # ... on a new connection
+    finally:
+        await w.aclose()
+        server.close()
+
+
+async def test_a_malformed_reply_is_a_broken_connection() -> None:
+    server, port, _ = await _scripted_server([b"?what\r\n"])
+    w = wire(f"redis://127.0.0.1:{port}/0")
+    try:
+        with pytest.raises(ConnectionError, match="malformed"):
+            await w.execute([("PING",)])
+        assert w._idle == []
+    finally:
+        await w.aclose()
+        server.close()
+
+
+def test_a_wire_used_from_a_new_event_loop_opens_new_connections(redis_proc: RedisProcess) -> None:
+    w = wire(redis_proc.url)
+    assert asyncio.run(w.execute([("PING",)])) == ["PONG"]
+    assert len(w._idle) == 1
+
+    async def again() -> None:
+        assert await w.execute([("PING",)]) == ["PONG"]  # (the first loop's connection is of no use here)
+        assert len(w._idle) == 1
+        await w.aclose()
+
+    asyncio.run(again())

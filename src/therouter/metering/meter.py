@@ -331,7 +331,9 @@ class Meter:
     def _price(self, adm: Admission, record: GenerationRecord) -> None:
         """Priced at the model that served, within the bounds its reservation covered."""
         price = adm.price_for(record.model)
-        _assign(record.usage, billable(record.usage, adm.max_prompt_tokens, adm.max_completion_tokens))
+        usage = billable(record.usage, adm.max_prompt_tokens, adm.max_completion_tokens)
+        if usage is not record.usage:  # (within its bounds: the same object back)
+            _assign(record.usage, usage)
         record.cost_nano = cost_nano(record.usage, price)
         record.price_version = price.version
 

@@ -79,6 +79,9 @@ class PriceBook:
             for name, m in settings.models.items()
         }
         self._versions: dict[str, list[PriceVersion]] = {name: [p] for name, p in self._config.items()}
+        # model -> (its versions list, from, until, the version in force from `from` until `until`): what current()
+        # found last, so that a request does not scan the versions (a refresh puts a new list: found again)
+        self._current: dict[str, tuple[list[PriceVersion], float, float, PriceVersion]] = {}
         self._warned: set[str] = set()  # bad stored versions already logged
 
     @property
@@ -87,9 +90,17 @@ class PriceBook:
 
     def current(self, model: str, at: float | None = None) -> PriceVersion:
         """The version in force at ``at`` (default now) from the local copy; raises ModelNotFound."""
-        found = price_at(self._versions.get(model, ()), self._clock() if at is None else at)
+        when = self._clock() if at is None else at
+        versions = self._versions.get(model)
+        last = self._current.get(model)
+        if last is not None and last[0] is versions and last[1] <= when < last[2]:
+            return last[3]
+        found = price_at(versions or (), when)
         if found is None:
             raise ModelNotFound(f"The model `{model}` has no price", param="model")
+        if versions is not None:  # in force from its effective_at until the next version's
+            until = min((v.effective_at for v in versions if v.effective_at > when), default=math.inf)
+            self._current[model] = (versions, found.effective_at, until, found)
         return found
 
     async def load_config(self) -> None:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 WINDOW_MS = 60_000
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):  # (a named tuple: built twice per admission, ~4x cheaper than a frozen dataclass)
     allowed: bool
     limit: int
     remaining: int

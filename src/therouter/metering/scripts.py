@@ -69,10 +69,14 @@ class Scripts:
             self._flusher = None
 
     async def _send(self, batch: list[_Queued]) -> None:
-        script = self._scripts[batch[0][0]]
-        items = [(keys, args, extra) for _, keys, args, extra, _ in batch]
+        script, store = self._scripts[batch[0][0]], self._store
         try:
-            replies = await self._store.call(lambda: self._store.script_with_many(script, items))
+            if all(q[3] is None for q in batch):  # (the scripts alone: each one's reply is its only one)
+                calls = [(keys, args) for _, keys, args, _, _ in batch]
+                replies = await store.call(lambda: store.script_many(script, calls))
+            else:
+                items = [(keys, args, extra) for _, keys, args, extra, _ in batch]
+                replies = await store.call(lambda: store.script_with_many(script, items))
         except BaseException as e:
             for *_, done in batch:
                 if not done.done():  # each caller its own exception object
