@@ -298,15 +298,19 @@ class Store:
         return e
 
     async def script_many(self, script: Any, calls: Sequence[tuple[Sequence[str], Sequence[str | int]]]) -> list[Any]:
-        """One registered script run once per ``(keys, args)`` of ``calls``, all in one non-transactional pipeline
-        (a single node only: redis-py's cluster pipeline refuses EVALSHA). Returns one reply per call, an error reply
-        as its exception (the others ran); calls answered ``NOSCRIPT`` (they did not run) are sent again once the
-        script is loaded. A connection failure raises (the outcome of every call is then unknown)."""
-        assert not self.cluster, "script_many needs a single node"
+        """One registered script run once per ``(keys, args)`` of ``calls``: :meth:`scripts_many`."""
+        return await self.scripts_many([(script, keys, args) for keys, args in calls])
+
+    async def scripts_many(self, calls: Sequence[tuple[Any, Sequence[str], Sequence[str | int]]]) -> list[Any]:
+        """Registered scripts, one run per ``(script, keys, args)`` of ``calls``, all in one non-transactional
+        pipeline (a single node only: redis-py's cluster pipeline refuses EVALSHA). Returns one reply per call, an
+        error reply as its exception (the others ran); calls answered ``NOSCRIPT`` (they did not run) are sent again
+        once their script is loaded. A connection failure raises (the outcome of every call is then unknown)."""
+        assert not self.cluster, "scripts_many needs a single node"
         replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
+        todo: Sequence[int] = range(len(calls))
         for _ in range(2):
-            got = await self.send([("EVALSHA", script.sha, len(calls[i][0]), *calls[i][0], *calls[i][1])
+            got = await self.send([("EVALSHA", calls[i][0].sha, len(calls[i][1]), *calls[i][1], *calls[i][2])
                                    for i in todo])
             missing = []
             for i, r in zip(todo, got):
@@ -315,7 +319,8 @@ class Store:
                     missing.append(i)
             if not missing:
                 return replies
-            script.sha = await self.redis.script_load(script.script)
+            for script in {id(calls[i][0]): calls[i][0] for i in missing}.values():
+                script.sha = await self.redis.script_load(script.script)
             todo = missing
         return replies
 

@@ -25,9 +25,10 @@ Policies (what tests/metering pins, against a real redis-server):
   a Redis Cluster, where they live in other slots, a second, plain call does.
   No additive command is ever re-sent after a timeout: an unknown outcome goes to the journal, whose replay runs
   the same idempotent script. ``settle`` never raises and runs shielded from the caller's cancellation.
-  On a single node settlements are **group-committed**: those queued while a batch is in Redis go together in the
-  next one (one pipeline of settle scripts), so a loaded worker pays one round trip per batch, not one per
-  request; each caller still returns only once its record is stored (or journalled).
+  On a single node settlements are **group-committed** with the admissions: the scripts queued while a batch is
+  in Redis, admissions and settlements alike, go together in the next one (one pipeline of scripts: the scripts'
+  outbox, :meth:`Scripts.enqueue`), so a loaded worker pays one round trip per batch, not one per request nor one
+  per kind; each caller still returns only once its record is stored (or journalled).
 * **Crash recovery** (:mod:`instance`): every request in flight is registered under this process's instance id
   (for a reservation, in the admission's round trip) and checkpointed; requests of an instance that stopped
   heartbeating are settled by the survivors as ``gateway_lost``.
@@ -47,6 +48,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +101,6 @@ class Meter:
         self._orphans: dict[str, tuple[str, int, str]] = {}  # gen id -> (key id, window, model): releases owed
         self._names: dict[tuple[Any, ...], tuple[str, ...]] = {}  # key names shared by requests (_admit_keys, ...)
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._batch: list[_Pending] = []  # settlements waiting for the next round trip (a single node)
-        self._flusher: asyncio.Task[None] | None = None
         self._background: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._replay_lock = asyncio.Lock()
@@ -129,8 +129,10 @@ class Meter:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._background = self._heartbeat = None
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=10)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while self._tasks and loop.time() < deadline:  # (a settlement's round trip may start a journal write)
+            await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
         try:
             await self.instance.leave()
         except StoreUnavailable:
@@ -295,9 +297,9 @@ class Meter:
             record.cost_nano = 0
             work = self._journal(adm, record, post=False, priced=False, only_if_reserved=only_if_reserved)
         else:
-            if not self.store.cluster:  # queued for the group commit, whose flusher task owns it from here:
-                # a cancelled caller stops waiting, nothing more (the flusher skips a future already done), so the
-                # wait needs no shield
+            if not self.store.cluster:  # queued for the group commit, whose outbox owns it from here: a
+                # cancelled caller stops waiting, nothing more (its future is skipped once done), so the wait needs
+                # no shield
                 await self._queue(adm, record, only_if_reserved)
                 return record.cost_nano
             work = self._settle(adm, record, only_if_reserved)
@@ -349,64 +351,51 @@ class Meter:
             await self._journal(adm, record, post=False, only_if_reserved=only_if_reserved)
 
     def _queue(self, adm: Admission, record: GenerationRecord, only_if_reserved: bool) -> asyncio.Future[None]:
-        """Group commit (a single node): settled with the others waiting, in one round trip in all; the future is
-        done when this one is settled or journalled. ``aclose`` waits for the flusher."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._batch.append(_Pending(adm, record, only_if_reserved, fut))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_settlements(), name="meter-settle")
-            self._tasks.add(self._flusher)
-            self._flusher.add_done_callback(self._tasks.discard)
-        return fut
-
-    async def _flush_settlements(self) -> None:
-        """Settle everything queued, batch after batch, until the queue is empty. A batch is what was queued while
-        the previous one was in Redis (group commit): one pipeline of settle scripts, each posting its own cross-slot
-        extras. Every waiting ``_settle`` is released when its batch is done,
-        whatever happened (a failed one is journalled first)."""
+        """Group commit (a single node): the settle script goes into the scripts' outbox, with the admissions and
+        settlements queued meanwhile (one round trip for all of them, see ``Scripts.enqueue``); the future is done
+        when this one is settled or journalled. ``aclose`` waits for the outbox and the journal writes."""
+        p = _Pending(adm, record, only_if_reserved, asyncio.get_running_loop().create_future())
         try:
-            while self._batch:
-                batch, self._batch = self._batch, []
-                try:
-                    await self._settle_batch(batch)
-                except BaseException:
-                    for p in batch:  # (never happens: _settle_batch journals what fails) nothing is left waiting
-                        if not p.done.done():
-                            await self._journal(p.adm, p.record, post=False, only_if_reserved=p.only_if_reserved)
-                    raise
-                finally:
-                    for p in batch:
-                        if not p.done.done():
-                            p.done.set_result(None)
-        finally:
-            self._flusher = None
+            keys, args = self._settle_call(adm, record, _json(record.to_dict()), only_if_reserved, _POST_FIRST)
+        except Exception:
+            log.exception("metering: settle failed unexpectedly; journalling %s", adm.gen_id)
+            self._journal_pending(p)
+        else:
+            self.scripts.enqueue("settle", keys, args, partial(self._settled, p))
+            flusher = self.scripts.flusher
+            if flusher is not None and flusher not in self._tasks:
+                self._tasks.add(flusher)
+                flusher.add_done_callback(self._tasks.discard)
+        return p.done
 
-    async def _settle_batch(self, batch: list[_Pending]) -> None:
-        """One pipeline of settle scripts, each with its cross-slot extras (a single node: one round trip)."""
-        calls: list[tuple[list[str], list[str | int]]] = []
-        ready: list[_Pending] = []
-        for p in batch:
+    def _settled(self, p: _Pending, reply: Any) -> None:
+        """The settle script's reply (a single node). One whose script failed, or whose round trip did (its
+        outcome is unknown), is journalled: the journal's replay settles it exactly once."""
+        if not isinstance(reply, BaseException):
+            if not p.done.done():
+                p.done.set_result(None)
+            return
+        if isinstance(reply, GatewayError):  # the store is unavailable: the round trip's outcome is unknown
+            pass
+        elif reply.__traceback__ is None:  # an error reply (never raised): this one's script failed, the others ran
+            log.error("metering: settle script failed for %s (%s); journalled", p.adm.gen_id, reply)
+        else:  # raised: a bug
+            log.error("metering: settle failed unexpectedly; journalling %s", p.adm.gen_id, exc_info=reply)
+        self._journal_pending(p)
+
+    def _journal_pending(self, p: _Pending) -> None:
+        """Journal a queued settlement in a task of its own (``aclose`` waits for it); then its caller returns."""
+
+        async def journal() -> None:
             try:
-                calls.append(self._settle_call(p.adm, p.record, _json(p.record.to_dict()), p.only_if_reserved,
-                                               _POST_FIRST))
-                ready.append(p)
-            except Exception:
-                log.exception("metering: settle failed unexpectedly; journalling %s", p.adm.gen_id)
                 await self._journal(p.adm, p.record, post=False, only_if_reserved=p.only_if_reserved)
-        if not ready:
-            return
-        try:
-            replies = await self.scripts.run_many("settle", calls)
-        except Exception as e:  # the outcome of each is unknown: the journal's replay settles them exactly once
-            if not isinstance(e, GatewayError):
-                log.exception("metering: settle failed unexpectedly; journalling %d records", len(ready))
-            for p in ready:
-                await self._journal(p.adm, p.record, post=False, only_if_reserved=p.only_if_reserved)
-            return
-        for p, reply in zip(ready, replies):
-            if isinstance(reply, Exception):  # this one's script failed (the others ran): journalled
-                log.error("metering: settle script failed for %s (%s); journalled", p.adm.gen_id, reply)
-                await self._journal(p.adm, p.record, post=False, only_if_reserved=p.only_if_reserved)
+            finally:
+                if not p.done.done():
+                    p.done.set_result(None)
+
+        task = asyncio.ensure_future(journal())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _apply(self, adm: Admission, record: GenerationRecord, post_owed: bool, replay: bool = False,
                      only_if_reserved: bool = False) -> None:
