@@ -554,7 +554,8 @@ class Gateway:
         call.settled = True
         assert call.adm is not None
         rec = self._record(call, cand, usage, outcome, stream, finish_reason)
-        return await self.meter.settle(call.adm, rec, estimate, call.checked.sequences)  # survives cancellation
+        # the cost is known here; the record is stored after the answer has left (the meter's own reads wait for it)
+        return await self.meter.settle(call.adm, rec, estimate, call.checked.sequences, wait=False)
 
     async def _settle_failure(self, call: Call, exc: BaseException) -> tuple[Usage | None, int]:
         """A request that produced no answer: release its reservation and keep a record of the attempts."""

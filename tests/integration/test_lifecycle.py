@@ -65,7 +65,10 @@ def test_restarted_gateway_replays_the_journal(fakes: dict[str, Fake], tmp_path:
     try:
         key = asyncio.run(make_key(gw, "journal"))
         c = openai.OpenAI(base_url=gw.v1, api_key=key, max_retries=0)
-        c.chat.completions.create(model=MODEL, messages=HELLO)  # the key is now in the gateway's cache
+        first = c.chat.completions.create(model=MODEL, messages=HELLO).id  # the key is now in the gateway's cache
+        # its record is written after the answer: read through the gateway (which waits for it) before Redis goes
+        r = httpx.get(gw.v1 + "/generation", params={"id": first}, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200
         redis.stop(kill=True)
         ids = [c.chat.completions.create(model=MODEL, messages=HELLO).id for _ in range(2)]
         stop(gw.proc)  # the gateway goes away before Redis is back: only the journal on disk has these records

@@ -282,3 +282,35 @@ async def test_a_journal_entry_of_an_older_version_that_owes_the_extras_posts_th
     assert not await r.hexists(meter.instance.key, g)
     s = await meter.key_summary(key)
     assert (s["requests"], s["reserved_nano"]) == (1, 0)
+
+
+async def test_a_settlement_off_the_response_path_is_read_by_this_process_and_priced_at_once(
+        meter: Meter, make_key: MakeKey) -> None:
+    """``wait=False`` (what the gateway does for an answer): the cost comes back before any round trip, the record is
+    stored after; this process's reads (generation, key summary) wait for it, so they never miss their own answer."""
+    key = make_key(budget_nano=10**9, tpm=100_000)
+    g = gen()
+    adm = await meter.admit(key, "deepseek-chat", 1000, 1000, g)
+    cost = await meter.settle(adm, record(g, prompt=1200, completion=300, cached=1024, reasoning=250), wait=False)
+    assert cost == 203_952 and meter.unsettled == 1  # returned before any round trip: not stored yet
+    got = await meter.generation(g, key.id)
+    assert got is not None and got["cost_nano"] == 203_952
+    s = await meter.key_summary(key)
+    assert (s["requests"], s["total_spend_nano"], s["reserved_nano"]) == (1, 203_952, 0)
+    assert meter.unsettled == 0
+
+
+async def test_an_admission_after_an_answer_sees_its_reservation_released(meter: Meter, make_key: MakeKey,
+                                                                          backend: Backend) -> None:
+    """The budget fits one request's reservation, not two: the next request of the same client, admitted right after
+    the first answer (its settlement not awaited), is admitted -- the settlement went into the outbox first and Redis
+    runs it first. (On a cluster the settlement is its own task: the test waits for it there.)"""
+    key = make_key(budget_nano=2_000_000)
+    g1 = gen()
+    adm = await meter.admit(key, "deepseek-chat", 1000, 3000, g1)  # reserves 1000 x 280 + 3000 x 420 = 1,540,000
+    assert 2_000_000 // 2 < adm.reserved_nano <= 2_000_000
+    await meter.settle(adm, record(g1, prompt=10, completion=10), wait=False)
+    if backend.kind == "cluster":
+        await meter.settled()
+    adm2 = await meter.admit(key, "deepseek-chat", 1000, 3000, gen())
+    assert adm2.reserved_nano == adm.reserved_nano

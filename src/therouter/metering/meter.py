@@ -101,6 +101,8 @@ class Meter:
         self._orphans: dict[str, tuple[str, int, str]] = {}  # gen id -> (key id, window, model): releases owed
         self._names: dict[tuple[Any, ...], tuple[str, ...]] = {}  # key names shared by requests (_admit_keys, ...)
         self._tasks: set[asyncio.Task[Any]] = set()
+        # settlements this process has not stored (or journalled) yet: what a read of its own writes waits for
+        self._unsettled: set[asyncio.Future[Any]] = set()
         self._background: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._replay_lock = asyncio.Lock()
@@ -276,8 +278,13 @@ class Meter:
     # ---- settlement -----------------------------------------------------------------------------------------------
 
     async def settle(self, adm: Admission, record: GenerationRecord, estimate: Usage | None = None,
-                     choices: int = 1, *, only_if_reserved: bool = False) -> int:
+                     choices: int = 1, *, only_if_reserved: bool = False, wait: bool = True) -> int:
         """Record the true cost once; returns it in nano-USD. Never raises; survives the caller's cancellation.
+
+        ``wait=False`` (the gateway, for an answer): the cost is computed here and returned at once, the record is
+        stored by the group commit (or its task, on a cluster) after the caller has moved on -- the answer does not
+        wait for a Redis round trip. A process that dies in between leaves the request's in-flight entry, which the
+        reaper settles; a store that fails it journals it. This process's own reads (:meth:`settled`) wait for it.
 
         The upstream's usage is bounded first (:mod:`bounds`): counts it got wrong are replaced by ``estimate`` (the
         gateway's own count) and every count is clamped to the served model's card (``choices`` x its max output)
@@ -300,14 +307,34 @@ class Meter:
             if not self.store.cluster:  # queued for the group commit, whose outbox owns it from here: a
                 # cancelled caller stops waiting, nothing more (its future is skipped once done), so the wait needs
                 # no shield
-                await self._queue(adm, record, only_if_reserved)
+                fut = self._queue(adm, record, only_if_reserved)
+                if wait:
+                    await fut
                 return record.cost_nano
             work = self._settle(adm, record, only_if_reserved)
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        await asyncio.shield(task)
+        self._track(task)
+        if wait:
+            await asyncio.shield(task)
         return record.cost_nano
+
+    def _track(self, fut: asyncio.Future[Any]) -> None:
+        self._unsettled.add(fut)
+        fut.add_done_callback(self._unsettled.discard)
+
+    @property
+    def unsettled(self) -> int:
+        """Settlements this process has started and not yet stored or journalled."""
+        return sum(1 for f in self._unsettled if not f.done())
+
+    async def settled(self) -> None:
+        """Read-your-writes: returns once every settlement this process started before the call is stored or
+        journalled (the reads of the API call it: a generation record, a key's spend, reports)."""
+        pending = [f for f in self._unsettled if not f.done()]
+        if pending:
+            await asyncio.wait(pending)
 
     def _bound(self, adm: Admission, record: GenerationRecord, estimate: Usage | None, choices: int) -> None:
         """Within the served model's card, and within what the request could send and was reserved for."""
@@ -355,6 +382,7 @@ class Meter:
         settlements queued meanwhile (one round trip for all of them, see ``Scripts.enqueue``); the future is done
         when this one is settled or journalled. ``aclose`` waits for the outbox and the journal writes."""
         p = _Pending(adm, record, only_if_reserved, asyncio.get_running_loop().create_future())
+        self._track(p.done)
         try:
             keys, args = self._settle_call(adm, record, _json(record.to_dict()), only_if_reserved, _POST_FIRST)
         except Exception:
@@ -604,16 +632,20 @@ class Meter:
 
     async def generation(self, gen_id: str, key_id: str | None = None) -> dict[str, Any] | None:
         """A generation record; with the owner's key id it is one read in that key's slot (no index lookup)."""
+        await self.settled()
         return await self.reports.generation(gen_id, key_id)
 
     async def generation_by_request(self, request_id: str, key_id: str) -> dict[str, Any] | None:
         """The key's newest generation record sent with that ``x-request-id`` (never another key's)."""
+        await self.settled()
         return await self.reports.generation_by_request(request_id, key_id)
 
     async def key_summary(self, key: KeyRecord) -> dict[str, Any]:
+        await self.settled()
         return await self.reports.key_summary(key)
 
     async def usage_rows(self, key_id: str | None = None, days: int = 7) -> list[dict[str, Any]]:
+        await self.settled()
         return await self.reports.usage_rows(key_id, days)
 
     async def rebuild_totals(self, key_id: str) -> dict[str, Any]:
