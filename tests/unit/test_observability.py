@@ -8,13 +8,14 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from therouter import logs
 from therouter.config import parse_settings
@@ -29,7 +30,7 @@ from therouter.logs import (
     request_fields,
     safe_url,
 )
-from therouter.observability import Finished, Metrics, forget_dead_workers
+from therouter.observability import LATENCY_BUCKETS, Finished, Metrics, _adder, _observer, forget_dead_workers
 from therouter.protocol.usage import Usage
 
 CONFIG = {
@@ -84,6 +85,58 @@ def test_circuit_gauge_follows_the_breaker() -> None:
     assert 'therouter_circuit_open{model="m/one",provider="ds"} 1.0' in generate_latest(m.registry).decode()
     m.observe_breaker("ds", "closed", ["m/one"])
     assert 'therouter_circuit_open{model="m/one",provider="ds"} 0.0' in generate_latest(m.registry).decode()
+
+
+AMOUNTS = [0, 0.003, 0.005, 0.0050001, 0.25, 1, 299.9, 300, 301, 10**6, float("inf"), -1.5, float("-inf"),
+           float("nan"), 7]
+
+
+def _twins(make: Callable[[CollectorRegistry], Any]) -> tuple[CollectorRegistry, Any, CollectorRegistry, Any]:
+    a, b = CollectorRegistry(), CollectorRegistry()
+    return a, make(a).labels("x"), b, make(b).labels("x")
+
+
+def test_the_direct_updates_expose_what_the_public_methods_do() -> None:
+    """``_adder`` / ``_observer`` (a request's updates without prometheus_client's checks) leave the same exposition as
+    ``inc`` / ``observe``: every bucket boundary, beyond the last bound, negative, infinite and NaN amounts."""
+    pub, child, fast, twin = _twins(lambda r: Histogram("h_seconds", "h", ["p"], buckets=LATENCY_BUCKETS, registry=r))
+    observe = _observer(twin)
+    assert observe != twin.observe  # (the direct way is taken with this prometheus_client)
+    for amount in [*AMOUNTS, *LATENCY_BUCKETS, *(b * 1.0000001 for b in LATENCY_BUCKETS)]:
+        child.observe(amount)
+        observe(amount)
+    assert _values(pub) == _values(fast)
+    for kind in (Counter, Gauge):
+        pub, child, fast, twin = _twins(lambda r, kind=kind: kind("c", "c", ["p"], registry=r))  # type: ignore[misc]
+        add = _adder(twin)
+        assert add != twin.inc
+        for amount in AMOUNTS if kind is Gauge else [0, 1, 2.5, 10**9, float("inf")]:
+            child.inc(amount)
+            add(amount)
+        assert _values(pub) == _values(fast)
+
+
+def _values(r: CollectorRegistry) -> list[str]:
+    """The exposition without the series' creation times."""
+    return [ln for ln in generate_latest(r).decode().splitlines() if "_created" not in ln]
+
+
+def test_the_direct_updates_leave_other_metrics_to_their_methods() -> None:
+    class Mine(Counter):
+        def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
+            super().inc(2 * amount)
+
+    r = CollectorRegistry()
+    mine = Mine("mine", "m", ["p"], registry=r).labels("x")
+    recent = Gauge("recent", "r", ["p"], multiprocess_mode="mostrecent", registry=r).labels("x")
+    assert _adder(mine) == mine.inc and _adder(recent) == recent.inc
+
+    class Elsewhere:  # a prometheus_client that keeps a histogram's values some other way
+        def observe(self, amount: float) -> None:
+            pass
+
+    other = Elsewhere()
+    assert _observer(other) == other.observe
 
 
 def _record(msg: str = "hello %s", *args: object, **extra: object) -> logging.LogRecord:
