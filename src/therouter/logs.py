@@ -318,7 +318,7 @@ class _Lines:
             with h.lock:  # type: ignore[union-attr]
                 stream = h.stream
                 stream.write("\n".join(lines) + "\n")
-                if hasattr(stream, "flush"):  # StreamHandler.flush's own body: the lock is held already
+                if stream and hasattr(stream, "flush"):  # StreamHandler.flush's own body (its lock is held)
                     stream.flush()
         except Exception:  # noqa: BLE001 - as logging does: a failed write never breaks a request
             if logging.raiseExceptions:
