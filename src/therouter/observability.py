@@ -9,13 +9,16 @@
   A dead worker's live gauges are dropped at the next scrape. With one process the values stay in memory.
 * **Bounded labels.** Models and providers are names from the config (anything else becomes ``""``), codes are HTTP
   statuses, outcomes and token types fixed sets. No key, request id or user text is ever a label.
-* **Hot path.** Label children are looked up once per label set and cached (``.labels()`` is not free).
+* **Hot path.** Label children are looked up once per label set and cached (``.labels()`` is not free), and a
+  request's ~13 updates call the children's values directly (:func:`_adder`, :func:`_observer`: what ``inc`` and
+  ``observe`` do once their checks -- labels set, amount not negative -- hold by construction).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,18 +67,66 @@ class Finished:
     endpoint: str = ""  # chat | completions | messages (/v1/messages, served through chat)
 
 
+Add = Callable[[float], None]
+_VALUE_INCS = (Counter.inc, Gauge.inc)  # the public methods _adder stands for (a subclass's own: not replaced)
+
+
+def _adder(child: Any) -> Add:
+    """A counter's or gauge's child's ``inc`` without its checks (the child has its labels; callers add only what
+    the metric allows: counters never a negative amount): its value's own ``inc`` -- the lock in one process, the
+    mmap'd file with ``--workers N``. The public ``inc`` if this prometheus_client keeps its value elsewhere."""
+    value = getattr(child, "_value", None)
+    add = getattr(value, "inc", None)
+    if not callable(add) or type(child).inc not in _VALUE_INCS or getattr(child, "_is_most_recent", False):
+        return child.inc  # type: ignore[no-any-return]
+    return add  # type: ignore[no-any-return]
+
+
+def _observer(child: Any) -> Add:
+    """A histogram child's ``observe`` (without exemplars): its sum, then the first bucket whose upper bound holds the
+    amount, found by bisection instead of a walk (the last bound is +Inf; NaN counts in no bucket, as in
+    ``observe``). The public ``observe`` if this prometheus_client's histogram is made otherwise."""
+    try:
+        add_sum, bounds = child._sum.inc, tuple(child._upper_bounds)
+        buckets = tuple(b.inc for b in child._buckets)
+    except AttributeError:
+        return child.observe  # type: ignore[no-any-return]
+    if type(child).observe is not Histogram.observe or len(bounds) != len(buckets) or bounds[-1] != float("inf"):
+        return child.observe  # type: ignore[no-any-return]
+
+    def observe(amount: float) -> None:
+        add_sum(amount)
+        i = bisect_left(bounds, amount)
+        if amount <= bounds[i]:
+            buckets[i](1)
+
+    return observe
+
+
 class _Series:
-    """The label children one request's observation updates, for one (model, provider, status, endpoint)."""
+    """What one request's observation updates, for one (model, provider, status, endpoint)."""
 
     __slots__ = ("duration", "requests", "spend", "tokens", "ttft")
 
     def __init__(self, m: Metrics, model: str, provider: str, code: str, endpoint: str) -> None:
-        self.requests = m._child(m.requests, model, provider, code, endpoint)
-        self.duration = m._child(m.duration, model, provider)
-        self.ttft: Any = None  # made at the first time to first token (refusals have none)
+        self.requests = _adder(m._child(m.requests, model, provider, code, endpoint))
+        self.duration = _observer(m._child(m.duration, model, provider))
+        self.ttft: Add | None = None  # made at the first time to first token (refusals have none)
         # (a child is a series in the exposition: tokens and spend only where a provider served)
-        self.tokens = tuple(m._child(m.tokens, model, provider, kind) for kind in TOKEN_TYPES) if provider else ()
-        self.spend = m._child(m.spend, model, provider) if provider else None
+        self.tokens = tuple(_adder(m._child(m.tokens, model, provider, kind)) for kind in TOKEN_TYPES) if provider \
+            else ()
+        self.spend = _adder(m._child(m.spend, model, provider)) if provider else None
+
+
+class _Attempt:
+    """What one upstream attempt's observation updates, for one (provider, outcome)."""
+
+    __slots__ = ("alert", "attempts", "seconds")
+
+    def __init__(self, m: Metrics, provider: str, outcome: str) -> None:
+        self.attempts = _adder(m._child(m.attempts, provider, outcome))
+        self.seconds = _observer(m._child(m.attempt_seconds, provider))
+        self.alert = _adder(m._child(m.provider_alerts, provider)) if outcome == "upstream_auth_error" else None
 
 
 class Metrics:
@@ -85,6 +136,8 @@ class Metrics:
         self.providers = frozenset(settings.providers) if settings else frozenset()
         self._children: dict[tuple[Any, ...], Any] = {}
         self._series: dict[tuple[str, str, int, str], _Series] = {}  # bounded: labels from the config, statuses
+        self._attempts: dict[tuple[str, str], _Attempt] = {}  # bounded: providers, the error classes' codes
+        self._in_flight: dict[str, Add] = {}  # by provider
         r = self.registry
         self.requests = Counter("therouter_requests_total", "Client requests by model, provider (empty when none "
                                 "served), the HTTP status answered and the endpoint (chat, completions, messages)",
@@ -117,28 +170,30 @@ class Metrics:
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = _Series(self, model, provider, str(f.status), endpoint)
-        series.requests.inc()
+        series.requests(1)
         if f.seconds is not None:
-            series.duration.observe(f.seconds)
+            series.duration(f.seconds)
         if f.ttft is not None:
             if series.ttft is None:
-                series.ttft = self._child(self.ttft, model, provider)
-            series.ttft.observe(f.ttft)
+                series.ttft = _observer(self._child(self.ttft, model, provider))
+            series.ttft(f.ttft)
         u = f.usage
         if u is not None and provider:
             prompt, cached, completion, reasoning = series.tokens
             if u.prompt_tokens > 0:
-                prompt.inc(u.prompt_tokens)
+                prompt(u.prompt_tokens)
             if u.cached_tokens > 0:
-                cached.inc(u.cached_tokens)
+                cached(u.cached_tokens)
             if u.completion_tokens > 0:
-                completion.inc(u.completion_tokens)
+                completion(u.completion_tokens)
             if u.reasoning_tokens > 0:
-                reasoning.inc(u.reasoning_tokens)
+                reasoning(u.reasoning_tokens)
         if f.cost_nano > 0 and series.spend is not None:
-            series.spend.inc(f.cost_nano / NANO)
+            series.spend(f.cost_nano / NANO)
         if f.fallback_from:
             self._child(self.fallbacks, f.requested if f.requested in self.models else model).inc()
+        if f.error is None:
+            return
         if isinstance(f.error, BudgetExceeded):
             self.budget_rejections.inc()
         elif isinstance(f.error, RateLimited):
@@ -181,10 +236,13 @@ class Metrics:
     def observe_attempt(self, provider: str, err: GatewayError | None, seconds: float) -> None:
         # the class's own code: a fixed set (an instance may carry an upstream's free-form code)
         outcome = "ok" if err is None else str(type(err).code or "error")
-        self._child(self.attempts, provider, outcome).inc()
-        self._child(self.attempt_seconds, provider).observe(seconds)
-        if outcome == "upstream_auth_error":
-            self._child(self.provider_alerts, provider).inc()
+        a = self._attempts.get((provider, outcome))
+        if a is None:
+            a = self._attempts[provider, outcome] = _Attempt(self, provider, outcome)
+        a.attempts(1)
+        a.seconds(seconds)
+        if a.alert is not None:
+            a.alert(1)
 
     def observe_stream_error(self, provider: str, err: GatewayError) -> None:
         self._child(self.stream_errors, provider, str(err.code or "upstream_error")).inc()
@@ -196,7 +254,10 @@ class Metrics:
             self._child(self.circuit_open, provider, model).set(0 if state == "closed" else 1)
 
     def observe_in_flight(self, provider: str, delta: int) -> None:
-        self._child(self.in_flight, provider).inc(delta)
+        add = self._in_flight.get(provider)
+        if add is None:
+            add = self._in_flight[provider] = _adder(self._child(self.in_flight, provider))
+        add(delta)
 
     def observe_failover(self, from_provider: str, to_provider: str) -> None:
         self._child(self.failovers, from_provider, to_provider).inc()

@@ -75,6 +75,15 @@ def test_nano_to_usd_is_an_exact_string() -> None:
     assert nano_to_usd(123 * 10**18 + 1) == "123000000000.000000001"
 
 
+@given(st.one_of(st.sampled_from([0, 1, 9, 10, 15_960, 120_000_000, 999_999_999, 10**9, 10**9 + 1, -1, -(10**9)]),
+                 st.integers(min_value=0, max_value=10**9 + 5), st.integers(min_value=-(10**12), max_value=10**12)))
+def test_nano_to_usd_under_a_dollar_is_the_general_string(nano: int) -> None:
+    """Amounts under a dollar take a shorter way (one per request line): the same string as the general one."""
+    whole, frac = divmod(abs(nano), 10**9)
+    digits = f"{frac:09d}".rstrip("0")
+    assert nano_to_usd(nano) == f"{'-' if nano < 0 else ''}{whole}.{digits.ljust(2, '0')}"
+
+
 # ---- cache writes (Anthropic): their own price, inside prompt_tokens ---------------------------------------------
 
 CLAUDE = PriceVersion("claude", 1, 0, 5_000_000_000, 500_000_000, 25_000_000_000, cache_write=6_250_000_000)

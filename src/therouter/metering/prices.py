@@ -135,6 +135,8 @@ def price_at(versions: Iterable[PriceVersion], at: float) -> PriceVersion | None
 def nano_to_usd(nano: int) -> str:
     """Exact decimal string for display: at least 2 decimals, trailing zeros trimmed ("1.50", "0.000212800" ->
     "0.0002128"). Integer arithmetic only (it runs a few times per request)."""
+    if 0 <= nano < 10**9:  # under a dollar, most requests: the nine digits without divmod or a format spec
+        return f"0.{str(nano + 10**9)[1:].rstrip('0').ljust(2, '0')}"
     whole, frac = divmod(abs(nano), 10**9)
     digits = f"{frac:09d}".rstrip("0")
     return f"{'-' if nano < 0 else ''}{whole}.{digits.ljust(2, '0')}"
