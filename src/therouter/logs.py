@@ -189,8 +189,8 @@ class TextFormatter(logging.Formatter):
             mid = self._middles[key] = (f" endpoint={_opt(f.endpoint)} key_id={_opt(f.key_id)} model={_opt(f.model)}"
                                         f" provider={_opt(f.provider)} status={f.status}")
         return (f"{self._second(created)},{_MSECS[int((created - int(created)) * 1000)]} INFO {REQUEST_LOGGER}: request"
-                f"{(' request_id=' + (rid if ' ' not in rid else _word(rid))) if rid else ''}"
-                f" generation_id={g if g and ' ' not in g else _opt(g)}{mid}"
+                f"{(' request_id=' + _word(rid)) if rid else ''}"
+                f" generation_id={_opt(g)}{mid}"
                 f" prompt_tokens={u.prompt_tokens if u else 0} completion_tokens={u.completion_tokens if u else 0}"
                 f" cost_usd={nano_to_usd(f.cost_nano)} latency_ms={'-' if s is None else int(s * 1000)}"
                 f" ttft_ms={'-' if t is None else int(t * 1000)} attempts={f.attempts} outcome={_word(f.outcome)}"
@@ -198,20 +198,22 @@ class TextFormatter(logging.Formatter):
 
 
 def _text(v: Any) -> str:
+    """A value as one word: as it is, or JSON-quoted when it is empty, holds a space or anything not printable (a
+    line break in an upstream's error code must not start a line of its own in the log)."""
     if v is None:
         return "-"
     s = str(v)
-    return s if s and " " not in s else orjson.dumps(s).decode()
+    return s if s and " " not in s and s.isprintable() else orjson.dumps(s).decode()
 
 
 def _word(s: str) -> str:
     """:func:`_text` of a str."""
-    return s if s and " " not in s else orjson.dumps(s).decode()
+    return s if s and " " not in s and s.isprintable() else orjson.dumps(s).decode()
 
 
 def _opt(s: str) -> str:
     """:func:`_text` of ``s or None``."""
-    return "-" if not s else s if " " not in s else orjson.dumps(s).decode()
+    return "-" if not s else s if " " not in s and s.isprintable() else orjson.dumps(s).decode()
 
 
 def lean_records() -> None:
