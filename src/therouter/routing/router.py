@@ -26,7 +26,7 @@ from therouter.routing.preferences import NO_PREFERENCES, Preferences
 from therouter.routing.state import DepKey, RoutingState
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Needs:
     tools: bool = False
     json_object: bool = False
