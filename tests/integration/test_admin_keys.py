@@ -25,6 +25,7 @@ from tests.integration.conftest import (
     own_config,
     running,
     start_gateway,
+    wait_for,
 )
 from tests.integration.test_cli import therouter
 from therouter.redisproc import RedisProcess
@@ -96,13 +97,17 @@ def test_key_crud_over_http_and_an_update_seen_by_both_workers(gw2: Gateway, fak
     after = served_by_each_worker(gw2, key, fakes)
     assert all(a.status_code == 200 and a.headers["x-ratelimit-limit-requests"] == "1000" for a in after)
 
+    # a worker writes a request's record just after its answer: a read served by the other worker may come before
+    # it (README: "The answer does not wait for the record"), so wait until both workers' records are in
+    served = len(before) + len(after)
+    assert wait_for(lambda: admin(gw2, "GET", f"/keys/{key_id}").json()["spend"]["total"]["requests"] == served)
     listing = admin(gw2, "GET", "/keys")
     assert listing.status_code == 200 and key not in listing.text  # the plaintext never again
     row = next(k for k in listing.json()["data"] if k["id"] == key_id)
     assert row["last_used_at"] is not None and row["rpm"] == 1000
     detail = admin(gw2, "GET", f"/keys/{key_id}").json()
     assert key not in json.dumps(detail)
-    assert detail["spend"]["total"]["requests"] == len(before) + len(after)
+    assert detail["spend"]["total"]["requests"] == served
     assert 0 < detail["spend"]["month"]["cost_nano"] == detail["spend_nano"] <= 5 * 10**9
     assert abs(detail["last_used_at"] - time.time()) < 60 and detail["limits"]["rpm"] == 1000
 
@@ -178,6 +183,12 @@ def test_usage_over_http_and_from_the_cli(gw2: Gateway) -> None:
     costs = [chat(gw2, key).json()["usage"]["cost"] for _ in range(3)]
     assert all(costs)
     today = datetime.now(UTC).date().isoformat()
+
+    def rows() -> list[dict[str, Any]]:  # (the other worker may answer before the last record is written)
+        return [r for r in admin(gw2, "GET", f"/usage?group_by=key&from={today}&to={today}").json()["data"]
+                if r["key_id"] == key_id and r["requests"] == 3]
+
+    assert wait_for(rows)
 
     by_key = admin(gw2, "GET", f"/usage?group_by=key&from={today}&to={today}").json()
     row = next(r for r in by_key["data"] if r["key_id"] == key_id)

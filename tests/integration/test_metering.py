@@ -438,7 +438,9 @@ def test_budget_holds_across_two_worker_processes(redis_proc: RedisProcess, fake
         ok = [r for r in results if not isinstance(r, Exception)]
         assert len(ok) == 8
         assert {r.status_code for r in results if isinstance(r, openai.APIStatusError)} == {402}
-        info = key_info(gw, key)
+        # each worker writes its records just after its answers: a read served by the other may come first
+        info = wait_for(lambda: (i := key_info(gw, key))["requests"] == len(ok) and i)
+        assert info, "the records of the answers were never all written"
         assert info["spend_nano"] == sum(generation(gw, key, r.id)["cost_nano"] for r in ok) <= info["budget_nano"]
     finally:
         stop(gw.proc)
