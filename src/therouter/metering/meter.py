@@ -281,10 +281,12 @@ class Meter:
                      choices: int = 1, *, only_if_reserved: bool = False, wait: bool = True) -> int:
         """Record the true cost once; returns it in nano-USD. Never raises; survives the caller's cancellation.
 
-        ``wait=False`` (the gateway, for an answer): the cost is computed here and returned at once, the record is
-        stored by the group commit (or its task, on a cluster) after the caller has moved on -- the answer does not
-        wait for a Redis round trip. A process that dies in between leaves the request's in-flight entry, which the
-        reaper settles; a store that fails it journals it. This process's own reads (:meth:`settled`) wait for it.
+        ``wait=False`` (the gateway, for an answer; a single node): the cost is computed here and returned at once,
+        the record is stored by the group commit after the caller has moved on -- the answer does not wait for a Redis
+        round trip. The outbox keeps order, so an admission queued later runs after it. A process that dies in
+        between leaves the request's in-flight entry, which the reaper settles; a store that fails it journals it.
+        This process's own reads (:meth:`settled`) wait for it. On a Redis Cluster (no ordered outbox: the settlement
+        is two calls of its own) the caller always waits.
 
         The upstream's usage is bounded first (:mod:`bounds`): counts it got wrong are replaced by ``estimate`` (the
         gateway's own count) and every count is clamped to the served model's card (``choices`` x its max output)
@@ -316,8 +318,7 @@ class Meter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._track(task)
-        if wait:
-            await asyncio.shield(task)
+        await asyncio.shield(task)
         return record.cost_nano
 
     def _track(self, fut: asyncio.Future[Any]) -> None:
