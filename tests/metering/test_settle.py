@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from tests.metering._helpers import FakeClock, gen, record, settle_failed
 from tests.metering.conftest import Backend
+from therouter.config import Settings
 from therouter.errors import BudgetExceeded, RateLimited
 from therouter.keys import KeyRecord
-from therouter.metering import Meter
+from therouter.metering import Meter, MeterOptions
+from therouter.metering import meter as meter_module
 from therouter.protocol.usage import Usage
+from therouter.store import Store
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # the shared redis fixtures live in the session loop
 
@@ -312,3 +317,45 @@ async def test_an_admission_after_an_answer_sees_its_reservation_released(meter:
     await meter.settle(adm, record(g1, prompt=10, completion=10), wait=False)
     adm2 = await meter.admit(key, "deepseek-chat", 1000, 3000, gen())
     assert adm2.reserved_nano == adm.reserved_nano
+
+
+async def test_a_budget_refusal_looks_again_once_for_another_workers_answer(
+        meter: Meter, make_key: MakeKey, store: Store, settings: Settings, clock: FakeClock,
+        options: MeterOptions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers (two meters, one Redis). Worker A answered a request whose record is a round trip behind (its
+    settlement not stored yet); worker B admits the same client's next request, which fits only once A's reservation
+    is released: refused at first, it looks once more after BUDGET_RECHECK_S and is admitted. A reservation really
+    held (the request still in flight) is refused after that one more look, as before."""
+    monkeypatch.setattr(meter_module, "BUDGET_RECHECK_S", 0.01)
+    other = Meter(store, settings, tmp_path / "journal-b", clock=clock, options=options)
+    await other.start()
+    try:
+        key = make_key(budget_nano=2_000_000)
+        g1 = gen()
+        adm1 = await meter.admit(key, "deepseek-chat", 1000, 3000, g1)  # reserves 1,540,000 of 2,000,000
+        looks = 0
+        ask = other.scripts.run_with
+
+        async def counted(*a: Any, **kw: Any) -> Any:
+            nonlocal looks
+            reply = await ask(*a, **kw)
+            looks += 1
+            if looks == 1:  # B was refused: now A's settlement lands (the round trip after its answer)
+                await meter.settle(adm1, record(g1, prompt=10, completion=10))
+            return reply
+
+        monkeypatch.setattr(other.scripts, "run_with", counted)
+        if store.cluster:  # an answer there waits for its settlement, so a refusal is final at once
+            with pytest.raises(BudgetExceeded):
+                await other.admit(key, "deepseek-chat", 1000, 3000, gen())
+            assert looks == 1
+            return
+        adm2 = await other.admit(key, "deepseek-chat", 1000, 3000, gen())
+        assert looks == 2 and adm2.reserved_nano == adm1.reserved_nano
+
+        looks = 99  # (no more settlements) adm2's reservation is really held: refused after one more look
+        with pytest.raises(BudgetExceeded):
+            await other.admit(key, "deepseek-chat", 1000, 3000, gen())
+        assert looks == 101
+    finally:
+        await other.aclose()

@@ -76,6 +76,8 @@ _MAX_ORPHANS = 10_000
 _MAX_NAMES = 10_000  # cached key-name tuples (_admit_keys, _settle_call), dropped all at once when full
 # settle.lua's ARGV[22] (a single node): when a repeated settlement posts the cross-slot extras too
 _POST_FIRST, _POST_ALWAYS, _POST_IF_MISSING = "0", "1", "2"  # never (only a first one) / always / if gen:ID is missing
+# how long a budget refusal with reservations out waits before its one more look (Meter.admit)
+BUDGET_RECHECK_S = 0.02
 
 
 class Meter:
@@ -169,18 +171,26 @@ class Meter:
         keys = self._admit_keys(key.id, pid, adm.window, model)
         args = self._admit_args(key, adm, pid, now_ms, mrpm, mtpm)
         raw = self.instance.entry(adm, prompt_tokens_est)
-        try:  # the admission and this request's in-flight entry: one round trip
-            if self.store.cluster:  # (the in-flight hash is in another slot: its HSET goes beside the script)
-                res = await self.scripts.run_with("admit", keys, args, self.instance.registration(gen_id, raw))
-            else:  # the script registers the request itself once it is admitted
-                args += (raw, self.instance.ttl_ms)
-                res = await self.scripts.run_with("admit", keys, args)
-        except StoreUnavailable:
-            return self._admit_degraded(key, adm, now_ms, prompt_tokens_est)
-        except Exception:
-            log.exception("metering: admission script failed; treating the store as unavailable")
-            return self._admit_degraded(key, adm, now_ms, prompt_tokens_est)
-        status, spent, reserved = str(res[0]), int(res[1]), int(res[2])
+        if not self.store.cluster:  # the script registers the request itself once it is admitted
+            args += (raw, self.instance.ttl_ms)
+        for recheck in (True, False):
+            try:  # the admission and this request's in-flight entry: one round trip
+                if self.store.cluster:  # (the in-flight hash is in another slot: its HSET goes beside the script)
+                    res = await self.scripts.run_with("admit", keys, args, self.instance.registration(gen_id, raw))
+                else:
+                    res = await self.scripts.run_with("admit", keys, args)
+            except StoreUnavailable:
+                return self._admit_degraded(key, adm, now_ms, prompt_tokens_est)
+            except Exception:
+                log.exception("metering: admission script failed; treating the store as unavailable")
+                return self._admit_degraded(key, adm, now_ms, prompt_tokens_est)
+            status, spent, reserved = str(res[0]), int(res[1]), int(res[2])
+            # refused for the budget while reservations are out: one may be an answer another worker has sent and
+            # not settled yet (a round trip after its answer; this worker's own go before this admission in its
+            # outbox): one more look after that time. A budget refusal consumes nothing, so asking again is safe.
+            if not (recheck and status == "budget" and reserved > 0 and not self.store.cluster):
+                break
+            await asyncio.sleep(BUDGET_RECHECK_S)
         # the key's own limits and its override for this model: the tighter one is what the caller sees
         rdec = tighter(_decision(key.rpm, res[3:7]), _decision(mrpm, res[11:15]))
         tdec = tighter(_decision(key.tpm, res[7:11]), _decision(mtpm, res[15:19]))
@@ -651,6 +661,7 @@ class Meter:
 
     async def rebuild_totals(self, key_id: str) -> dict[str, Any]:
         return await self.reports.rebuild_totals(key_id)
+
 
 
 @dataclass(slots=True)
