@@ -100,16 +100,6 @@ class JsonFormatter(logging.Formatter):
             out["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(out, default=str).decode()
 
-    def info_line(self, logger: str, msg: str, fields: dict[str, Any], created: float) -> str:
-        """What :meth:`format` makes of an INFO record of ``logger`` with ``msg`` and these fields (the request line's
-        way past logging's record, see :class:`_Lines`)."""
-        out: dict[str, Any] = {
-            "ts": f"{self._clock(created)}.{int((created - int(created)) * 1000):03d}Z",
-            "level": "info", "logger": logger, "msg": msg, "pid": os.getpid(),
-        }
-        out.update(_given(fields))
-        return orjson.dumps(out, default=str).decode()
-
     def request_line(self, f: Finished, created: float) -> str:
         """What :meth:`format` makes of :func:`log_request`'s record for ``f`` (its fields: :func:`request_fields`),
         built in one go: the request line's way past logging's record, see :class:`_Lines`."""
@@ -164,18 +154,9 @@ class TextFormatter(logging.Formatter):
         extra = " ".join(f"{k}={_text(v)}" for k, v in fields.items() if k != "event")
         return f"{head} {extra}{sep}{tail}" if extra else line
 
-    def info_line(self, logger: str, msg: str, fields: dict[str, Any], created: float) -> str | None:
-        """What :meth:`format` makes of an INFO record of ``logger`` with ``msg`` and these fields, when this
-        formatter is as :func:`formatter` made it (None otherwise: the record goes through logging)."""
-        if not self._as_made():
-            return None
-        extra = " ".join(f"{k}={_text(v)}" for k, v in _given(fields).items() if k != "event")
-        head = f"{self._second(created)},{int((created - int(created)) * 1000):03d} INFO {logger}: {msg}"
-        return f"{head} {extra}" if extra else head
-
     def request_line(self, f: Finished, created: float) -> str | None:
         """What :meth:`format` makes of :func:`log_request`'s record for ``f`` (its fields: :func:`request_fields`),
-        built in one go (None when this formatter is not as :func:`formatter` made it, as :meth:`info_line`). Only
+        built in one go (None when this formatter is not as :func:`formatter` made it: logging writes it). Only
         the fields that are free text go through :func:`_text`'s quoting; numbers are written as they are."""
         if not self._as_made():
             return None
@@ -197,23 +178,20 @@ class TextFormatter(logging.Formatter):
                 f" error_code={'-' if err is None else _text(err.code)}")
 
 
-def _text(v: Any) -> str:
-    """A value as one word: as it is, or JSON-quoted when it is empty, holds a space or anything not printable (a
-    line break in an upstream's error code must not start a line of its own in the log)."""
-    if v is None:
-        return "-"
-    s = str(v)
-    return s if s and " " not in s and s.isprintable() else orjson.dumps(s).decode()
-
-
 def _word(s: str) -> str:
-    """:func:`_text` of a str."""
+    """A text as one word of the text format: as it is, or JSON-quoted when it is empty, holds a space or anything
+    not printable (a line break in an upstream's error code must not start a line of its own in the log)."""
     return s if s and " " not in s and s.isprintable() else orjson.dumps(s).decode()
+
+
+def _text(v: Any) -> str:
+    """A field's value as one word (None: ``-``)."""
+    return "-" if v is None else _word(str(v))
 
 
 def _opt(s: str) -> str:
     """:func:`_text` of ``s or None``."""
-    return "-" if not s else s if " " not in s and s.isprintable() else orjson.dumps(s).decode()
+    return _word(s) if s else "-"
 
 
 def lean_records() -> None:

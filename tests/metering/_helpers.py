@@ -68,3 +68,16 @@ async def settle_failed(meter: Meter, adm: Admission) -> int:
 
 def gen() -> str:
     return "gen-" + uuid.uuid4().hex
+
+
+def record_sends(monkeypatch: Any, store: Any) -> list[list[tuple[Any, ...]]]:
+    """Every batch ``store.send`` gets from now on (a test counts round trips and their commands with it)."""
+    sent: list[list[tuple[Any, ...]]] = []
+    real_send = store.send
+
+    async def counting_send(commands: list[tuple[Any, ...]]) -> list[Any]:
+        sent.append(list(commands))
+        return await real_send(commands)
+
+    monkeypatch.setattr(store, "send", counting_send)
+    return sent

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.metering._helpers import FakeClock, gen, record
+from tests.metering._helpers import FakeClock, gen, record, record_sends
 from tests.metering.conftest import Backend
 from therouter.config import Settings, StoreConfig
 from therouter.errors import BudgetExceeded, StoreUnavailable
@@ -135,14 +135,7 @@ async def test_a_single_nodes_admission_script_registers_only_what_it_admits(
     request it admits. A cluster pipelines the HSET beside the script, so a refused request's entry is written too
     (and dropped by the next checkpoint)."""
     a = await meters()
-    sent: list[list[tuple[Any, ...]]] = []
-    real_send = a.store.send
-
-    async def counting_send(commands: list[tuple[Any, ...]]) -> list[Any]:
-        sent.append(list(commands))
-        return await real_send(commands)
-
-    monkeypatch.setattr(a.store, "send", counting_send)
+    sent = record_sends(monkeypatch, a.store)
     ok, refused = gen(), gen()
     await asyncio.gather(a.admit(make_key(budget_nano=10**9), MODEL, 1000, 500, ok),
                          asyncio.gather(a.admit(make_key(budget_nano=1000), MODEL, 1000, 500, refused),

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from tests.metering._helpers import FakeClock, gen, record, settle_failed
+from tests.metering._helpers import FakeClock, gen, record, record_sends, settle_failed
 from tests.metering.conftest import Backend
 from therouter.config import Settings
 from therouter.errors import BudgetExceeded, RateLimited
@@ -236,14 +236,7 @@ async def test_a_single_node_settles_with_its_cross_slot_extras_in_one_round_tri
     adms = [await meter.admit(key, "qwen", 10, 10, gen()) for _ in range(5)]
     r, lay = meter.store.redis, meter.layout
     assert all([await r.hexists(meter.instance.key, a.gen_id) for a in adms])  # registered at admission
-    sent: list[list[tuple[object, ...]]] = []
-    real_send = meter.store.send
-
-    async def counting_send(commands: list[tuple[object, ...]]) -> list[object]:
-        sent.append(list(commands))
-        return await real_send(commands)
-
-    monkeypatch.setattr(meter.store, "send", counting_send)
+    sent = record_sends(monkeypatch, meter.store)
     costs = await asyncio.gather(*(meter.settle(a, record(a.gen_id, prompt=100, completion=10)) for a in adms))
     if backend.kind == "single":
         assert len(sent) == 1 and [c[0] for c in sent[0]] == ["EVALSHA"] * 5

@@ -185,23 +185,6 @@ def test_the_request_line_carries_its_fields() -> None:
     assert TextFormatter().format(rec).endswith("hello world request_id=req_x status=499 model=-")
 
 
-FIELDS = {"event": "request", "request_id": "req_x", "status": 200, "model": "m one", "cost_usd": "0.0001",
-          "ttft_ms": None}
-
-
-@pytest.mark.parametrize("created", [1732900000.001, 1732900000.999, 1764460800.0])
-def test_the_request_line_past_logging_is_the_formatters_own_line(created: float) -> None:
-    """``info_line`` (the request line without a LogRecord) writes what ``format`` writes for the same record."""
-    rec = logging.LogRecord("therouter.request", logging.INFO, __file__, 1, "request", None, None)
-    rec.created, rec.msecs = created, (created - int(created)) * 1000
-    rec.__dict__["_fields"] = FIELDS
-    text, js = TextFormatter(), JsonFormatter()
-    assert text.info_line("therouter.request", "request", FIELDS, created) == text.format(rec)
-    assert js.info_line("therouter.request", "request", FIELDS, created) == js.format(rec)
-    text.datefmt = "%H"  # set up another way: no line of its own, logging writes it
-    assert text.info_line("therouter.request", "request", FIELDS, created) is None
-
-
 @pytest.fixture
 def our_handler() -> Iterator[tuple[logging.StreamHandler[io.StringIO], io.StringIO]]:
     """Our handler, writing to a buffer; the test calls ``_only`` to make it the root's only one (pytest adds its

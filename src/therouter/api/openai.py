@@ -111,11 +111,10 @@ class CompletionsRoute:
             await SSEResponse(answer.events, {**answer.headers, "x-request-id": rid},
                               server.stream_write_timeout)(scope, receive, send)
             return
-        if hints is not None and hints.respond(answer.status, {"content-type": "application/json", "x-request-id": rid,
-                                                               **answer.headers}, answer.body):
+        head = {"content-type": "application/json", "x-request-id": rid, **answer.headers}
+        if hints is not None and hints.respond(answer.status, head, answer.body):
             return
-        out = [(b"content-type", b"application/json"), (b"x-request-id", rid.encode())]
-        out += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
+        out = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in head.items()]
         out.append((b"content-length", str(len(answer.body)).encode()))
         await send({"type": "http.response.start", "status": answer.status, "headers": out})
         await send({"type": "http.response.body", "body": answer.body})

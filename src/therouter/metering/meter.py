@@ -90,7 +90,7 @@ class Meter:
         self.scripts = Scripts(store)
         self.prices = PriceBook(store, settings, self.layout, self.scripts, clock)
         self.journal = Journal(journal_dir)
-        self.reports = Reports(store, self.layout, self.scripts, clock, self.options)
+        self.reports = Reports(store, self.layout, self.scripts, clock, self.options, self.settled)
         self.local = LocalLimiter(self.options.local_limit_divisor, window_ms=self.options.window_ms)
         self.instance = Instance(store, self.layout, self.scripts, clock, self.options, self.reservation_ttl + 60,
                                  settle=self.settle)
@@ -324,12 +324,16 @@ class Meter:
                     await fut
                 return record.cost_nano
             work = self._settle(adm, record, only_if_reserved)
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = self._keep(asyncio.ensure_future(work))
         self._track(task)
         await asyncio.shield(task)
         return record.cost_nano
+
+    def _keep(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        """A task of this meter's: ``aclose`` waits for it."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def _track(self, fut: asyncio.Future[Any]) -> None:
         self._unsettled.add(fut)
@@ -342,7 +346,7 @@ class Meter:
 
     async def settled(self) -> None:
         """Read-your-writes: returns once every settlement this process started before the call is stored or
-        journalled (the reads of the API call it: a generation record, a key's spend, reports)."""
+        journalled (every read of :class:`Reports` awaits it first)."""
         pending = [f for f in self._unsettled if not f.done()]
         if pending:
             await asyncio.wait(pending)
@@ -400,14 +404,13 @@ class Meter:
             log.exception("metering: settle failed unexpectedly; journalling %s", adm.gen_id)
             self._journal_pending(p)
         else:
-            self.scripts.enqueue("settle", keys, args, partial(self._settled, p))
+            self.scripts.enqueue("settle", keys, args, partial(self._on_settle_reply, p))
             flusher = self.scripts.flusher
             if flusher is not None and flusher not in self._tasks:
-                self._tasks.add(flusher)
-                flusher.add_done_callback(self._tasks.discard)
+                self._keep(flusher)
         return p.done
 
-    def _settled(self, p: _Pending, reply: Any) -> None:
+    def _on_settle_reply(self, p: _Pending, reply: Any) -> None:
         """The settle script's reply (a single node). One whose script failed, or whose round trip did (its
         outcome is unknown), is journalled: the journal's replay settles it exactly once."""
         if not isinstance(reply, BaseException):
@@ -432,9 +435,7 @@ class Meter:
                 if not p.done.done():
                     p.done.set_result(None)
 
-        task = asyncio.ensure_future(journal())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._keep(asyncio.ensure_future(journal()))
 
     async def _apply(self, adm: Admission, record: GenerationRecord, post_owed: bool, replay: bool = False,
                      only_if_reserved: bool = False) -> None:
@@ -643,25 +644,20 @@ class Meter:
 
     async def generation(self, gen_id: str, key_id: str | None = None) -> dict[str, Any] | None:
         """A generation record; with the owner's key id it is one read in that key's slot (no index lookup)."""
-        await self.settled()
         return await self.reports.generation(gen_id, key_id)
 
     async def generation_by_request(self, request_id: str, key_id: str) -> dict[str, Any] | None:
         """The key's newest generation record sent with that ``x-request-id`` (never another key's)."""
-        await self.settled()
         return await self.reports.generation_by_request(request_id, key_id)
 
     async def key_summary(self, key: KeyRecord) -> dict[str, Any]:
-        await self.settled()
         return await self.reports.key_summary(key)
 
     async def usage_rows(self, key_id: str | None = None, days: int = 7) -> list[dict[str, Any]]:
-        await self.settled()
         return await self.reports.usage_rows(key_id, days)
 
     async def rebuild_totals(self, key_id: str) -> dict[str, Any]:
         return await self.reports.rebuild_totals(key_id)
-
 
 
 @dataclass(slots=True)

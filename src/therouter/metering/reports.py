@@ -10,7 +10,7 @@ meanwhile (otherwise it recomputes, up to a few times). A period counter that al
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -35,13 +35,21 @@ def counts(h: dict[str, str], prefix: str = "") -> Counts:
 
 
 class Reports:
+    """``settled``: waits for this process's settlements in flight (``Meter.settled``); every read awaits it first, so
+    a process reads its own answers' records (they are written just after the answers)."""
+
     def __init__(self, store: Store, layout: Layout, scripts: Scripts, clock: Callable[[], float],
-                 options: MeterOptions) -> None:
+                 options: MeterOptions, settled: Callable[[], Awaitable[None]]) -> None:
         self._store, self._layout, self._scripts, self._clock, self._options = store, layout, scripts, clock, options
+        self._settled = settled
         # the client decodes replies to str (decode_responses=True); redis-py's stubs can't express that
         self._r: Any = store.redis
 
     async def generation(self, gen_id: str, key_id: str | None = None) -> dict[str, Any] | None:
+        await self._settled()
+        return await self._generation(gen_id, key_id)
+
+    async def _generation(self, gen_id: str, key_id: str | None = None) -> dict[str, Any] | None:
         r, lay = self._r, self._layout
         kid = key_id or await self._store.call(lambda: r.get(lay.gen_index(gen_id)))
         if not kid:
@@ -50,11 +58,13 @@ class Reports:
         return orjson.loads(raw) if raw else None
 
     async def generation_by_request(self, request_id: str, key_id: str) -> dict[str, Any] | None:
+        await self._settled()
         r, lay = self._r, self._layout
         gen_id = await self._store.call(lambda: r.get(lay.rid(key_id, request_id)))
-        return await self.generation(gen_id, key_id) if gen_id else None
+        return await self._generation(gen_id, key_id) if gen_id else None
 
     async def key_summary(self, key: KeyRecord) -> dict[str, Any]:
+        await self._settled()
         lay, pid = self._layout, period_id(key.budget_period, self._clock())
 
         async def read() -> list[Any]:
@@ -83,6 +93,7 @@ class Reports:
 
     async def key_detail(self, key: KeyRecord) -> dict[str, Any]:
         """The summary plus spend per period (total, this UTC day, this UTC month) and when it was last used."""
+        await self._settled()
         lay, now = self._layout, self._clock()
         day, month = day_id(now), month_id(now)
 
@@ -107,6 +118,7 @@ class Reports:
     async def last_used(self, key_ids: list[str]) -> dict[str, int | None]:
         """When each key's newest request was settled (unix seconds, from its usage stream's last entry id: no
         write on the request path), or None if it has none."""
+        await self._settled()
         if not key_ids:
             return {}
         lay = self._layout
@@ -123,6 +135,7 @@ class Reports:
 
     async def usage(self, q: UsageQuery) -> dict[str, Any]:
         """The grouped report of usage.py: ``{object, group_by, from, to, data: [rows], total}``."""
+        await self._settled()
         r, lay = self._r, self._layout
         ids = [q.key_id] if q.key_id else sorted(await self._store.call(lambda: r.smembers(lay.keyset())))
         cells = [(kid, d) for d in q.days() for kid in ids]
@@ -147,6 +160,7 @@ class Reports:
 
     async def usage_rows(self, key_id: str | None = None, days: int = 7) -> list[dict[str, Any]]:
         """One row per key, model and UTC day, newest day first, for the last ``days`` days (today included)."""
+        await self._settled()
         r, lay = self._r, self._layout
         ids = [key_id] if key_id else sorted(await self._store.call(lambda: r.smembers(lay.keyset())))
         now = self._clock()
@@ -170,6 +184,7 @@ class Reports:
         return rows
 
     async def rebuild_totals(self, key_id: str, attempts: int = 5) -> dict[str, Any]:
+        await self._settled()
         report: dict[str, Any] = {}
         for _ in range(attempts):
             report = await self._rebuild_once(key_id)
