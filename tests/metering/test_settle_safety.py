@@ -128,7 +128,7 @@ async def test_replay_posts_feed_and_index_when_the_settle_reply_was_lost(meter:
                 break
         else:
             pytest.fail("could not stall redis-server")
-        await meter.settle(adm, record(g))  # the reply times out (socket_timeout 0.25 s): journalled, post=False
+        await meter.settle(adm, record(g))  # the reply times out (the store's socket timeout, 1 s here): journalled, post=False
         assert meter.journal_writes_total == 1
         await stall
     finally:
